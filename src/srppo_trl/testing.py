@@ -1,0 +1,93 @@
+"""Tiny models and a tokenizer built locally, for tests, benchmarks and docs examples (nothing from the hub).
+
+    tokenizer = tiny_tokenizer()                      # byte-level BPE, ChatML chat template, distinct pad and EOS
+    model = tiny_causal_lm(tokenizer, "llama")        # or "gpt2" (absolute positions)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Write a short poem about the sea. Answer in lowercase letters only.",
+    "What is 12 plus 7? The answer is 19.",
+    "List three fruits: apple, banana, cherry.",
+    "Explain why the sky is blue in one sentence.",
+    "Translate hello into French: bonjour.",
+    "Sure! Here is a friendly answer to your question.",
+    "user assistant system question answer prompt response",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+]
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in memory on a fixed corpus (deterministic, ~50 ms).
+
+    Pad is `<|endoftext|>`, EOS is `<|im_end|>` (as in SmolLM2's chat format once its pad token is fixed), left
+    padding, ChatML chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_causal_lm(tokenizer, kind: str = "llama", seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
+    """A randomly initialised causal LM of a few hundred thousand parameters, built from a config."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if kind == "llama":
+        config = LlamaConfig(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            **ids,
+        )
+    elif kind == "gpt2":
+        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=512, **ids)
+    else:
+        raise ValueError(f"kind must be 'llama' or 'gpt2', got {kind!r}.")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model

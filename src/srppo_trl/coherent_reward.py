@@ -113,7 +113,8 @@ class CoherentRewardModel(nn.Module):
         return super().train(False)
 
     @contextmanager
-    def _sft(self):
+    def sft_context(self):
+        """Context manager yielding the model that computes `p_SFT` (activates the SFT adapter in single-base mode)."""
         if self.single_base and self.sft_adapter_name is not None:
             from trl.trainer.utils import use_adapter
 
@@ -123,7 +124,8 @@ class CoherentRewardModel(nn.Module):
             yield self.sft_model
 
     @contextmanager
-    def _base(self):
+    def base_context(self):
+        """Context manager yielding the model that computes `p_PT` (adapters disabled in single-base mode)."""
         if self.single_base:
             with self.sft_model.disable_adapter():
                 yield self.sft_model
@@ -133,13 +135,13 @@ class CoherentRewardModel(nn.Module):
     @torch.no_grad()
     def sft_log_probs(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
         """`log p_SFT(y_t | x, y_<t)` at each response token, fp32 [B, T], 0 elsewhere."""
-        with self._sft() as model:
+        with self.sft_context() as model:
             return sequence_logprobs(model, input_ids, attention_mask, response_mask)
 
     @torch.no_grad()
     def base_log_probs(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
         """`log p_PT(y_t | x, y_<t)` at each response token, fp32 [B, T], 0 elsewhere."""
-        with self._base() as model:
+        with self.base_context() as model:
             return sequence_logprobs(model, input_ids, attention_mask, response_mask)
 
     def token_log_ratios(self, input_ids, attention_mask, response_mask) -> torch.Tensor:

@@ -82,7 +82,9 @@ def sequence_logprobs(
         response_mask[:, 0] = 0
     start = first_response_index(response_mask)
     if start == 0:
-        raise ValueError("A response token sits at position 0: every response needs at least one prompt token before it.")
+        raise ValueError(
+            "A response token sits at position 0: every response needs at least one prompt token before it."
+        )
     if start >= length:
         return torch.zeros(batch, length, dtype=torch.float32, device=input_ids.device)
     kwargs = {}

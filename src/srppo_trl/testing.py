@@ -1,7 +1,7 @@
 """Tiny models and a tokenizer built locally, for tests, benchmarks and docs examples (nothing from the hub).
 
-    tokenizer = tiny_tokenizer()                      # byte-level BPE, ChatML chat template, distinct pad and EOS
-    model = tiny_causal_lm(tokenizer, "llama")        # or "gpt2" (absolute positions)
+tokenizer = tiny_tokenizer()                      # byte-level BPE, ChatML chat template, distinct pad and EOS
+model = tiny_causal_lm(tokenizer, "llama")        # or "gpt2" (absolute positions)
 """
 
 from __future__ import annotations

@@ -1,0 +1,104 @@
+"""The critic and the module the optimizer trains (policy + critic).
+
+The critic is a `*ForTokenClassification` model with one label: the backbone of the SFT causal LM plus a scalar head,
+so it saves and loads with `save_pretrained`/`from_pretrained` like any transformers model (TRL's former PPO used a
+sequence-classification model and called its backbone by hand; a token classifier returns per-token values directly).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .logprobs import position_ids_from_attention_mask
+
+
+def build_value_model(source, model_init_kwargs: dict | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """A critic initialised from the SFT model: its backbone plus a freshly initialised scalar head.
+
+    Args:
+        source: a path or hub id of the SFT causal LM, or the loaded causal LM itself (its weights are copied).
+    """
+    from transformers import AutoModelForTokenClassification
+
+    kwargs = dict(model_init_kwargs or {})
+    if isinstance(source, str):
+        return AutoModelForTokenClassification.from_pretrained(
+            source, num_labels=1, trust_remote_code=trust_remote_code, **kwargs
+        )
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    config.num_labels = 1
+    critic = AutoModelForTokenClassification.from_config(config, trust_remote_code=trust_remote_code)
+    critic.to(dtype=next(source.parameters()).dtype, device=next(source.parameters()).device)
+    missing, _unexpected = critic.load_state_dict(source.state_dict(), strict=False)
+    head = {
+        name
+        for name, _ in critic.named_parameters()
+        if not any(name.startswith(p) for p in _backbone_prefixes(critic))
+    }
+    not_copied = [name for name in missing if name not in head]
+    if not_copied:
+        raise ValueError(
+            f"Could not copy the SFT model's backbone into the critic ({len(not_copied)} weights missing, e.g. "
+            f"{not_copied[0]}): pass `value_model` explicitly."
+        )
+    return critic
+
+
+def _backbone_prefixes(model: nn.Module) -> tuple[str, ...]:
+    prefix = getattr(model, "base_model_prefix", "model")
+    return (prefix + ".",)
+
+
+def check_value_model(value_model: nn.Module) -> None:
+    """Refuse, before training, a critic that does not return one value per token (`logits` of shape [B, T, 1])."""
+    device = next(value_model.parameters()).device
+    probe = torch.tensor([[0, 0]], device=device)
+    with torch.no_grad():
+        try:
+            out = value_model(input_ids=probe, attention_mask=torch.ones_like(probe))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the fix
+            raise ValueError(
+                f"The value model could not run on token ids ({exc}): pass a `*ForTokenClassification` model with "
+                "`num_labels=1`, or leave `value_model=None` to build one from the SFT model."
+            ) from exc
+    logits = getattr(out, "logits", None)
+    if logits is None or logits.shape[-1] != 1 or logits.dim() != 3:
+        shape = None if logits is None else tuple(logits.shape)
+        raise ValueError(
+            f"The value model must return one scalar per token (`logits` of shape [B, T, 1]), got {shape}: use "
+            "`AutoModelForTokenClassification.from_pretrained(sft_path, num_labels=1)` or leave `value_model=None`."
+        )
+
+
+class PolicyAndValueWrapper(nn.Module):
+    """Holds the policy and the critic so that one optimizer (and one DDP/DeepSpeed wrapper) trains both.
+
+    `forward` runs both on the same query+response tokens; distributed wrappers need the call to go through it.
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        # Trainer reads these attributes from the model it trains.
+        self.config = policy.config
+        if hasattr(policy, "generation_config"):
+            self.generation_config = policy.generation_config
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0):
+        """Returns (policy logits [B, K, V] for the last K positions, or all with 0; values [B, T])."""
+        position_ids = position_ids_from_attention_mask(attention_mask)
+        logits = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
+            use_cache=False,
+        ).logits
+        values = self.value_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits, values.squeeze(-1)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        for module in (self.policy, self.value_model):
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)

@@ -1,0 +1,717 @@
+"""`SRPPOTrainer`: PPO with a critic on current TRL, rewarded by the coherent reward.
+
+One rollout buffer reads as a straight line through the methods of this class:
+
+    prompts -> generate_rollouts (policy) -> score_rollouts (policy + critic in one pass; SFT once for both the KL and
+    the reward; PT) -> compute_advantages (KL shaping, score at EOS, GAE) -> compute_loss over num_ppo_epochs x
+    num_mini_batches optimizer steps (clipped policy loss, clipped value loss) -> log
+
+It runs inside `transformers.Trainer`'s own loop, the way TRL's GRPO/RLOO trainers do: the dataloader yields one
+rollout batch of prompts, repeated once per micro-step of the buffer; `_prepare_inputs` generates and scores the
+buffer at its first micro-step and hands out shuffled micro-batches afterwards. Optimizer, scheduler, gradient
+accumulation, logging, checkpoints and resume are the `Trainer`'s. We deliberately differ from TRL's former
+`PPOTrainer`, which replaced `train()` with its own loop and so could not resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
+from trl.trainer.base_trainer import _BaseTrainer
+from trl.trainer.utils import RepeatSampler, create_model_from_path, disable_dropout_in_model
+
+from . import ppo_math
+from .coherent_reward import CoherentRewardModel, check_same_vocabulary
+from .config import SRPPOConfig
+from .logprobs import gather_logprobs, position_ids_from_attention_mask, sequence_logprobs
+from .modeling import PolicyAndValueWrapper, build_value_model, check_value_model
+
+
+logger = logging.getLogger(__name__)
+
+VALUE_MODEL_DIR = "value_model"
+
+
+def response_mask_after_stop(responses: torch.Tensor, stop_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the tokens that count: everything up to and including the first stop token.
+
+    Shapes: `responses` [B, R] -> (`mask` [B, R] long, `has_stop` [B] bool). Rows without a stop token (truncated at
+    `response_length`) keep all R tokens. Works when the pad token equals the stop token: only the first one counts.
+    """
+    is_stop = responses == stop_token_id
+    has_stop = is_stop.any(-1)
+    first_stop = torch.where(has_stop, is_stop.long().argmax(-1), responses.shape[1] - 1)
+    positions = torch.arange(responses.shape[1], device=responses.device)
+    return (positions.unsqueeze(0) <= first_stop.unsqueeze(1)).long(), has_stop
+
+
+def _is_sequence_classifier(model: nn.Module) -> bool:
+    return hasattr(model, "score") or hasattr(model, "classifier")
+
+
+class SRPPOTrainer(_BaseTrainer):
+    """Self-Rewarding PPO (arXiv 2510.21090): PPO with a critic and the coherent reward `log p_SFT - log p_PT`.
+
+    Args:
+        args: an [`SRPPOConfig`].
+        processing_class: the tokenizer shared by the policy, the reference and the reward models.
+        model: the policy, initialised from the SFT model (a loaded causal LM, or a path).
+        ref_model: the KL reference, the SFT model. Pass the very object held by the `CoherentRewardModel`
+            (`reward_model.sft_model`) - or leave it `None` with a coherent reward - and its log-probabilities are
+            computed once per rollout for both the KL and the reward. With a PEFT policy and no reward-held SFT model,
+            `None` means "the policy with its adapter disabled".
+        reward_model: a [`CoherentRewardModel`], or a sequence-classification reward model with one label (the
+            paper's "PPO with a preference reward model" baseline).
+        value_model: the critic; default: the SFT (initial policy) backbone with a scalar head.
+        train_dataset: prompts in TRL's prompt-only format: a `prompt` column of plain text or chat messages.
+        eval_dataset: prompts in the same format; `evaluate()` samples responses and reports their reward.
+        peft_config: a PEFT config; the policy then trains a LoRA adapter.
+        callbacks, optimizers: as in `transformers.Trainer`.
+    """
+
+    _tag_names = ["trl", "srppo", "ppo"]
+    _name = "SRPPO"
+    _paper = {
+        "title": "Self-Rewarding PPO: Aligning Large Language Models with Demonstrations Only",
+        "id": "2510.21090",
+        "citation": (
+            "@article{zhang2025srppo,\n  title={Self-Rewarding PPO: Aligning Large Language Models with "
+            "Demonstrations Only},\n  author={Zhang, Qingru and others},\n  journal={arXiv preprint "
+            "arXiv:2510.21090},\n  year={2025}\n}"
+        ),
+    }
+    # The Trainer divides our loss by the gradient accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        args: SRPPOConfig | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        model: nn.Module | str | None = None,
+        ref_model: nn.Module | str | None = None,
+        reward_model: nn.Module | None = None,
+        value_model: nn.Module | str | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | None = None,
+        peft_config=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+    ):
+        if model is None:
+            raise ValueError("`model` is required: pass the SFT model (or its path) to initialise the policy.")
+        if reward_model is None:
+            raise ValueError("`reward_model` is required: pass a CoherentRewardModel(sft_model, base_model).")
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = SRPPOConfig(f"{str(name).split('/')[-1]}-SRPPO")
+        init_kwargs = dict(args.model_init_kwargs or {}, trust_remote_code=args.trust_remote_code)
+
+        model_path = model if isinstance(model, str) else None
+        if isinstance(model, str):
+            model = create_model_from_path(model, **init_kwargs)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(
+                model_path or model.config._name_or_path, trust_remote_code=args.trust_remote_code
+            )
+        self._check_tokenizer(processing_class)
+        if args.stop_token == "eos" and args.stop_token_id is None:
+            args.stop_token_id = processing_class.eos_token_id
+
+        # Critic first: it copies the SFT weights before PEFT adds adapter layers to the policy.
+        if value_model is None:
+            value_model = build_value_model(model_path or model, args.model_init_kwargs, args.trust_remote_code)
+        elif isinstance(value_model, str):
+            value_model = build_value_model(value_model, args.model_init_kwargs, args.trust_remote_code)
+        check_value_model(value_model)
+
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        for module in (model, value_model):
+            disable_dropout_in_model(module)
+        if args.activation_checkpointing:
+            model.config.use_cache = False
+
+        self.reward_model = self._check_reward_model(reward_model, model)
+        self.ref_model, self.ref_is_reward_sft = self._resolve_ref_model(ref_model, model, init_kwargs)
+
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, model, args, "train_dataset")
+        if eval_dataset is not None:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, model, args, "eval_dataset")
+
+        super().__init__(
+            model=PolicyAndValueWrapper(model, value_model),
+            args=args,
+            data_collator=self._collate,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.generation_config = GenerationConfig(
+            max_new_tokens=args.response_length,
+            do_sample=True,
+            temperature=args.temperature,
+            top_k=args.top_k if args.top_k > 0 else None,
+            top_p=args.top_p,
+            pad_token_id=processing_class.pad_token_id,
+            eos_token_id=args.stop_token_id,
+        )
+        self._move_frozen_models()
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._buffer = None  # the current rollout buffer: a dict of [B_local, ...] tensors
+        self._step = None  # micro-steps done, set from `state.global_step` at the first training step (resume)
+
+    # ------------------------------------------------------------------ set-up checks
+
+    @staticmethod
+    def _check_tokenizer(tokenizer) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer has no EOS token: set `tokenizer.eos_token` so responses can end.")
+        if tokenizer.pad_token_id is None:
+            logger.warning("The tokenizer has no pad token: using the EOS token for padding.")
+            tokenizer.pad_token = tokenizer.eos_token
+        # Prompts are left-padded so that every response starts at the same column.
+        tokenizer.padding_side = "left"
+
+    @staticmethod
+    def _check_reward_model(reward_model, policy) -> nn.Module:
+        if isinstance(reward_model, CoherentRewardModel):
+            check_same_vocabulary(reward_model.sft_model, policy)
+            return reward_model
+        config = getattr(reward_model, "config", None)
+        if _is_sequence_classifier(reward_model) and getattr(config, "num_labels", None) == 1:
+            reward_model.requires_grad_(False)
+            reward_model.eval()
+            return reward_model
+        raise ValueError(
+            f"reward_model is a {type(reward_model).__name__}: pass a CoherentRewardModel (the SRPPO reward) or a "
+            "sequence-classification reward model with `num_labels=1`."
+        )
+
+    def _resolve_ref_model(self, ref_model, policy, init_kwargs):
+        coherent = isinstance(self.reward_model, CoherentRewardModel)
+        if isinstance(ref_model, str):
+            ref_model = create_model_from_path(ref_model, **init_kwargs)
+        if ref_model is None and coherent:
+            # The KL reference is the SFT model the reward already holds: no copy, and one forward serves both.
+            return self.reward_model.sft_model, True
+        if ref_model is None:
+            if hasattr(policy, "disable_adapter"):
+                return None, False  # the policy with its adapter disabled
+            raise ValueError(
+                "No `ref_model` was given: pass the SFT model (the KL reference), or use a PEFT policy whose base is it."
+            )
+        shared = coherent and ref_model is self.reward_model.sft_model
+        if not shared:
+            ref_model.requires_grad_(False)
+            ref_model.eval()
+        return ref_model, shared
+
+    def _move_frozen_models(self) -> None:
+        device = self.accelerator.device
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            if not isinstance(self.reward_model, CoherentRewardModel):
+                self.reward_model = prepare_deepspeed(self.reward_model, self.accelerator)
+            elif not self.reward_model.single_base:
+                self.reward_model.sft_model = prepare_deepspeed(self.reward_model.sft_model, self.accelerator)
+                self.reward_model.base_model = prepare_deepspeed(self.reward_model.base_model, self.accelerator)
+            if self.ref_model is not None and not self.ref_is_reward_sft:
+                self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
+            return
+        self.reward_model.to(device)
+        if self.ref_model is not None:
+            self.ref_model.to(device)
+
+    @staticmethod
+    def _prepare_dataset(dataset, tokenizer, model, args, name) -> Dataset:
+        if dataset is None:
+            raise ValueError(f"{name} is required: a dataset with a `prompt` column.")
+        if "prompt" not in dataset.column_names:
+            raise ValueError(
+                f"{name} has no `prompt` column (it has {dataset.column_names}): rename your prompt column to "
+                "`prompt` (plain text or a list of chat messages)."
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"{name} is empty: it needs at least one prompt.")
+
+        def tokenize(example):
+            prompt = example["prompt"]
+            if isinstance(prompt, str):
+                ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            else:
+                ids = tokenizer.apply_chat_template(
+                    prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+                )["input_ids"]
+            return {"input_ids": ids, "prompt_length": len(ids)}
+
+        dataset = dataset.map(tokenize, desc=f"Tokenizing {name}")
+        lengths = dataset["prompt_length"]
+        longest = max(lengths)
+        context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if args.max_prompt_length is not None and longest > args.max_prompt_length:
+            count = sum(length > args.max_prompt_length for length in lengths)
+            raise ValueError(
+                f"{count} prompt(s) in {name} are longer than max_prompt_length={args.max_prompt_length} tokens "
+                f"(the longest, row {lengths.index(longest)}, has {longest}): filter them out or raise max_prompt_length."
+            )
+        if context is not None and longest + args.response_length > context:
+            raise ValueError(
+                f"The longest prompt in {name} ({longest} tokens) plus response_length={args.response_length} exceeds "
+                f"the model's context of {context} tokens: shorten the prompts or lower response_length."
+            )
+        return dataset
+
+    def _collate(self, features: list[dict]) -> dict:
+        """Left-pads the tokenized prompts: {'input_ids', 'attention_mask'} [B, P], plus the raw prompts."""
+        batch = self.processing_class.pad(
+            {"input_ids": [f["input_ids"] for f in features]}, padding=True, return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    # ------------------------------------------------------------------ data loading (one rollout batch per micro-step)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["input_ids"]
+
+    def _micro_steps_per_rollout(self) -> int:
+        return self.args.gradient_accumulation_steps * self.args.steps_per_rollout
+
+    def get_train_dataloader(self):
+        # Trainer.get_train_dataloader with a batch of one whole local rollout batch (see `_get_train_sampler`).
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self.args.local_rollout_batch_size,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None):
+        # Each rollout batch of prompts is yielded once per micro-step of its buffer; only the first is used to
+        # generate, the rest keep Trainer's step counting (and its batch skipping on resume) right. Same as RLOO.
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=1,
+            batch_size=self.args.rollout_batch_size,
+            repeat_count=self._micro_steps_per_rollout(),
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    # ------------------------------------------------------------------ phase 1: generate
+
+    @torch.no_grad()
+    def generate_rollouts(self, batch: dict) -> dict:
+        """Sample one response per prompt from the policy.
+
+        Returns {'query' [B, P], 'query_mask' [B, P], 'response' [B, R], 'response_mask' [B, R], 'has_stop' [B]}:
+        the response mask covers the tokens up to and including the first stop token.
+        """
+        queries, query_masks = batch["input_ids"], batch["attention_mask"]
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        policy = unwrapped.policy
+        was_training = policy.training
+        policy.eval()
+        chunk = self.args.local_rollout_forward_batch_size
+        responses = []
+        for start in range(0, len(queries), chunk):
+            q, m = queries[start : start + chunk], query_masks[start : start + chunk]
+            out = policy.generate(input_ids=q, attention_mask=m, generation_config=self.generation_config)
+            responses.append(out[:, q.shape[1] :])
+        policy.train(was_training)
+        width = max(r.shape[1] for r in responses)
+        pad = self.processing_class.pad_token_id
+        response = torch.cat([nn.functional.pad(r, (0, width - r.shape[1]), value=pad) for r in responses])
+        response_mask, has_stop = response_mask_after_stop(response, self.args.stop_token_id)
+        return {
+            "query": queries,
+            "query_mask": query_masks,
+            "response": response,
+            "response_mask": response_mask,
+            "has_stop": has_stop,
+        }
+
+    # ------------------------------------------------------------------ phase 2: score
+
+    def _policy_and_values(self, model, query, query_mask, response, response_mask):
+        """One forward of policy and critic: (log-probs of the response tokens [B, R], values [B, R])."""
+        input_ids = torch.cat([query, response], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        width, context = response.shape[1], query.shape[1]
+        logits, values = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=width + 1)
+        logprobs = gather_logprobs(logits[:, :-1], response, self.args.temperature)
+        return logprobs, values[:, context - 1 : -1].float()
+
+    @torch.no_grad()
+    def score_rollouts(self, rollouts: dict) -> dict:
+        """Policy log-probs, critic values, reference log-probs and the reward of each rollout.
+
+        Adds 'logprobs', 'values', 'ref_logprobs', 'token_scores' [B, R] and 'scores' [B] (the sequence reward,
+        after `reward_clip` and `missing_eos_penalty`). With a coherent reward and `ref_model` its SFT model, the
+        SFT log-probs are computed once and serve both the KL reference and the reward.
+        """
+        chunk = self.args.local_rollout_forward_batch_size
+        parts = defaultdict(list)
+        for start in range(0, len(rollouts["query"]), chunk):
+            piece = {k: v[start : start + chunk] for k, v in rollouts.items()}
+            for key, value in self._score_chunk(piece).items():
+                parts[key].append(value)
+        scored = dict(rollouts)
+        scored.update({k: torch.cat(v) for k, v in parts.items()})
+        return scored
+
+    def _score_chunk(self, piece: dict) -> dict:
+        query, query_mask = piece["query"], piece["query_mask"]
+        response, response_mask = piece["response"], piece["response_mask"]
+        context = query.shape[1]
+        input_ids = torch.cat([query, response], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        full_response_mask = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)
+
+        logprobs, values = self._policy_and_values(self.model, query, query_mask, response, response_mask)
+        mask = response_mask.float()
+        out = {"logprobs": logprobs * mask, "values": values * mask}
+
+        token_scores = None
+        if isinstance(self.reward_model, CoherentRewardModel):
+            sft = self.reward_model.sft_log_probs(input_ids, attention_mask, full_response_mask)[:, context:]
+            base = self.reward_model.base_log_probs(input_ids, attention_mask, full_response_mask)[:, context:]
+            token_scores = sft - base
+            scores = token_scores.sum(-1)
+            out["coherent_reward"] = scores.clone()
+        else:
+            scores = self._sequence_classifier_scores(input_ids, attention_mask, full_response_mask)
+            sft = None
+
+        if self.ref_is_reward_sft and self.args.temperature == 1.0 and sft is not None:
+            ref_logprobs = sft  # one SFT forward serves the KL and the reward
+        else:
+            ref_logprobs = self._reference_logprobs(input_ids, attention_mask, full_response_mask)[:, context:]
+        out["ref_logprobs"] = ref_logprobs * mask
+
+        if self.args.reward_clip is not None:
+            scores = scores.clamp(-self.args.reward_clip, self.args.reward_clip)
+            if token_scores is not None:
+                token_scores = token_scores.clamp(-self.args.reward_clip, self.args.reward_clip)
+        if self.args.missing_eos_penalty is not None:
+            scores = torch.where(piece["has_stop"], scores, scores - self.args.missing_eos_penalty)
+        out["scores"] = scores
+        out["token_scores"] = (token_scores if token_scores is not None else torch.zeros_like(logprobs)) * mask
+        return out
+
+    def _reference_logprobs(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+        temperature = self.args.temperature
+        if self.ref_is_reward_sft:
+            with self.reward_model.sft_context() as sft_model:
+                return sequence_logprobs(sft_model, input_ids, attention_mask, response_mask, temperature)
+        if self.ref_model is None:
+            policy = self.accelerator.unwrap_model(self.model).policy
+            with policy.disable_adapter():
+                return sequence_logprobs(policy, input_ids, attention_mask, response_mask, temperature)
+        return sequence_logprobs(self.ref_model, input_ids, attention_mask, response_mask, temperature)
+
+    def _sequence_classifier_scores(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+        """Score of a one-label sequence classifier read at the last response token (its EOS), as TRL's PPO did.
+
+        The backbone's hidden states go through the classifier head at that index, so padding (even a pad token equal
+        to EOS) never decides where the score is read.
+        """
+        model = self.reward_model
+        backbone = getattr(model, model.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_attention_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        last = ppo_math.last_token_index(response_mask).clamp(min=0)
+        picked = hidden[torch.arange(len(hidden), device=hidden.device), last]
+        head = model.score if hasattr(model, "score") else model.classifier
+        return head(picked).squeeze(-1).float()
+
+    # ------------------------------------------------------------------ phase 3: advantages
+
+    def compute_advantages(self, scored: dict) -> dict:
+        """Per-token rewards (KL penalty + score at EOS, or the token-level reward), GAE advantages and returns."""
+        args = self.args
+        mask = scored["response_mask"].float()
+        kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator) * mask
+        if args.reward_granularity == "token":
+            # Appendix E: the reward at every token; missing-EOS penalty still lands on the last token.
+            eos_penalty = scored["scores"] - scored["token_scores"].sum(-1)
+            rewards = ppo_math.shape_rewards(eos_penalty, kl, mask, args.kl_coef, token_scores=scored["token_scores"])
+        else:
+            rewards = ppo_math.shape_rewards(scored["scores"], kl, mask, args.kl_coef)
+        if args.whiten_rewards:
+            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = ppo_math.compute_gae(rewards, scored["values"], mask, args.gamma, args.lam)
+        if args.whiten_advantages:
+            advantages = ppo_math.masked_whiten(advantages, mask)
+        scored.update(kl=kl, rewards=rewards, advantages=advantages, returns=returns)
+        self._check_finite(scored, ("scores", "logprobs", "ref_logprobs", "values", "advantages", "returns"))
+        return scored
+
+    def _check_finite(self, tensors: dict, keys) -> None:
+        for key in keys:
+            if not torch.isfinite(tensors[key]).all():
+                bad = (~torch.isfinite(tensors[key])).reshape(len(tensors[key]), -1).any(-1).nonzero().flatten()
+                raise FloatingPointError(
+                    f"Non-finite {key} at optimizer step {self.state.global_step} (rows {bad.tolist()[:8]} of the "
+                    "rollout buffer): check the reward and reference models (dtype, NaN weights) or lower the "
+                    "learning rate; the last checkpoint is intact."
+                )
+
+    # ------------------------------------------------------------------ the rollout buffer in Trainer's loop
+
+    def _in_critic_warmup(self) -> bool:
+        return self.state.global_step // self.args.steps_per_rollout < self.args.critic_warmup_steps
+
+    def make_rollout_buffer(self, batch: dict) -> dict:
+        """Generate, score and compute advantages for one local rollout batch; log the rollout metrics."""
+        rollouts = self.generate_rollouts(batch)
+        scored = self.score_rollouts(rollouts)
+        buffer = self.compute_advantages(scored)
+        buffer["warmup"] = self._in_critic_warmup()
+        self._log_rollout_metrics(buffer)
+        size, micro = len(buffer["query"]), self.args.per_device_train_batch_size
+        # One shuffle per PPO epoch, each split into micro-batches of per_device_train_batch_size rows.
+        buffer["order"] = [torch.randperm(size).split(micro) for _ in range(self.args.num_ppo_epochs)]
+        return buffer
+
+    def _prepare_inputs(self, batch: dict) -> dict:
+        if not self.model.training:
+            return batch
+        if self._step is None:
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        micro_steps = self._micro_steps_per_rollout()
+        index = self._step % micro_steps
+        if index == 0 or self._buffer is None:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            self._buffer = self.make_rollout_buffer(batch)
+        per_epoch = micro_steps // self.args.num_ppo_epochs
+        rows = self._buffer["order"][index // per_epoch][index % per_epoch]
+        keys = ("query", "query_mask", "response", "response_mask", "logprobs", "values", "advantages", "returns")
+        micro = {k: self._buffer[k][rows] for k in keys}
+        micro["warmup"] = self._buffer["warmup"]
+        return micro
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        return loss
+
+    # ------------------------------------------------------------------ phase 4: PPO losses
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Clipped policy loss + vf_coef * clipped value loss on one micro-batch of the rollout buffer.
+
+        During critic warm-up only the value loss is used, so the policy's parameters get no gradient and stay put.
+        """
+        args = self.args
+        mask = inputs["response_mask"].float()
+        logprobs, values = self._policy_and_values(
+            model, inputs["query"], inputs["query_mask"], inputs["response"], inputs["response_mask"]
+        )
+        vf_loss, vf_stats = ppo_math.value_loss(
+            values, inputs["values"], inputs["returns"], mask, args.cliprange_value
+        )
+        loss = args.vf_coef * vf_loss
+        pg_loss, pg_stats = ppo_math.policy_loss(
+            logprobs, inputs["logprobs"], inputs["advantages"], mask, args.cliprange
+        )
+        if not inputs["warmup"]:
+            loss = loss + pg_loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite loss at optimizer step {self.state.global_step} (policy {pg_loss.item()}, value "
+                f"{vf_loss.item()}): the optimizer was not stepped; lower the learning rate or check the models."
+            )
+        metrics = self._metrics["train"]
+        metrics["loss/policy_avg"].append(pg_loss.item())
+        metrics["loss/value_avg"].append(vf_loss.item())
+        metrics["policy/approxkl_avg"].append(pg_stats["approxkl"].item())
+        metrics["policy/clipfrac_avg"].append(pg_stats["clipfrac"].item())
+        metrics["val/clipfrac_avg"].append(vf_stats["clipfrac"].item())
+        metrics["val/ratio"].append(pg_stats["ratio"].item())
+        metrics["policy/entropy_avg"].append(-ppo_math.masked_mean(logprobs.detach(), mask).item())
+        return loss
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer with the critic's parameters in their own groups at `critic_learning_rate`."""
+        optimizer = super().create_optimizer(model)
+        critic_lr = self.args.critic_learning_rate
+        if critic_lr is None or critic_lr == self.args.learning_rate:
+            return optimizer
+        critic_ids = {id(p) for p in self.accelerator.unwrap_model(self.model).value_model.parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            policy_params = [p for p in group["params"] if id(p) not in critic_ids]
+            critic_params = [p for p in group["params"] if id(p) in critic_ids]
+            if policy_params:
+                groups.append({**group, "params": policy_params})
+            if critic_params:
+                groups.append({**group, "params": critic_params, "lr": critic_lr, "initial_lr": critic_lr})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+    # ------------------------------------------------------------------ logging
+
+    def _log_rollout_metrics(self, buffer: dict, mode: str = "train") -> None:
+        mask = buffer["response_mask"].float()
+        gather = self.accelerator.gather_for_metrics
+
+        def mean(x):
+            return gather(x.detach().float().reshape(-1)).mean().item()
+
+        non_score = -self.args.kl_coef * buffer["kl"].sum(-1) if "kl" in buffer else None
+        metrics = self._metrics[mode]
+        metrics["objective/scores"].append(mean(buffer["scores"]))
+        if "coherent_reward" in buffer:
+            metrics["objective/coherent_reward"].append(mean(buffer["coherent_reward"]))
+        if non_score is not None:
+            metrics["objective/kl"].append(mean(buffer["kl"].sum(-1)))
+            metrics["objective/non_score_reward"].append(mean(non_score))
+            metrics["objective/rlhf_reward"].append(mean(buffer["rewards"].sum(-1)))
+            metrics["objective/entropy"].append(mean(-buffer["logprobs"].sum(-1)))
+            metrics["val/mean"].append(mean(ppo_math.masked_mean(buffer["values"], mask).unsqueeze(0)))
+        metrics["completions/mean_length"].append(mean(mask.sum(-1)))
+        metrics["completions/eos_rate"].append(mean(buffer["has_stop"]))
+        metrics["critic_warmup"].append(float(buffer.get("warmup", False)))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Sample one response per eval prompt and report the reward, KL, length and EOS rate (no training)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (prompts).")
+        if "input_ids" not in dataset.column_names:
+            dataset = self._prepare_dataset(
+                dataset, self.processing_class, self.model.policy, self.args, "eval_dataset"
+            )
+        model_was_training = self.model.training
+        self.model.eval()
+        loader = self.get_eval_dataloader(dataset)
+        for batch in loader:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            scored = self.score_rollouts(self.generate_rollouts(batch))
+            mask = scored["response_mask"].float()
+            scored["kl"] = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], self.args.kl_estimator)
+            scored["kl"] = scored["kl"] * mask
+            scored["rewards"] = ppo_math.shape_rewards(scored["scores"], scored["kl"], mask, self.args.kl_coef)
+            self._log_rollout_metrics(scored, mode="eval")
+        metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
+        self._metrics["eval"].clear()
+        self.model.train(model_was_training)
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ saving
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Saves the policy (or its adapter) and the tokenizer at the root of `output_dir`, loadable with
+        `from_pretrained`; the critic in `value_model/` for checkpoints (and the final model with `save_value_model`).
+        Saving goes through a temporary folder renamed into place, so a crash never leaves a half-written model where
+        a finished one was."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        is_checkpoint = Path(output_dir).name.startswith("checkpoint-")
+        tmp_dir = Path(str(output_dir).rstrip("/") + ".tmp")
+        if tmp_dir.exists():
+            import shutil
+
+            shutil.rmtree(tmp_dir)
+        tmp_dir.mkdir(parents=True)
+        unwrapped.policy.save_pretrained(tmp_dir, safe_serialization=True)
+        if is_checkpoint or self.args.save_value_model:
+            unwrapped.value_model.save_pretrained(tmp_dir / VALUE_MODEL_DIR, safe_serialization=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(tmp_dir)
+        # The config as JSON (hub tokens redacted by `to_json_string`); no pickled training_args.bin.
+        (tmp_dir / "srppo_config.json").write_text(self.args.to_json_string())
+        _replace_dir(tmp_dir, Path(output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Loads the policy (full weights or adapter) and the critic saved by `_save`."""
+        from safetensors.torch import load_file
+
+        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
+        checkpoint = Path(resume_from_checkpoint)
+        policy = unwrapped.policy
+        if hasattr(policy, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
+        else:
+            _load_pretrained_weights(policy, checkpoint)
+        _load_pretrained_weights(unwrapped.value_model, checkpoint / VALUE_MODEL_DIR)
+        self._buffer, self._step = None, None
+
+
+def _load_pretrained_weights(module: nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise ValueError(f"No safetensors weights in {folder}: it is not a checkpoint written by SRPPOTrainer.")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    tied = set(getattr(module, "_tied_weights_keys", None) or [])
+    missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint {folder} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}."
+        )
+
+
+def _replace_dir(tmp_dir: Path, target: Path) -> None:
+    """Move `tmp_dir`'s files into `target`, replacing same-named entries one rename at a time.
+
+    `target` may already hold the Trainer's files (optimizer, scheduler, RNG, trainer_state): they are kept.
+    """
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in tmp_dir.iterdir():
+        dest = target / entry.name
+        if dest.is_dir():
+            old = target / (entry.name + ".old")
+            os.replace(dest, old)
+            os.replace(entry, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(entry, dest)
+    tmp_dir.rmdir()
+
+
+__all__ = ["SRPPOTrainer", "response_mask_after_stop"]

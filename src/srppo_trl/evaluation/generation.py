@@ -1,0 +1,72 @@
+"""Greedy batched generation for evaluation: chat template, left padding, a progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def _as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return prompt
+    raise ValueError("Each prompt must be a string (the user turn) or a list of chat messages {role, content}.")
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    desc: str = "generating",
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy responses (`do_sample=False`) to `prompts`, in input order, special tokens removed.
+
+    Each prompt is a user message string or a list of chat messages; it is rendered with the tokenizer's chat
+    template (`add_generation_prompt=True`). Prompts are batched by length with left padding; the tokenizer's
+    padding side is restored afterwards. Generation stops at the model's EOS or after `max_new_tokens` tokens.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; set one distinct from EOS before generating.")
+    if tokenizer.chat_template is None:
+        raise ValueError("The tokenizer has no chat template; set one before generating.")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}.")
+    texts = [
+        tokenizer.apply_chat_template(_as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    responses: list[str | None] = [None] * len(texts)
+    try:
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=desc, disable=not show_progress):
+            idx = order[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                responses[i] = text.strip()
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return responses

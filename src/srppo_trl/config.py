@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from trl.trainer.base_config import _BaseConfig
 
+from . import ppo_math
+
 
 logger = logging.getLogger(__name__)
 
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = tuple(ppo_math.KL_ESTIMATORS)
 REWARD_GRANULARITIES = ("sequence", "token")
 
 

@@ -131,10 +131,15 @@ class SRPPOTrainer(_BaseTrainer):
             value_model = build_value_model(value_model, args.model_init_kwargs, args.trust_remote_code)
         check_value_model(value_model)
 
+        self._check_policy_is_not_frozen_model(model, reward_model, ref_model)
         if peft_config is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        elif not any(p.requires_grad for p in model.parameters()):
+            # A copy of the (frozen) SFT model is the usual policy: train all of it, as the user meant.
+            logger.warning("No parameter of the policy requires grad (a copy of a frozen model?): unfreezing it.")
+            model.requires_grad_(True)
         for module in (model, value_model):
             disable_dropout_in_model(module)
         if args.activation_checkpointing:
@@ -182,6 +187,17 @@ class SRPPOTrainer(_BaseTrainer):
             tokenizer.pad_token = tokenizer.eos_token
         # Prompts are left-padded so that every response starts at the same column.
         tokenizer.padding_side = "left"
+
+    @staticmethod
+    def _check_policy_is_not_frozen_model(policy, reward_model, ref_model) -> None:
+        frozen = [ref_model]
+        if isinstance(reward_model, CoherentRewardModel):
+            frozen += [reward_model.sft_model, reward_model.base_model]
+        if any(policy is m for m in frozen if m is not None):
+            raise ValueError(
+                "The policy is the very model object used as reference or reward model: training it would move the "
+                "frozen reward too. Pass a copy (`copy.deepcopy(sft_model)`) or load the SFT checkpoint again."
+            )
 
     @staticmethod
     def _check_reward_model(reward_model, policy) -> nn.Module:
@@ -448,7 +464,8 @@ class SRPPOTrainer(_BaseTrainer):
         """Per-token rewards (KL penalty + score at EOS, or the token-level reward), GAE advantages and returns."""
         args = self.args
         mask = scored["response_mask"].float()
-        kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator) * mask
+        kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator)
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
         if args.reward_granularity == "token":
             # Appendix E: the reward at every token; missing-EOS penalty still lands on the last token.
             eos_penalty = scored["scores"] - scored["token_scores"].sum(-1)
@@ -621,8 +638,8 @@ class SRPPOTrainer(_BaseTrainer):
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             scored = self.score_rollouts(self.generate_rollouts(batch))
             mask = scored["response_mask"].float()
-            scored["kl"] = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], self.args.kl_estimator)
-            scored["kl"] = scored["kl"] * mask
+            kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], self.args.kl_estimator)
+            scored["kl"] = torch.where(mask.bool(), kl, torch.zeros_like(kl))
             scored["rewards"] = ppo_math.shape_rewards(scored["scores"], scored["kl"], mask, self.args.kl_coef)
             self._log_rollout_metrics(scored, mode="eval")
         metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}

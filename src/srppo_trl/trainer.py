@@ -28,7 +28,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, create_model_from_path, disable_dropout_in_model
 
 from . import ppo_math
-from .coherent_reward import CoherentRewardModel, check_same_vocabulary
+from .coherent_reward import CoherentRewardModel, _vocab_size, check_same_vocabulary
 from .config import SRPPOConfig
 from .logprobs import gather_logprobs, position_ids_from_attention_mask, sequence_logprobs
 from .modeling import PolicyAndValueWrapper, build_value_model, check_value_model
@@ -50,6 +50,25 @@ def response_mask_after_stop(responses: torch.Tensor, stop_token_id: int) -> tup
     first_stop = torch.where(has_stop, is_stop.long().argmax(-1), responses.shape[1] - 1)
     positions = torch.arange(responses.shape[1], device=responses.device)
     return (positions.unsqueeze(0) <= first_stop.unsqueeze(1)).long(), has_stop
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's `RepeatSampler` whose shuffle is a function of (seed, epoch) alone.
+
+    `RepeatSampler` draws each epoch's permutation from one generator that advances across epochs, so a run resumed
+    in epoch e > 0 (a new sampler) would draw epoch 0's permutation again. The Trainer calls `set_epoch` (through
+    accelerate's data loader) before iterating, so the resumed run draws the same prompts as an uninterrupted one.
+    """
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) + self.epoch)
+        return super().__iter__()
 
 
 def _is_sequence_classifier(model: nn.Module) -> bool:
@@ -147,8 +166,15 @@ class SRPPOTrainer(_BaseTrainer):
 
         self.reward_model = self._check_reward_model(reward_model, model)
         self.ref_model, self.ref_is_reward_sft = self._resolve_ref_model(ref_model, model, init_kwargs)
+        self._check_tokenizer_fits_models(processing_class, model, self.reward_model, self.ref_model)
 
         train_dataset = self._prepare_dataset(train_dataset, processing_class, model, args, "train_dataset")
+        if len(train_dataset) < args.rollout_batch_size:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} prompts but one rollout buffer needs rollout_batch_size="
+                f"{args.rollout_batch_size}: add prompts or lower per_device_train_batch_size, "
+                "gradient_accumulation_steps or num_mini_batches."
+            )
         if eval_dataset is not None:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, model, args, "eval_dataset")
 
@@ -187,6 +213,25 @@ class SRPPOTrainer(_BaseTrainer):
             tokenizer.pad_token = tokenizer.eos_token
         # Prompts are left-padded so that every response starts at the same column.
         tokenizer.padding_side = "left"
+
+    @staticmethod
+    def _check_tokenizer_fits_models(tokenizer, policy, reward_model, ref_model) -> None:
+        """Refuse a tokenizer that emits ids beyond a model's vocabulary (generation would index out of range)."""
+        models = {"policy": policy, "ref_model": ref_model}
+        if isinstance(reward_model, CoherentRewardModel):
+            models.update(sft_model=reward_model.sft_model, base_model=reward_model.base_model)
+        elif hasattr(reward_model, "get_input_embeddings"):
+            models["reward_model"] = reward_model
+        for name, module in models.items():
+            if module is None:
+                continue
+            vocab = _vocab_size(module) if name != "reward_model" else module.get_input_embeddings().weight.shape[0]
+            if len(tokenizer) > vocab:
+                raise ValueError(
+                    f"The tokenizer has {len(tokenizer)} tokens but the {name} has a vocabulary of {vocab}: every "
+                    "model must be trained with this tokenizer (if tokens were added, call "
+                    "`model.resize_token_embeddings(len(tokenizer))` on the model they were added for)."
+                )
 
     @staticmethod
     def _check_policy_is_not_frozen_model(policy, reward_model, ref_model) -> None:
@@ -318,7 +363,7 @@ class SRPPOTrainer(_BaseTrainer):
     def _get_train_sampler(self, dataset=None):
         # Each rollout batch of prompts is yielded once per micro-step of its buffer; only the first is used to
         # generate, the rest keep Trainer's step counting (and its batch skipping on resume) right. Same as RLOO.
-        return RepeatSampler(
+        return EpochSeededRepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=1,
             batch_size=self.args.rollout_batch_size,
@@ -482,14 +527,46 @@ class SRPPOTrainer(_BaseTrainer):
         return scored
 
     def _check_finite(self, tensors: dict, keys) -> None:
+        """Raise `FloatingPointError` naming the step, the tensor and the rollout-buffer rows that are NaN or inf.
+
+        Every process takes part (one all-reduce), so all of them stop together when one of them sees a bad value.
+        """
+        problems = []
         for key in keys:
-            if not torch.isfinite(tensors[key]).all():
-                bad = (~torch.isfinite(tensors[key])).reshape(len(tensors[key]), -1).any(-1).nonzero().flatten()
-                raise FloatingPointError(
-                    f"Non-finite {key} at optimizer step {self.state.global_step} (rows {bad.tolist()[:8]} of the "
-                    "rollout buffer): check the reward and reference models (dtype, NaN weights) or lower the "
-                    "learning rate; the last checkpoint is intact."
-                )
+            bad = (~torch.isfinite(tensors[key])).reshape(len(tensors[key]), -1).any(-1).nonzero().flatten()
+            if len(bad):
+                problems.append(f"{key} in rows {bad.tolist()[:8]}")
+        if self._any_process(bool(problems)):
+            where = "; ".join(problems) if problems else "on another process"
+            raise FloatingPointError(
+                f"Non-finite values at optimizer step {self.state.global_step} of the rollout buffer ({where}): "
+                "check the reward and reference models (dtype overflow, NaN weights) or lower the learning rate."
+            )
+
+    def _any_process(self, flag: bool) -> bool:
+        """True when `flag` is True on any process (a no-op on one process)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum")
+        return bool(total.item() > 0)
+
+    def _save_last_good_state(self) -> str:
+        """Checkpoint the current weights, optimizer, scheduler and RNG states through the Trainer's machinery.
+
+        Called when a non-finite value stops training: it is raised before any backward pass of the current micro-step
+        and before the optimizer step, so the weights are still those of the last good optimizer step. An existing
+        complete checkpoint of this step is kept as it is.
+        """
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        run_dir = self._get_output_dir(trial=None)
+        checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        exists = _is_complete_checkpoint(Path(checkpoint))
+        self.accelerator.wait_for_everyone()
+        if not exists:
+            self.model.zero_grad(set_to_none=True)
+            self._save_checkpoint(self.model, trial=None)
+        return checkpoint
 
     # ------------------------------------------------------------------ the rollout buffer in Trainer's loop
 
@@ -523,10 +600,19 @@ class SRPPOTrainer(_BaseTrainer):
         keys = ("query", "query_mask", "response", "response_mask", "logprobs", "values", "advantages", "returns")
         micro = {k: self._buffer[k][rows] for k in keys}
         micro["warmup"] = self._buffer["warmup"]
+        micro["rows"] = rows  # for error messages
         return micro
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except FloatingPointError as exc:
+            # Raised by `_check_finite`/`compute_loss` before this micro-step's backward and before the optimizer step.
+            checkpoint = self._save_last_good_state()
+            raise FloatingPointError(
+                f"{exc} Training stopped without stepping the optimizer; the last good state is saved in "
+                f"{checkpoint} (resume with `trainer.train(resume_from_checkpoint=...)` once the cause is fixed)."
+            ) from exc
         self._step += 1
         return loss
 
@@ -551,10 +637,14 @@ class SRPPOTrainer(_BaseTrainer):
         )
         if not inputs["warmup"]:
             loss = loss + pg_loss
-        if not torch.isfinite(loss):
+        if self._any_process(not torch.isfinite(loss).item()):
+            rows = inputs.get("rows", torch.arange(len(mask)))
+            bad = (~torch.isfinite(logprobs.detach()) | ~torch.isfinite(values.detach())) & mask.bool()
             raise FloatingPointError(
-                f"Non-finite loss at optimizer step {self.state.global_step} (policy {pg_loss.item()}, value "
-                f"{vf_loss.item()}): the optimizer was not stepped; lower the learning rate or check the models."
+                f"Non-finite loss at optimizer step {self.state.global_step} (policy loss {pg_loss.item()}, value "
+                f"loss {vf_loss.item()}; non-finite new log-probs or values in rows "
+                f"{rows[bad.any(-1).cpu()].tolist()[:8]} of the rollout buffer): lower the learning rate, or check "
+                "the models for NaN weights."
             )
         metrics = self._metrics["train"]
         metrics["loss/policy_avg"].append(pg_loss.item())
@@ -660,8 +750,10 @@ class SRPPOTrainer(_BaseTrainer):
         if not self.args.should_save:
             return
         unwrapped = self.accelerator.unwrap_model(self.model)
-        is_checkpoint = Path(output_dir).name.startswith("checkpoint-")
-        tmp_dir = Path(str(output_dir).rstrip("/") + ".tmp")
+        target = Path(output_dir).resolve()
+        is_checkpoint = target.name.startswith("checkpoint-")
+        # A hidden sibling: Trainer's checkpoint globbing (`checkpoint-*`) never sees it.
+        tmp_dir = target.parent / f".{target.name}.srppo-tmp"
         if tmp_dir.exists():
             import shutil
 
@@ -674,7 +766,32 @@ class SRPPOTrainer(_BaseTrainer):
             self.processing_class.save_pretrained(tmp_dir)
         # The config as JSON (hub tokens redacted by `to_json_string`); no pickled training_args.bin.
         (tmp_dir / "srppo_config.json").write_text(self.args.to_json_string())
-        _replace_dir(tmp_dir, Path(output_dir))
+        _replace_dir(tmp_dir, target)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` picks the last *complete* checkpoint of `output_dir`.
+
+        A checkpoint is complete once `trainer_state.json`, which the Trainer writes last, is in it: a run killed
+        while checkpointing leaves an incomplete folder, which is skipped (with a warning) rather than resumed from.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"No complete checkpoint in {self.args.output_dir} to resume from: train from scratch "
+                    "(resume_from_checkpoint=None) or pass a checkpoint folder."
+                )
+        elif resume_from_checkpoint and not _is_complete_checkpoint(Path(resume_from_checkpoint)):
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete SRPPOTrainer checkpoint (no trainer_state.json, or no "
+                "weights): the run was probably killed while saving it; resume from the previous checkpoint."
+            )
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Loads the policy (full weights or adapter) and the critic saved by `_save`."""
@@ -711,14 +828,50 @@ def _load_pretrained_weights(module: nn.Module, folder: Path) -> None:
         )
 
 
-def _replace_dir(tmp_dir: Path, target: Path) -> None:
-    """Move `tmp_dir`'s files into `target`, replacing same-named entries one rename at a time.
+def _is_complete_checkpoint(folder: Path) -> bool:
+    """True for a checkpoint folder holding the Trainer's state (written last) and the policy's weights."""
+    weights = any(folder.glob("model*.safetensors")) or (folder / "adapter_model.safetensors").exists()
+    return (folder / "trainer_state.json").is_file() and weights
 
-    `target` may already hold the Trainer's files (optimizer, scheduler, RNG, trainer_state): they are kept.
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The `checkpoint-N` folder of `output_dir` with the largest N that is complete (see `_is_complete_checkpoint`)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if entry.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit():
+            steps.append((int(name[len("checkpoint-") :]), entry))
+    for _, entry in sorted(steps, reverse=True):
+        if _is_complete_checkpoint(entry):
+            return str(entry)
+        logger.warning("Skipping %s: incomplete checkpoint (the run was killed while saving it).", entry)
+    return None
+
+
+# Files that make up a saved model: stale ones from an earlier save of another kind (sharded vs. single file, full
+# model vs. adapter) are removed so that the folder never mixes two models.
+_MODEL_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "adapter_model*", "adapter_config.json")
+
+
+def _replace_dir(tmp_dir: Path, target: Path) -> None:
+    """Put the finished save in `tmp_dir` in place of `target`.
+
+    When `target` does not exist (every new checkpoint) this is one atomic rename. Otherwise (the final model saved
+    into an existing `output_dir` that also holds checkpoints and logs) `tmp_dir`'s entries replace same-named ones one
+    atomic rename at a time: a crash leaves each file either the old or the new complete one, never a partial file.
+    Entries of `target` that `tmp_dir` does not have are kept, except stale model files of an earlier save.
     """
     import shutil
 
-    target.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_dir, target)
+        return
+    new_names = {entry.name for entry in tmp_dir.iterdir()}
+    stale = {p for pattern in _MODEL_FILE_PATTERNS for p in target.glob(pattern) if p.name not in new_names}
     for entry in tmp_dir.iterdir():
         dest = target / entry.name
         if dest.is_dir():
@@ -729,6 +882,8 @@ def _replace_dir(tmp_dir: Path, target: Path) -> None:
         else:
             os.replace(entry, dest)
     tmp_dir.rmdir()
+    for path in stale:
+        path.unlink()
 
 
-__all__ = ["SRPPOTrainer", "response_mask_after_stop"]
+__all__ = ["SRPPOTrainer", "last_complete_checkpoint", "response_mask_after_stop"]

@@ -5,8 +5,6 @@ samples a few hundred), rollout batches of 4 prompts (paper: 1024), learning rat
 critic) so that a few optimizer steps visibly move the weights.
 """
 
-import json
-import math
 from pathlib import Path
 
 import pytest
@@ -135,8 +133,6 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tokenizer, tmp_path, c
         got = [h[key] for h in resumed.state.log_history if key in h]
         want = [h[key] for h in straight.state.log_history if key in h]
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6), key
-
-
 
 
 def test_resume_of_a_lora_policy_at_an_epoch_boundary(tokenizer, tmp_path):
@@ -296,3 +292,186 @@ def test_nan_loss_never_steps_the_optimizer(tokenizer, tmp_path, monkeypatch):
     assert list(snapshots) == [1]
     _assert_same_weights(_weights(trainer), snapshots[1])
     _assert_checkpoint_holds(trainer, tmp_path / "checkpoint-1")
+
+
+# ---------------------------------------------------------------- bad input: one clear sentence, before any compute
+# (tests/test_trainer.py covers: vocabularies of policy vs SFT, a reward model of the wrong type, no `prompt` column,
+# a prompt longer than max_prompt_length, and the SRPPOConfig checks.)
+
+
+def _build(tokenizer, tmp_path, data=None, reward_model=None, value_model=None, **overrides):
+    reward_model = reward_model or CoherentRewardModel(
+        tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)
+    )
+    return SRPPOTrainer(
+        args=_args(tmp_path, **overrides),
+        processing_class=tokenizer,
+        model=tiny_causal_lm(tokenizer, seed=1),
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=_prompts() if data is None else data,
+    )
+
+
+def test_sft_and_base_tokenizers_with_different_vocabularies_are_refused():
+    from srppo_trl.coherent_reward import check_same_tokenizer
+
+    check_same_tokenizer(tiny_tokenizer(), tiny_tokenizer())
+    with pytest.raises(ValueError, match="different vocabularies"):
+        check_same_tokenizer(tiny_tokenizer(), tiny_tokenizer(vocab_size=320))
+
+
+def test_sft_and_base_models_with_different_vocabularies_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="vocabulary of"):
+        CoherentRewardModel(tiny_causal_lm(tokenizer), tiny_causal_lm(tiny_tokenizer(vocab_size=320)))
+
+
+def test_tokenizer_larger_than_the_models_vocabulary_is_refused(tokenizer, tmp_path):
+    bigger = tiny_tokenizer()
+    bigger.add_tokens([f"<extra_{i}>" for i in range(4)])
+    with pytest.raises(ValueError, match=f"tokenizer has {len(bigger)} tokens"):
+        SRPPOTrainer(
+            args=_args(tmp_path), processing_class=bigger, model=tiny_causal_lm(tokenizer, seed=1),
+            reward_model=CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)),
+            train_dataset=_prompts(),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (Dataset.from_dict({"prompt": []}), "is empty"),
+        (_prompts(3), "needs rollout_batch_size=4"),
+        (Dataset.from_dict({"prompt": ["short", "word " * 600]}), "exceeds the model's context of 512"),
+    ],
+    ids=["empty", "smaller-than-a-rollout-batch", "prompt-beyond-context"],
+)
+def test_unusable_datasets_are_refused(tokenizer, tmp_path, data, message):
+    with pytest.raises(ValueError, match=message):
+        _build(tokenizer, tmp_path, data=data, max_prompt_length=None)
+
+
+def test_response_length_beyond_the_context_is_refused(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="response_length=600 exceeds the model's context"):
+        _build(tokenizer, tmp_path, response_length=600)
+
+
+def test_sequence_classifier_with_several_labels_is_refused(tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = AutoModelForSequenceClassification.from_config(_classifier_config(tokenizer, num_labels=2))
+    with pytest.raises(ValueError, match="num_labels=1"):
+        _build(tokenizer, tmp_path, reward_model=classifier)
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "two-labels"])
+def test_value_model_without_a_scalar_head_is_refused(tokenizer, tmp_path, kind):
+    from transformers import AutoModelForTokenClassification
+
+    if kind == "causal-lm":
+        critic = tiny_causal_lm(tokenizer, seed=1)
+    else:
+        critic = AutoModelForTokenClassification.from_config(_classifier_config(tokenizer, num_labels=2))
+    with pytest.raises(ValueError, match="one scalar per token"):
+        _build(tokenizer, tmp_path, value_model=critic)
+
+
+def _classifier_config(tokenizer, num_labels=1):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # A mini batch of 4 prompts (2 per device x 2 accumulation steps) cannot tile a rollout batch of 6.
+        (dict(rollout_batch_size=6, num_mini_batches=None), "divisible"),
+        (dict(num_mini_batches=0), "num_mini_batches"),
+        (dict(num_ppo_epochs=0), "num_ppo_epochs"),
+        (dict(critic_warmup_steps=-1), "critic_warmup_steps"),
+    ],
+)
+def test_incoherent_batch_settings_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, gradient_accumulation_steps=2, **overrides)
+
+
+# ---------------------------------------------------------------- a tokenizer whose pad token is its EOS token
+
+
+@pytest.fixture(scope="module")
+def pad_is_eos():
+    # SmolLM2's tokenizer ships like this: padding with the very token that ends a response.
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _hand_made_rollouts(trainer, tokenizer):
+    """Left-padded prompts of different lengths and responses ending at different places, padded with EOS."""
+    data = trainer.train_dataset
+    batch = trainer._collate([data[i] for i in range(4)])
+    eos = tokenizer.eos_token_id
+    words = tokenizer("the quick brown fox jumps", add_special_tokens=False)["input_ids"]
+    rows = [words[:1] + [eos] * 5, words[:3] + [eos] * 3, words[:5] + [eos], words[:5] + words[:1]]  # last: no EOS
+    response = torch.tensor([row[:6] for row in rows])
+    from srppo_trl.trainer import response_mask_after_stop
+
+    response_mask, has_stop = response_mask_after_stop(response, eos)
+    return {
+        "query": batch["input_ids"], "query_mask": batch["attention_mask"], "response": response,
+        "response_mask": response_mask, "has_stop": has_stop,
+    }  # fmt: skip
+
+
+def _unpadded(rollouts, i):
+    """Row i without padding: (prompt + response tokens up to the first EOS) as a [1, L] tensor, and the prompt length."""
+    prompt = rollouts["query"][i][rollouts["query_mask"][i].bool()]
+    response = rollouts["response"][i][rollouts["response_mask"][i].bool()]
+    return torch.cat([prompt, response]).unsqueeze(0), len(prompt)
+
+
+def test_pad_equal_to_eos_gives_the_reward_of_the_unpadded_response(pad_is_eos, tmp_path):
+    data = Dataset.from_dict({"prompt": ["hi", "What is 12 plus 7?", "List three fruits", "Explain the sky"]})
+    trainer = _build(pad_is_eos, tmp_path, data=data, per_device_train_batch_size=1, num_mini_batches=4)
+    rollouts = _hand_made_rollouts(trainer, pad_is_eos)
+    assert rollouts["query_mask"].sum(-1).unique().numel() > 1  # the prompts really are left-padded (with EOS)
+    assert rollouts["response_mask"].sum(-1).tolist() == [2, 4, 6, 6]  # up to the first EOS, which counts
+    scored = trainer.score_rollouts(rollouts)
+    for i in range(4):
+        ids, prompt_length = _unpadded(rollouts, i)
+        response_mask = torch.zeros_like(ids)
+        response_mask[:, prompt_length:] = 1
+        direct = trainer.reward_model(ids, torch.ones_like(ids), response_mask)
+        torch.testing.assert_close(scored["coherent_reward"][i], direct[0], rtol=1e-4, atol=1e-5)
+
+
+def test_pad_equal_to_eos_sequence_classifier_reads_the_score_at_the_first_eos(pad_is_eos, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_config(_classifier_config(pad_is_eos))
+    data = Dataset.from_dict({"prompt": ["hi", "What is 12 plus 7?", "List three fruits", "Explain the sky"]})
+    trainer = SRPPOTrainer(
+        args=_args(tmp_path, per_device_train_batch_size=1, num_mini_batches=4), processing_class=pad_is_eos,
+        model=tiny_causal_lm(pad_is_eos, seed=1), ref_model=tiny_causal_lm(pad_is_eos, seed=1),
+        reward_model=classifier, train_dataset=data,
+    )  # fmt: skip
+    rollouts = _hand_made_rollouts(trainer, pad_is_eos)
+    scored = trainer.score_rollouts(rollouts)
+    for i in range(4):
+        ids, _ = _unpadded(rollouts, i)
+        with torch.no_grad():
+            hidden = classifier.model(input_ids=ids).last_hidden_state[:, -1]  # the response's last token: its EOS
+            direct = classifier.score(hidden).squeeze(-1)
+        torch.testing.assert_close(scored["scores"][i], direct[0], rtol=1e-4, atol=1e-5)
+
+
+def test_pad_equal_to_eos_trains_end_to_end(pad_is_eos, tmp_path):
+    trainer = _build(pad_is_eos, tmp_path, max_steps=4, save_strategy="no")
+    trainer.train()
+    assert _logged_steps(trainer) == [1, 2, 3, 4]

@@ -32,6 +32,7 @@ from .coherent_reward import CoherentRewardModel, _vocab_size, check_same_vocabu
 from .config import SRPPOConfig
 from .logprobs import gather_logprobs, position_ids_from_attention_mask, sequence_logprobs
 from .modeling import PolicyAndValueWrapper, build_value_model, check_value_model
+from .single_base import is_single_base
 
 
 logger = logging.getLogger(__name__)
@@ -237,7 +238,11 @@ class SRPPOTrainer(_BaseTrainer):
     def _check_policy_is_not_frozen_model(policy, reward_model, ref_model) -> None:
         frozen = [ref_model]
         if isinstance(reward_model, CoherentRewardModel):
-            frozen += [reward_model.sft_model, reward_model.base_model]
+            frozen.append(reward_model.base_model)
+            # Single-base mode (`srppo_trl.single_base`): the policy is the reward's PEFT model with its own adapter
+            # active; only the "sft" adapter is frozen, so sharing the object is the point, not a mistake.
+            if not is_single_base(policy, reward_model):
+                frozen.append(reward_model.sft_model)
         if any(policy is m for m in frozen if m is not None):
             raise ValueError(
                 "The policy is the very model object used as reference or reward model: training it would move the "

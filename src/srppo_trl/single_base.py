@@ -1,0 +1,258 @@
+"""Single-base mode: the four SRPPO roles on ONE copy of the base weights.
+
+SRPPO holds a policy, a critic, the SFT model (reward and KL reference) and the pretrained model (reward). When the SFT
+model is the pretrained model plus a LoRA adapter, all four are views of the same base weights::
+
+    p_PT      = base, adapters disabled
+    p_SFT     = base + "sft" adapter          (frozen; the coherent reward AND the KL reference)
+    policy    = base + "default" adapter      (trainable; initialised as a copy of the SFT adapter)
+    critic    = base + "critic" adapter       (trainable; initialised as a copy of the SFT adapter) -> scalar head
+
+    policy, reward_model, value_model = build_single_base(base_model, sft_adapter="path/to/sft-lora")
+    SRPPOTrainer(model=policy, reward_model=reward_model, value_model=value_model, ref_model=None, ...)
+
+The policy adapter is PEFT's "default" adapter on purpose: PEFT saves that adapter at the root of a folder, so
+`trainer.save_model(dir)` writes the policy where `PeftModel.from_pretrained(base, dir)` looks (the SFT and critic
+adapters go to `dir/sft/` and `dir/critic/`), and checkpoints resume through the trainer's usual adapter path.
+
+Adapter switching. PEFT activates one adapter at a time, and `set_adapter` / `disable_adapter` also rewrite
+`requires_grad` (the active adapter becomes trainable, the others frozen). So every role switches inside
+[`keep_requires_grad`], which restores the flags set at build time (policy and critic adapters and the value head
+train; the base and the "sft" adapter do not), whatever PEFT did in between:
+- the policy runs with "default" active (the resting state: generation, scoring and the loss);
+- the reward's SFT/PT passes ([`SingleBaseRewardModel`], a `CoherentRewardModel`) activate "sft" / disable the
+  adapters and restore "default" on exit;
+- the critic ([`SharedBaseValueModel`]) activates "critic" for its own forward and restores "default" on exit.
+Without this, one reward call before `train()` froze the critic adapter and the optimizer silently left it out.
+The SFT adapter never receives a gradient: it is only active under `torch.no_grad()` in scoring.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+from transformers.modeling_outputs import TokenClassifierOutput
+
+from .coherent_reward import CoherentRewardModel, _is_peft_model
+
+
+POLICY_ADAPTER = "default"
+SFT_ADAPTER = "sft"
+CRITIC_ADAPTER = "critic"
+
+
+@contextmanager
+def keep_requires_grad(module: nn.Module):
+    """Restores every parameter's `requires_grad` on exit (PEFT's adapter switches rewrite them)."""
+    flags = [(param, param.requires_grad) for param in module.parameters()]
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+class SingleBaseRewardModel(CoherentRewardModel):
+    """`CoherentRewardModel(peft_model, sft_adapter_name="sft")` whose adapter switches leave `requires_grad` alone.
+
+    The coherent reward itself is unchanged: `p_SFT` = the "sft" adapter active, `p_PT` = adapters disabled.
+    """
+
+    @contextmanager
+    def sft_context(self):
+        with keep_requires_grad(self.sft_model), super().sft_context() as model:
+            yield model
+
+    @contextmanager
+    def base_context(self):
+        with keep_requires_grad(self.sft_model), super().base_context() as model:
+            yield model
+
+
+def _adapter_param_names(peft_model, adapter_name: str) -> list[str]:
+    marker = f".{adapter_name}."
+    return [name for name, _ in peft_model.named_parameters() if marker in name]
+
+
+def _copy_adapter(peft_model, source: str, target: str) -> None:
+    """Add adapter `target` to `peft_model` with the config and weights of adapter `source` (a trainable copy)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    config = copy.deepcopy(peft_model.peft_config[source])
+    config.inference_mode = False
+    peft_model.add_adapter(target, config)
+    state = get_peft_model_state_dict(peft_model, adapter_name=source)
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=target)
+    missing = [k for k in result.missing_keys if f".{target}." in k]
+    if missing:
+        raise ValueError(f"Could not copy adapter {source!r} into {target!r}: {len(missing)} weights missing.")
+
+
+def _single_base_peft_model(base_model: nn.Module, sft_adapter):
+    """A PeftModel over `base_model`'s weights holding the SFT adapter under the name "sft"."""
+    from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    if _is_peft_model(base_model):
+        if sft_adapter is not None:
+            raise ValueError(
+                "base_model is already a PEFT model holding the SFT adapter: leave sft_adapter=None, or pass the "
+                "plain pretrained model with sft_adapter."
+            )
+        peft_model, source = base_model, base_model.active_adapter
+        if any(name in peft_model.peft_config for name in (SFT_ADAPTER, CRITIC_ADAPTER) if name != source):
+            raise ValueError(
+                f"The PEFT model already holds adapters {sorted(peft_model.peft_config)}: pass a model holding only the "
+                "SFT adapter."
+            )
+        if source != SFT_ADAPTER:
+            _copy_adapter(peft_model, source, SFT_ADAPTER)
+            if source != POLICY_ADAPTER:
+                peft_model.set_adapter(SFT_ADAPTER)
+                peft_model.delete_adapter(source)
+        return peft_model
+    if sft_adapter is None:
+        raise ValueError(
+            "No SFT adapter: pass sft_adapter (a saved LoRA folder or a PeftModel), or a base_model that is a PeftModel "
+            "holding the SFT adapter - single-base mode needs SFT = base + adapter."
+        )
+    if isinstance(sft_adapter, str | Path):
+        return PeftModel.from_pretrained(base_model, str(sft_adapter), adapter_name=SFT_ADAPTER, is_trainable=False)
+    if _is_peft_model(sft_adapter):
+        if sft_adapter.get_base_model() is base_model:
+            return _single_base_peft_model(sft_adapter, None)
+        # An SFT adapter held on another copy of the base: copy its weights onto `base_model` (one base is kept).
+        source = sft_adapter.active_adapter
+        config = copy.deepcopy(sft_adapter.peft_config[source])
+        peft_model = get_peft_model(base_model, config, adapter_name=SFT_ADAPTER)
+        set_peft_model_state_dict(
+            peft_model, get_peft_model_state_dict(sft_adapter, adapter_name=source), adapter_name=SFT_ADAPTER
+        )
+        return peft_model
+    raise ValueError(
+        f"sft_adapter is a {type(sft_adapter).__name__}: pass the path of a saved PEFT adapter or a PeftModel."
+    )
+
+
+class SharedBaseValueModel(nn.Module):
+    """The critic of single-base mode: the shared base with the "critic" adapter active, plus a scalar head.
+
+    `forward(input_ids, attention_mask, position_ids=None)` returns a `TokenClassifierOutput` whose `logits` are the
+    values, [B, T, 1] - the interface `SRPPOTrainer` expects of a critic (`check_value_model`).
+
+    The shared PEFT model is held *without* registering it as a submodule, so `parameters()` and `state_dict()` are
+    the critic's own: its adapter weights (the very tensors inside the PEFT model) and the head. Hence the trainer's
+    critic learning rate applies to exactly these, and `save_pretrained` writes only them (`model.safetensors`).
+    """
+
+    def __init__(self, peft_model, adapter_name: str = CRITIC_ADAPTER):
+        super().__init__()
+        object.__setattr__(self, "_peft_model", peft_model)  # shared, not a submodule
+        self.adapter_name = adapter_name
+        params = dict(peft_model.named_parameters())
+        names = _adapter_param_names(peft_model, adapter_name)
+        if not names:
+            raise ValueError(f"The PEFT model has no adapter named {adapter_name!r} for the critic.")
+        self.adapter_weights = nn.ParameterDict({name.replace(".", "__"): params[name] for name in names})
+        base = peft_model.get_base_model()
+        self.config = base.config
+        self.score = nn.Linear(self.config.hidden_size, 1)
+        nn.init.normal_(self.score.weight, std=getattr(self.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.score.bias)
+        self.score.to(device=next(base.parameters()).device, dtype=next(base.parameters()).dtype)
+
+    @property
+    def peft_model(self):
+        return self._peft_model
+
+    @contextmanager
+    def critic_adapter(self):
+        """Activate the critic adapter; on exit restore the previous adapter. `requires_grad` is never changed."""
+        peft_model = self._peft_model
+        previous = peft_model.active_adapter
+        with keep_requires_grad(peft_model):
+            peft_model.set_adapter(self.adapter_name)
+        try:
+            yield peft_model
+        finally:
+            with keep_requires_grad(peft_model):
+                peft_model.set_adapter(previous)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs) -> TokenClassifierOutput:
+        with self.critic_adapter() as peft_model:
+            causal_lm = peft_model.get_base_model()
+            backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        return TokenClassifierOutput(logits=self.score(hidden))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self._peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
+        """Writes the critic adapter and the head to `save_directory/model.safetensors` (never pickle)."""
+        from safetensors.torch import save_file
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
+        (folder / "critic_config.json").write_text(
+            json.dumps({"adapter_name": self.adapter_name, "hidden_size": self.config.hidden_size})
+        )
+
+
+def build_single_base(base_model: nn.Module, sft_adapter=None):
+    """Policy, reward and critic of SRPPO on one copy of `base_model`'s weights.
+
+    Args:
+        base_model: the pretrained causal LM (`p_PT`), or a `PeftModel` over it that holds the SFT adapter (then
+            leave `sft_adapter=None`; the model is modified in place).
+        sft_adapter: the SFT LoRA adapter: the path of a folder saved with `save_pretrained`, or a `PeftModel`
+            (its active adapter's config and weights are copied onto `base_model`).
+
+    Returns:
+        `(policy, reward_model, value_model)` for `SRPPOTrainer(model=policy, reward_model=reward_model,
+        value_model=value_model, ref_model=None)`: the policy is the shared `PeftModel` with its trainable "default"
+        adapter active; the reward is a `CoherentRewardModel(policy, sft_adapter_name="sft")` ([`SingleBaseRewardModel`]) (so the KL reference is
+        the frozen "sft" adapter and one SFT pass serves the KL and the reward); the critic is a
+        [`SharedBaseValueModel`]. The policy and critic adapters start as copies of the SFT adapter, so the policy
+        starts exactly at the SFT model and the critic's backbone is the SFT backbone (as in four-model mode).
+    """
+    peft_model = _single_base_peft_model(base_model, sft_adapter)
+    if POLICY_ADAPTER not in peft_model.peft_config:
+        _copy_adapter(peft_model, SFT_ADAPTER, POLICY_ADAPTER)
+    _copy_adapter(peft_model, SFT_ADAPTER, CRITIC_ADAPTER)
+    peft_model.set_adapter(POLICY_ADAPTER)
+    # The trainable set, fixed here once: the policy and critic adapters; the base and the SFT adapter stay frozen.
+    for name, param in peft_model.named_parameters():
+        param.requires_grad_(f".{POLICY_ADAPTER}." in name or f".{CRITIC_ADAPTER}." in name)
+    value_model = SharedBaseValueModel(peft_model, CRITIC_ADAPTER)
+    reward_model = SingleBaseRewardModel(peft_model, sft_adapter_name=SFT_ADAPTER)
+    return peft_model, reward_model, value_model
+
+
+def is_single_base(policy: nn.Module, reward_model: nn.Module) -> bool:
+    """True when `policy` is the PEFT model of a single-base `CoherentRewardModel`, with another adapter active."""
+    return (
+        isinstance(reward_model, CoherentRewardModel)
+        and reward_model.single_base
+        and reward_model.sft_model is policy
+        and reward_model.sft_adapter_name is not None
+        and getattr(policy, "active_adapter", None) != reward_model.sft_adapter_name
+    )
+
+
+__all__ = [
+    "CRITIC_ADAPTER",
+    "POLICY_ADAPTER",
+    "SFT_ADAPTER",
+    "SharedBaseValueModel",
+    "SingleBaseRewardModel",
+    "build_single_base",
+    "is_single_base",
+    "keep_requires_grad",
+]

@@ -1,0 +1,61 @@
+"""Train a tiny SRPPO model to completion and save it; used by tests/test_distributed.py.
+
+    accelerate launch --num_processes 2 --cpu tests/scripts/train_tiny.py OUTPUT_DIR [--critic_warmup_steps N]
+
+Shrunk on purpose (tiny models from srppo_trl.testing, 8 prompts, 6-token responses, 4 optimizer steps) so that two
+CPU processes (gloo) finish in well under a minute. Every process builds identical models from the same seeds.
+"""
+
+import argparse
+
+import torch
+from datasets import Dataset
+
+from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
+from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("--critic_warmup_steps", type=int, default=0)
+    parser.add_argument("--max_steps", type=int, default=4)
+    cli = parser.parse_args()
+
+    torch.set_num_threads(1)
+    tokenizer = tiny_tokenizer()
+    prompts = Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(8)]}
+    )
+    args = SRPPOConfig(
+        output_dir=cli.output_dir,
+        per_device_train_batch_size=2,  # x 2 processes: a mini batch of 4 prompts
+        num_mini_batches=1,
+        num_ppo_epochs=2,  # 2 optimizer steps per rollout buffer
+        response_length=6,
+        learning_rate=1e-3,
+        critic_warmup_steps=cli.critic_warmup_steps,
+        max_steps=cli.max_steps,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        seed=0,
+        use_cpu=True,
+    )
+    reward = CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2))
+    torch.manual_seed(3)
+    trainer = SRPPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=tiny_causal_lm(tokenizer, seed=1),
+        reward_model=reward,
+        train_dataset=prompts,
+    )
+    trainer.train()
+    trainer.save_model(cli.output_dir + "/final")
+    if trainer.accelerator.is_main_process:
+        print(f"world_size={trainer.accelerator.num_processes} global_step={trainer.state.global_step}")
+
+
+if __name__ == "__main__":
+    main()

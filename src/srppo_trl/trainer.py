@@ -256,6 +256,13 @@ class SRPPOTrainer(_BaseTrainer):
             return reward_model
         config = getattr(reward_model, "config", None)
         if _is_sequence_classifier(reward_model) and getattr(config, "num_labels", None) == 1:
+            reward_vocab = getattr(config, "vocab_size", None)
+            if reward_vocab is not None and reward_vocab != policy.config.vocab_size:
+                raise ValueError(
+                    f"The reward model's vocabulary ({reward_vocab} tokens) differs from the policy's "
+                    f"({policy.config.vocab_size}): it reads the policy's token ids, so use a reward model built on "
+                    "the same tokenizer (re-tokenising text between tokenizers is not supported)."
+                )
             reward_model.requires_grad_(False)
             reward_model.eval()
             return reward_model

@@ -1,0 +1,350 @@
+"""Seconds per SRPPO update, phase by phase, against the floor (plain `generate`) and the peer (TRL 1.12 PPO).
+
+One fixed configuration (see `bench_common.py`): SmolLM2-135M-Instruct as SFT model, initial policy and critic; a
+rank-8-perturbed copy as the pretrained model; 8 prompts per update; exactly 32 new tokens; 1 PPO epoch; 1 minibatch.
+Every measurement runs in its own subprocess (so peak RSS is per mode), one after the other:
+
+- `floor`: `model.generate` on the same 8 prompts, same sampling settings, same length (plain SmolLM2);
+- `four_model`: SRPPOTrainer with four full models (policy and critic fully trained; SFT and PT frozen);
+- `single_base`: SRPPOTrainer on one copy of the base (SFT, policy, critic as LoRA adapters; PT = adapters off);
+- `peer`: TRL 1.12 `trl.experimental.ppo.PPOTrainer` (separate venv, `setup_peer_env.sh`), same models, the coherent
+  reward through a reward-model-shaped adapter (`peer_trl112_ppo.py`).
+
+    python benchmarks/bench_update.py                      # all four, 3 timed updates each (+1 warm-up)
+    python benchmarks/bench_update.py --modes floor,single_base --updates 5
+
+Prints a table and, last, one JSON line with every number and the ratios. Timings use 1 torch thread by default:
+on a shared 2-core machine, 2 OpenMP threads spin-wait whenever another process holds a core, which made the same
+`generate` call vary from 26 s to 101 s here (1 thread: 6-8 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_common as bc  # noqa: E402
+
+
+OUR_MODES = ("four_model", "single_base")
+ALL_MODES = ("floor", *OUR_MODES, "peer")
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+
+def _worker_floor(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    paths = bc.model_paths(args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(paths["sft"])
+    model = AutoModelForCausalLM.from_pretrained(paths["sft"], dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    batch = bc.left_padded_batch(tokenizer)
+    config = GenerationConfig(**bc.generation_kwargs(tokenizer))
+    times, tokens = [], []
+    torch.manual_seed(bc.SEED)
+    with torch.no_grad():
+        for i in range(args.updates + 1):
+            start = time.perf_counter()
+            out = model.generate(**batch, generation_config=config)
+            elapsed = time.perf_counter() - start
+            if i > 0:  # the first call is a warm-up
+                times.append(elapsed)
+                tokens.append(out[:, batch["input_ids"].shape[1] :].numel())
+    return {
+        "generation_s": times,
+        "tokens": tokens,
+        "peak_rss_mb": bc.peak_rss_mb(),
+        "cuda_peak_mb": bc.cuda_peak_mb(),
+    }
+
+
+def _build_trainer(mode: str, args, output_dir: str):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
+
+    paths = bc.model_paths(args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(paths["sft"])
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    if mode == "four_model":
+        sft, pt, policy = load(paths["sft"]), load(paths["pt"]), load(paths["sft"])
+        reward, value_model = CoherentRewardModel(sft, pt), None  # the trainer copies the SFT backbone for the critic
+    else:
+        from srppo_trl.single_base import build_single_base
+
+        policy, reward, value_model = build_single_base(load(paths["pt"]), sft_adapter=str(paths["sft_adapter"]))
+    policy.generation_config.eos_token_id = None
+    config = SRPPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=bc.BATCH,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        response_length=bc.RESPONSE_LENGTH,
+        local_rollout_forward_batch_size=bc.BATCH,
+        stop_token="eos",  # masks and the reward stop at the first EOS; generation itself never stops (below)
+        learning_rate=bc.LEARNING_RATE,
+        critic_learning_rate=bc.LEARNING_RATE,
+        kl_coef=bc.KL_COEF,
+        vf_coef=bc.VF_COEF,
+        max_steps=args.updates + 1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        seed=bc.SEED,
+        disable_tqdm=True,
+    )
+    trainer = SRPPOTrainer(
+        args=config,
+        processing_class=tokenizer,
+        model=policy,
+        reward_model=reward,
+        value_model=value_model,
+        train_dataset=Dataset.from_dict({"prompt": bc.chat_prompts()}),
+    )
+    # Exactly RESPONSE_LENGTH new tokens per prompt in every run (same work as the floor and the peer).
+    trainer.generation_config.eos_token_id = None
+    return trainer
+
+
+def _worker_ours(mode: str, args) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = _build_trainer(mode, args, output_dir)
+        rss_after_load = bc.peak_rss_mb()
+        timer = bc.Timer()
+        scoring = {"on": False}
+        in_scoring = lambda: scoring["on"]  # noqa: E731
+        original_score = trainer.score_rollouts
+
+        def score_rollouts(rollouts):
+            scoring["on"] = True
+            try:
+                with timer("scoring"):
+                    return original_score(rollouts)
+            finally:
+                scoring["on"] = False
+
+        trainer.score_rollouts = score_rollouts
+        timer.wrap(trainer, "generate_rollouts", "generation")
+        timer.wrap(trainer, "compute_advantages", "advantages")
+        timer.wrap(trainer, "make_rollout_buffer", "rollout_buffer")
+        timer.wrap(trainer, "_policy_and_values", "score/policy+critic", when=in_scoring)
+        timer.wrap(trainer.reward_model, "sft_log_probs", "score/sft (KL ref + reward)")
+        timer.wrap(trainer.reward_model, "base_log_probs", "score/pt (reward)")
+        critic = trainer.model.value_model
+        starts = []
+        critic.register_forward_pre_hook(lambda *a: starts.append(time.perf_counter()) if scoring["on"] else None)
+        critic.register_forward_hook(
+            lambda *a: timer.add("score/critic", time.perf_counter() - starts.pop()) if scoring["on"] else None
+        )
+        tokens = []
+        original_generate = trainer.generate_rollouts
+
+        def generate_rollouts(batch):
+            out = original_generate(batch)
+            tokens.append(out["response"].numel())
+            return out
+
+        trainer.generate_rollouts = generate_rollouts
+
+        updates = []
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, a, state, control, **kw):
+                self.start = time.perf_counter()
+                timer.reset()
+
+            def on_step_end(self, a, state, control, **kw):
+                phases = dict(timer.totals)
+                phases["update"] = time.perf_counter() - self.start
+                updates.append(phases)
+
+        trainer.add_callback(StepTimer())
+        trainer.train()
+        rss_by_phase = dict(timer.peak_rss_after)
+    timed = updates[1:]  # the first update is a warm-up
+    result = {}
+    for key in timed[0]:
+        result[key] = [u.get(key, 0.0) for u in timed]
+    result["score/policy"] = [a - b for a, b in zip(result["score/policy+critic"], result["score/critic"])]
+    result["optimisation"] = [u["update"] - u["rollout_buffer"] for u in timed]
+    result["other"] = [
+        u["rollout_buffer"] - u["generation"] - u["scoring"] - u["advantages"] for u in timed
+    ]  # rollout metrics, masks
+    result["tokens"] = tokens[1:]
+    result["peak_rss_mb"] = bc.peak_rss_mb()
+    result["rss_after_load_mb"] = rss_after_load
+    result["peak_rss_after_phase_mb"] = rss_by_phase
+    result["cuda_peak_mb"] = bc.cuda_peak_mb()
+    result["trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    result["torch"] = torch.__version__
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- parent
+
+
+def _run(cmd: list[str], env: dict) -> dict:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated subset of {ALL_MODES}")
+    parser.add_argument("--updates", type=int, default=3, help="timed updates per mode (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
+    parser.add_argument("--cache-dir", default=None, help="model cache (default: $SRPPO_CACHE or ~/.cache/srppo_trl)")
+    parser.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", "/work/.venv-trl112/bin/python"))
+    parser.add_argument("--worker", choices=("floor", *OUR_MODES), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.cache_dir is None:
+        from srppo_trl.smollm2 import default_cache_dir
+
+        args.cache_dir = str(default_cache_dir())
+
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = _worker_floor(args) if args.worker == "floor" else _worker_ours(args.worker, args)
+        print(json.dumps(result))
+        return
+
+    bc.prepare_models(args.cache_dir)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), env.get("PYTHONPATH")]))
+    modes = [m for m in args.modes.split(",") if m]
+    common = ["--updates", str(args.updates), "--threads", str(args.threads), "--cache-dir", args.cache_dir]
+    results, loads = {}, {}
+    for mode in modes:
+        if mode not in ALL_MODES:
+            raise ValueError(f"Unknown mode {mode!r}: choose from {ALL_MODES}.")
+        if mode == "peer":
+            if not Path(args.peer_python).exists():
+                print(
+                    f"skipping peer: {args.peer_python} not found (run benchmarks/setup_peer_env.sh)", file=sys.stderr
+                )
+                continue
+            cmd = [args.peer_python, str(HERE / "peer_trl112_ppo.py"), *common]
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, *common]
+        before = _load()
+        start = time.perf_counter()
+        results[mode] = _run(cmd, env)
+        results[mode]["wall_s"] = time.perf_counter() - start
+        loads[mode] = {"before": before, "after": _load()}
+        print(
+            f"[{mode}] done in {results[mode]['wall_s']:.0f} s (load avg before {before}, after {_load()})",
+            file=sys.stderr,
+        )
+
+    _report(results, loads, args)
+
+
+def _report(results: dict, loads: dict, args) -> None:
+    med = {mode: {k: _median(v) for k, v in r.items() if isinstance(v, list)} for mode, r in results.items()}
+    rows = []
+    if "floor" in med:
+        f = med["floor"]
+        rows.append(("floor: model.generate", f["generation_s"], f["generation_s"], None, None, None, f["tokens"] / f["generation_s"], results["floor"]["peak_rss_mb"]))  # fmt: skip
+    for mode in (*OUR_MODES, "peer"):
+        if mode in med:
+            m = med[mode]
+            rows.append((mode, m["update"], m["generation"], m["scoring"], m.get("advantages"), m["optimisation"], m["tokens"] / m["generation"], results[mode]["peak_rss_mb"]))  # fmt: skip
+    header = (
+        "run",
+        "update s",
+        "generation s",
+        "scoring s",
+        "advantages s",
+        "optimisation s",
+        "gen tok/s",
+        "peak RSS MB",
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [row[0]] + [
+            "-" if v is None else (f"{v:.3f}" if isinstance(v, float) and v < 10 else f"{v:.1f}") for v in row[1:]
+        ]
+        print("| " + " | ".join(cells) + " |")
+    print()
+    for mode in (*OUR_MODES, "peer"):
+        if mode in med:
+            passes = {k: v for k, v in med[mode].items() if k.startswith("score/")}
+            print(f"{mode} scoring passes (s): " + ", ".join(f"{k[6:]} {v:.3f}" for k, v in passes.items()))
+    ratios = {}
+    if "floor" in med:
+        for mode in (*OUR_MODES, "peer"):
+            if mode in med:
+                ratios[f"{mode}_generation_over_floor"] = med[mode]["generation"] / med["floor"]["generation_s"]
+    for mode in OUR_MODES:
+        if mode in med and "peer" in med:
+            ratios[f"{mode}_update_over_peer"] = med[mode]["update"] / med["peer"]["update"]
+    if all(m in results for m in OUR_MODES):
+        ratios["single_base_over_four_model_peak_rss"] = (
+            results["single_base"]["peak_rss_mb"] / results["four_model"]["peak_rss_mb"]
+        )
+    print()
+    for key, value in ratios.items():
+        print(f"{key}: {value:.3f}")
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "python": platform.python_version(),
+        "load_avg": loads,
+    }
+    print(json.dumps({"config": _config(), "machine": machine, "median": med, "ratios": ratios, "raw": results}))
+
+
+def _config() -> dict:
+    return {
+        "model": "SmolLM2-135M-Instruct (fp32)",
+        "pt": f"rank-{bc.LORA_RANK} perturbation, rel. Frobenius {bc.PERTURB_REL}",
+        "prompts_per_update": bc.BATCH,
+        "new_tokens": bc.RESPONSE_LENGTH,
+        "ppo_epochs": 1,
+        "minibatches": 1,
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -267,3 +267,29 @@ def test_scoring_never_materialises_full_batch_fp32_vocabulary_logits(tokenizer,
     assert torch.isfinite(scored["scores"]).all()
     assert spy.shapes, "the spy saw no fp32 vocabulary-sized tensor: the test would pass vacuously"
     assert all(len(shape) <= 2 for shape in spy.shapes), spy.shapes  # per-row [K, V] only, never [B, K, V]
+
+
+def test_critic_gradients_are_right_with_activation_checkpointing(tokenizer):
+    # Checkpointed layers recompute during backward, when the policy adapter is active: the critic pass must not be
+    # checkpointed, or its gradients would flow through the wrong adapter.
+    ids, attention, _ = _batch(tokenizer)
+
+    def critic_grads(checkpointing):
+        torch.manual_seed(0)
+        policy, _, critic = build_single_base(_sft_peft(tokenizer))
+        with torch.no_grad():  # make the critic adapter differ from the policy adapter, as after some training
+            for name, param in policy.named_parameters():
+                if ".critic." in name:
+                    param.add_(0.5 * torch.randn_like(param))
+        policy.train()
+        if checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        values = critic(ids, attention).logits
+        policy_logits = policy(input_ids=ids, attention_mask=attention).logits
+        (values.square().mean() + policy_logits.float().logsumexp(-1).mean()).backward()
+        return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = critic_grads(False), critic_grads(True)
+    assert any(".critic." in n for n in plain) and plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)

@@ -137,6 +137,24 @@ def _single_base_peft_model(base_model: nn.Module, sft_adapter):
     )
 
 
+@contextmanager
+def _no_activation_checkpointing(module: nn.Module):
+    """Turn transformers' activation checkpointing off inside `module` for one forward.
+
+    Checkpointed layers recompute their forward during backward, and the backward of SRPPO's loss runs with the
+    policy adapter active: a checkpointed critic pass would be recomputed through the wrong adapter. So in
+    single-base mode checkpointing applies to the policy pass only; the critic keeps its activations.
+    """
+    layers = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+
+
 class SharedBaseValueModel(nn.Module):
     """The critic of single-base mode: the shared base with the "critic" adapter active, plus a scalar head.
 
@@ -185,9 +203,10 @@ class SharedBaseValueModel(nn.Module):
         with self.critic_adapter() as peft_model:
             causal_lm = peft_model.get_base_model()
             backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-            hidden = backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
+            with _no_activation_checkpointing(backbone):
+                hidden = backbone(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                ).last_hidden_state
         return TokenClassifierOutput(logits=self.score(hidden))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):

@@ -164,6 +164,12 @@ def test_nothing_after_the_first_eos_counts_even_when_pad_equals_eos():
     assert mask.tolist() == [[1, 1, 0, 0, 0]] and has_stop.item()
 
 
+def test_without_a_stop_token_every_response_token_counts():
+    response = torch.tensor([[5, 2, 7], [2, 2, 2]])
+    mask, has_stop = response_mask_after_stop(response, None)
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 1]] and has_stop.tolist() == [False, False]
+
+
 def test_missing_eos_penalty_applies_only_to_truncated_responses(tokenizer, tmp_path):
     trainer = _trainer(tokenizer, tmp_path, missing_eos_penalty=3.0, response_length=4)
     batch = trainer._collate([trainer.train_dataset[i] for i in range(4)])

@@ -256,6 +256,8 @@ def _atomic_save(model, tokenizer, folder: Path) -> None:
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # SFTTrainer turns the KV cache off for training; a saved model is for generation, where it is several times faster.
+    model.config.use_cache = True
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if folder.exists():

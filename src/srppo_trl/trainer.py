@@ -40,12 +40,16 @@ logger = logging.getLogger(__name__)
 VALUE_MODEL_DIR = "value_model"
 
 
-def response_mask_after_stop(responses: torch.Tensor, stop_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask_after_stop(responses: torch.Tensor, stop_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of the tokens that count: everything up to and including the first stop token.
 
     Shapes: `responses` [B, R] -> (`mask` [B, R] long, `has_stop` [B] bool). Rows without a stop token (truncated at
     `response_length`) keep all R tokens. Works when the pad token equals the stop token: only the first one counts.
+    `stop_token_id=None` (no stop token: every response runs to `response_length`) keeps all tokens of every row.
     """
+    if stop_token_id is None:
+        no_stop = torch.zeros(len(responses), dtype=torch.bool, device=responses.device)
+        return torch.ones_like(responses, dtype=torch.long), no_stop
     is_stop = responses == stop_token_id
     has_stop = is_stop.any(-1)
     first_stop = torch.where(has_stop, is_stop.long().argmax(-1), responses.shape[1] - 1)
@@ -197,6 +201,9 @@ class SRPPOTrainer(_BaseTrainer):
             top_p=args.top_p,
             pad_token_id=processing_class.pad_token_id,
             eos_token_id=args.stop_token_id,
+            # SFTTrainer saves `use_cache=False` and activation checkpointing sets it: generating without the KV
+            # cache is several times slower. The policy is in eval mode while it generates, so the cache is safe.
+            use_cache=True,
         )
         self._move_frozen_models()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -479,7 +486,7 @@ class SRPPOTrainer(_BaseTrainer):
             scores = scores.clamp(-self.args.reward_clip, self.args.reward_clip)
             if token_scores is not None:
                 token_scores = token_scores.clamp(-self.args.reward_clip, self.args.reward_clip)
-        if self.args.missing_eos_penalty is not None:
+        if self.args.missing_eos_penalty is not None and self.args.stop_token_id is not None:
             scores = torch.where(piece["has_stop"], scores, scores - self.args.missing_eos_penalty)
         out["scores"] = scores
         out["token_scores"] = (token_scores if token_scores is not None else torch.zeros_like(logprobs)) * mask

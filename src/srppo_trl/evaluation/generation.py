@@ -62,6 +62,7 @@ def generate_responses(
                 top_p=None,
                 top_k=None,
                 pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,  # saved SFT configs may say False (SFTTrainer's setting): several times slower
             )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):

@@ -1,7 +1,10 @@
-"""Evaluation: the offline IFEval-style benchmark and arithmetic task (CPU, no network).
+"""Evaluation: the offline IFEval-style benchmark and arithmetic task (CPU, no network),
 
     from srppo_trl.evaluation import evaluate_offline
     metrics = evaluate_offline(model, tokenizer, n_per_split=40, seed=0)
+
+plus the paper's benchmarks through lm-evaluation-harness (`evaluate_model`, for GPU users) and the reward
+diagnostics (`run_reward_diagnostics`, `compute_diagnostics`, `RewardDiagnosticsCallback`; CPU or GPU).
 
 Names load lazily, so importing the package does not import lm-eval.
 """
@@ -22,6 +25,11 @@ _LAZY = {
     "generate_responses": "srppo_trl.evaluation.generation",
     "evaluate_offline": "srppo_trl.evaluation.offline",
     "ensure_punkt_tab": "srppo_trl.evaluation.punkt_data",
+    "evaluate_model": "srppo_trl.evaluation.lm_eval_wrapper",
+    "encode_prompt_response": "srppo_trl.evaluation.reward_diagnostics",
+    "compute_diagnostics": "srppo_trl.evaluation.reward_diagnostics",
+    "run_reward_diagnostics": "srppo_trl.evaluation.reward_diagnostics",
+    "RewardDiagnosticsCallback": "srppo_trl.evaluation.reward_diagnostics",
 }
 
 __all__ = list(_LAZY)

@@ -13,21 +13,12 @@ import yaml
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 from srppo_trl.pipeline import main, parse_args
-from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+from srppo_trl.testing import tiny_tokenizer
 
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 FIXTURES = Path(__file__).parent / "fixtures"
 PAPER_RECIPES = sorted(p.stem for p in (RECIPES / "configs").glob("*.yaml") if not p.stem.startswith("smollm2"))
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_base")
-    tokenizer = tiny_tokenizer()
-    tiny_causal_lm(tokenizer, seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,8 @@ import runpy
 import sys
 from pathlib import Path
 
-import pytest
-
-from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
-
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "small_replication.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_base")
-    tokenizer = tiny_tokenizer()
-    tiny_causal_lm(tokenizer, seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_replication_script_runs_every_arm_and_aggregates_over_seeds(tiny_base, tmp_path, monkeypatch):

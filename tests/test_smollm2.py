@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import zipfile
 from pathlib import Path
 
@@ -207,13 +206,15 @@ def _sha256_file(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_real_conversion_and_chat_generation(real_cache):
+def test_real_conversion_and_chat_generation(real_cache, monkeypatch):
     folder = prepare_smollm2(real_cache)
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["pad_token_id"] != config["eos_token_id"]
-    start = time.perf_counter()
-    assert prepare_smollm2(real_cache) == folder
-    assert time.perf_counter() - start < 1.0  # cached
+    weights_mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    with monkeypatch.context() as patch:  # a second call is a cache hit: it must not convert again
+        patch.setattr(smollm2, "_convert", lambda *a, **k: pytest.fail("prepare_smollm2 converted a cached model"))
+        assert prepare_smollm2(real_cache) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == weights_mtime
 
     model, tok = smollm2.load_smollm2(real_cache)
     assert not getattr(model, "is_quantized", False) and model.dtype == torch.float32

@@ -123,15 +123,33 @@ class SRPPOConfig(_BaseConfig):
     )
     cliprange: float = field(default=0.2, metadata={"help": "PPO policy ratio clip range."})
     cliprange_value: float | None = field(
-        default=0.2, metadata={"help": "Value clip range around the rollout values (None: no value clipping)."}
+        default=0.2,
+        metadata={
+            "help": "Value clip range around the rollout values, in reward units (None: no value clipping). TRL 1.12 "
+            "PPO: 0.2; OpenRLHF (which the paper built on; openrlhf/cli/train_ppo_ray.py --value_clip): 0.5, with "
+            "rewards clipped to +-10. A clip caps how far a value moves per buffer: with returns of tens of nats (the "
+            "unclipped coherent reward) raise it or set None."
+        },
     )
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss in the total loss."})
     gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
-    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
+    lam: float = field(
+        default=0.95,
+        metadata={
+            "help": "Lambda of GAE. TRL 1.12 PPO: 0.95; OpenRLHF (openrlhf/cli/train_ppo_ray.py --lambd): 1.0, which "
+            "the paper recipes use: with one reward at EOS, lambda < 1 leans on a critic that is still learning."
+        },
+    )
     whiten_rewards: bool = field(
         default=False, metadata={"help": "Whiten the per-token rewards (without shifting their mean) before GAE."}
     )
-    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten the advantages over the rollout buffer."})
+    whiten_advantages: bool = field(
+        default=True,
+        metadata={
+            "help": "Whiten the advantages with the mean and variance of the whole rollout buffer, across all "
+            "processes (TRL 1.12 PPO and OpenRLHF's replay buffer both normalise advantages)."
+        },
+    )
 
     # ---- Critic ----
     critic_learning_rate: float | None = field(

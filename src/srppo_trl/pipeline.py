@@ -105,11 +105,15 @@ def load_tokenizer(path: str, chat_template: str = "tulu", trust_remote_code: bo
     """The base model's tokenizer with a chat template and a pad token distinct from EOS where one exists."""
     from transformers import AutoTokenizer
 
+    from .tokenization import ensure_chat_template_bos
+
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = (
             resources.files("srppo_trl").joinpath("chat_templates", f"{chat_template}.jinja").read_text()
         )
+    # SFT, rollouts and both reward passes must all start with the BOS that the base model saw in pretraining.
+    ensure_chat_template_bos(tokenizer)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         for candidate in ("<|endoftext|>", tokenizer.unk_token, "<|finetune_right_pad_id|>"):
             if candidate and candidate != tokenizer.eos_token and candidate in tokenizer.get_vocab():

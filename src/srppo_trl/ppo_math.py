@@ -34,7 +34,9 @@ __all__ = [
     "kl_k3",
     "kl_per_token",
     "last_token_index",
+    "moments_to_mean_var",
     "masked_mean",
+    "masked_moments",
     "masked_var",
     "masked_whiten",
     "policy_loss",
@@ -120,17 +122,44 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_moments(values: Tensor, mask: Tensor) -> Tensor:
+    """`[sum, sum of squares, count]` of `values` over the mask, as one float tensor of 3 elements.
+
+    Summable across processes (one all-reduce) and turned into a mean and variance by `moments_to_mean_var`: the way to
+    whiten over a rollout buffer split between processes. Shapes: `values` and `mask` of the same shape -> [3].
+    """
+    mask = _bool_mask(mask, values)
+    x = _zero_outside(values, mask)
+    return torch.stack([x.sum(), (x * x).sum(), mask.sum().to(x.dtype)])
+
+
+def moments_to_mean_var(moments: Tensor, unbiased: bool = True) -> tuple[Tensor, Tensor]:
+    """(mean, variance) from `masked_moments` (possibly summed over processes); (0, 0) for a count of 0, and no
+    Bessel correction for a count of 1, as in `masked_var`."""
+    total, total_sq, n = moments.unbind()
+    mean = torch.where(n > 0, total / n.clamp(min=1), torch.zeros_like(total))
+    var = torch.where(n > 0, total_sq / n.clamp(min=1) - mean * mean, torch.zeros_like(total)).clamp(min=0)
+    if unbiased:
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
+    return mean, var
+
+
+def masked_whiten(
+    values: Tensor, mask: Tensor, shift_mean: bool = True, mean: Tensor | None = None, var: Tensor | None = None
+) -> Tensor:
     """Normalise `values` to zero mean and unit variance over the mask (one mean/variance for the whole tensor).
 
-        mu, var = masked_mean(x, m), masked_var(x, m)
+        mu, var = masked_mean(x, m), masked_var(x, m)      (or the `mean`, `var` given, e.g. over all processes)
         y = (x - mu) / sqrt(var + 1e-8)        (+ mu again when shift_mean=False),    y = 0 outside the mask
 
     A single unmasked element gives `x - mu = 0`, hence 0 (or `mu` when `shift_mean=False`), never `NaN`.
-    Shapes: `values` and `mask` of the same shape -> same shape.
+    Shapes: `values` and `mask` of the same shape -> same shape; `mean`, `var` scalars.
     """
     mask = _bool_mask(mask, values)
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    if (mean is None) != (var is None):
+        raise ValueError("Pass both `mean` and `var` (statistics computed elsewhere), or neither.")
+    if mean is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
     whitened = (_zero_outside(values, mask) - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean

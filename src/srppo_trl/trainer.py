@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, create_model_from_path, disable_dropout_in_model
 
@@ -32,29 +32,14 @@ from .coherent_reward import CoherentRewardModel, _vocab_size, check_same_vocabu
 from .config import SRPPOConfig
 from .logprobs import gather_logprobs, position_ids_from_attention_mask, sequence_logprobs
 from .modeling import PolicyAndValueWrapper, build_value_model, check_value_model
+from .rollout import response_mask_after_stop, rollout_generation_config, sample_responses
 from .single_base import is_single_base
+from .tokenization import tokenize_prompt
 
 
 logger = logging.getLogger(__name__)
 
 VALUE_MODEL_DIR = "value_model"
-
-
-def response_mask_after_stop(responses: torch.Tensor, stop_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of the tokens that count: everything up to and including the first stop token.
-
-    Shapes: `responses` [B, R] -> (`mask` [B, R] long, `has_stop` [B] bool). Rows without a stop token (truncated at
-    `response_length`) keep all R tokens. Works when the pad token equals the stop token: only the first one counts.
-    `stop_token_id=None` (no stop token: every response runs to `response_length`) keeps all tokens of every row.
-    """
-    if stop_token_id is None:
-        no_stop = torch.zeros(len(responses), dtype=torch.bool, device=responses.device)
-        return torch.ones_like(responses, dtype=torch.long), no_stop
-    is_stop = responses == stop_token_id
-    has_stop = is_stop.any(-1)
-    first_stop = torch.where(has_stop, is_stop.long().argmax(-1), responses.shape[1] - 1)
-    positions = torch.arange(responses.shape[1], device=responses.device)
-    return (positions.unsqueeze(0) <= first_stop.unsqueeze(1)).long(), has_stop
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -170,6 +155,11 @@ class SRPPOTrainer(_BaseTrainer):
             model.config.use_cache = False
 
         self.reward_model = self._check_reward_model(reward_model, model)
+        if args.reward_granularity == "token" and not isinstance(self.reward_model, CoherentRewardModel):
+            raise ValueError(
+                "reward_granularity='token' needs the coherent reward (a log-ratio per token), but this reward model "
+                "gives one score per response: use reward_granularity='sequence'."
+            )
         self.ref_model, self.ref_is_reward_sft = self._resolve_ref_model(ref_model, model, init_kwargs)
         self._check_tokenizer_fits_models(processing_class, model, self.reward_model, self.ref_model)
 
@@ -193,17 +183,13 @@ class SRPPOTrainer(_BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.generation_config = GenerationConfig(
+        self.generation_config = rollout_generation_config(
             max_new_tokens=args.response_length,
-            do_sample=True,
             temperature=args.temperature,
-            top_k=args.top_k if args.top_k > 0 else None,
+            top_k=args.top_k,
             top_p=args.top_p,
             pad_token_id=processing_class.pad_token_id,
-            eos_token_id=args.stop_token_id,
-            # SFTTrainer saves `use_cache=False` and activation checkpointing sets it: generating without the KV
-            # cache is several times slower. The policy is in eval mode while it generates, so the cache is safe.
-            use_cache=True,
+            stop_token_id=args.stop_token_id,
         )
         self._move_frozen_models()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -327,13 +313,7 @@ class SRPPOTrainer(_BaseTrainer):
             raise ValueError(f"{name} is empty: it needs at least one prompt.")
 
         def tokenize(example):
-            prompt = example["prompt"]
-            if isinstance(prompt, str):
-                ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            else:
-                ids = tokenizer.apply_chat_template(
-                    prompt, add_generation_prompt=True, tokenize=True, return_dict=True
-                )["input_ids"]
+            ids = tokenize_prompt(tokenizer, example["prompt"])  # BOS-led like SFT and the base model's text
             return {"input_ids": ids, "prompt_length": len(ids)}
 
         dataset = dataset.map(tokenize, desc=f"Tokenizing {name}")
@@ -401,20 +381,15 @@ class SRPPOTrainer(_BaseTrainer):
         the response mask covers the tokens up to and including the first stop token.
         """
         queries, query_masks = batch["input_ids"], batch["attention_mask"]
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        policy = unwrapped.policy
-        was_training = policy.training
-        policy.eval()
-        chunk = self.args.local_rollout_forward_batch_size
-        responses = []
-        for start in range(0, len(queries), chunk):
-            q, m = queries[start : start + chunk], query_masks[start : start + chunk]
-            out = policy.generate(input_ids=q, attention_mask=m, generation_config=self.generation_config)
-            responses.append(out[:, q.shape[1] :])
-        policy.train(was_training)
-        width = max(r.shape[1] for r in responses)
-        pad = self.processing_class.pad_token_id
-        response = torch.cat([nn.functional.pad(r, (0, width - r.shape[1]), value=pad) for r in responses])
+        policy = self.accelerator.unwrap_model(self.model).policy
+        response = sample_responses(
+            policy,
+            queries,
+            query_masks,
+            self.generation_config,
+            self.args.local_rollout_forward_batch_size,
+            self.processing_class.pad_token_id,
+        )
         response_mask, has_stop = response_mask_after_stop(response, self.args.stop_token_id)
         return {
             "query": queries,
@@ -426,14 +401,23 @@ class SRPPOTrainer(_BaseTrainer):
 
     # ------------------------------------------------------------------ phase 2: score
 
-    def _policy_and_values(self, model, query, query_mask, response, response_mask):
-        """One forward of policy and critic: (log-probs of the response tokens [B, R], values [B, R])."""
+    def _policy_and_values(self, model, query, query_mask, response, response_mask, with_entropy: bool = False):
+        """One forward of policy and critic: (log-probs of the response tokens [B, R], values [B, R]), plus with
+        `with_entropy` the entropy of the policy's sampling distribution at each response position [B, R] (detached)."""
         input_ids = torch.cat([query, response], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
         width, context = response.shape[1], query.shape[1]
         logits, values = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=width + 1)
         logprobs = gather_logprobs(logits[:, :-1], response, self.args.temperature)
-        return logprobs, values[:, context - 1 : -1].float()
+        values = values[:, context - 1 : -1].float()
+        if not with_entropy:
+            return logprobs, values
+        with torch.no_grad():
+            shifted = logits[:, :-1].detach()
+            entropy = ppo_math.entropy_from_logits(
+                shifted if self.args.temperature == 1.0 else shifted / self.args.temperature
+            )
+        return logprobs, values, entropy
 
     @torch.no_grad()
     def score_rollouts(self, rollouts: dict) -> dict:
@@ -482,14 +466,22 @@ class SRPPOTrainer(_BaseTrainer):
             ref_logprobs = self._reference_logprobs(input_ids, attention_mask, full_response_mask)[:, context:]
         out["ref_logprobs"] = ref_logprobs * mask
 
-        if self.args.reward_clip is not None:
-            scores = scores.clamp(-self.args.reward_clip, self.args.reward_clip)
-            if token_scores is not None:
-                token_scores = token_scores.clamp(-self.args.reward_clip, self.args.reward_clip)
+        clip = self.args.reward_clip
+        token_level = self.args.reward_granularity == "token" and token_scores is not None
+        if token_level:
+            # Appendix E: every token's reward is clipped on its own; the sequence score is their sum.
+            token_scores = token_scores * mask
+            if clip is not None:
+                token_scores = token_scores.clamp(-clip, clip) * mask
+            scores = token_scores.sum(-1)
+        elif clip is not None:
+            scores = scores.clamp(-clip, clip)
+        eos_penalty = torch.zeros_like(scores)
         if self.args.missing_eos_penalty is not None and self.args.stop_token_id is not None:
-            scores = torch.where(piece["has_stop"], scores, scores - self.args.missing_eos_penalty)
-        out["scores"] = scores
-        out["token_scores"] = (token_scores if token_scores is not None else torch.zeros_like(logprobs)) * mask
+            eos_penalty = torch.where(piece["has_stop"], eos_penalty, eos_penalty - self.args.missing_eos_penalty)
+        out["eos_penalty"] = eos_penalty  # [B], lands on the last token alone
+        out["scores"] = scores + eos_penalty
+        out["token_scores"] = token_scores * mask if token_level else torch.zeros_like(logprobs)
         return out
 
     def _reference_logprobs(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
@@ -530,20 +522,32 @@ class SRPPOTrainer(_BaseTrainer):
         mask = scored["response_mask"].float()
         kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator)
         kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
-        if args.reward_granularity == "token":
-            # Appendix E: the reward at every token; missing-EOS penalty still lands on the last token.
-            eos_penalty = scored["scores"] - scored["token_scores"].sum(-1)
-            rewards = ppo_math.shape_rewards(eos_penalty, kl, mask, args.kl_coef, token_scores=scored["token_scores"])
+        if args.reward_granularity == "token" and "coherent_reward" in scored:
+            # Appendix E: the (per-token clipped) reward at every token; the missing-EOS penalty alone lands on the
+            # last token.
+            rewards = ppo_math.shape_rewards(
+                scored["eos_penalty"], kl, mask, args.kl_coef, token_scores=scored["token_scores"]
+            )
         else:
             rewards = ppo_math.shape_rewards(scored["scores"], kl, mask, args.kl_coef)
         if args.whiten_rewards:
-            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+            rewards = self._whiten(rewards, mask, shift_mean=False)
         advantages, returns = ppo_math.compute_gae(rewards, scored["values"], mask, args.gamma, args.lam)
         if args.whiten_advantages:
-            advantages = ppo_math.masked_whiten(advantages, mask)
+            advantages = self._whiten(advantages, mask)
         scored.update(kl=kl, rewards=rewards, advantages=advantages, returns=returns)
         self._check_finite(scored, ("scores", "logprobs", "ref_logprobs", "values", "advantages", "returns"))
         return scored
+
+    def _whiten(self, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """`ppo_math.masked_whiten` with the mean and variance of the whole rollout buffer, across all processes
+        (OpenRLHF's replay buffer normalises advantages the same way): each process whitening its own shard would
+        give every shard mean 0, whatever its rewards."""
+        moments = ppo_math.masked_moments(values, mask)
+        if self.accelerator.num_processes > 1:
+            moments = self.accelerator.reduce(moments, "sum")
+        mean, var = ppo_math.moments_to_mean_var(moments)
+        return ppo_math.masked_whiten(values, mask, shift_mean=shift_mean, mean=mean, var=var)
 
     def _check_finite(self, tensors: dict, keys) -> None:
         """Raise `FloatingPointError` naming the step, the tensor and the rollout-buffer rows that are NaN or inf.
@@ -644,8 +648,8 @@ class SRPPOTrainer(_BaseTrainer):
         """
         args = self.args
         mask = inputs["response_mask"].float()
-        logprobs, values = self._policy_and_values(
-            model, inputs["query"], inputs["query_mask"], inputs["response"], inputs["response_mask"]
+        logprobs, values, entropy = self._policy_and_values(
+            model, inputs["query"], inputs["query_mask"], inputs["response"], inputs["response_mask"], True
         )
         vf_loss, vf_stats = ppo_math.value_loss(
             values, inputs["values"], inputs["returns"], mask, args.cliprange_value
@@ -672,28 +676,89 @@ class SRPPOTrainer(_BaseTrainer):
         metrics["policy/clipfrac_avg"].append(pg_stats["clipfrac"].item())
         metrics["val/clipfrac_avg"].append(vf_stats["clipfrac"].item())
         metrics["val/ratio"].append(pg_stats["ratio"].item())
-        metrics["policy/entropy_avg"].append(-ppo_math.masked_mean(logprobs.detach(), mask).item())
+        metrics["policy/entropy_avg"].append(ppo_math.masked_mean(entropy, mask).item())
         return loss
 
     def create_optimizer(self, model=None):
-        """Trainer's optimizer with the critic's parameters in their own groups at `critic_learning_rate`."""
+        """Trainer's optimizer, its parameter groups split by role: the actor's first, then the critic's at
+        `critic_learning_rate`. Each group carries `"srppo_role"` ("actor" or "critic") for the scheduler and the
+        gradient clipping."""
         optimizer = super().create_optimizer(model)
+        if any("srppo_role" in group for group in optimizer.param_groups):
+            return optimizer  # already split (create_optimizer called twice)
         critic_lr = self.args.critic_learning_rate
-        if critic_lr is None or critic_lr == self.args.learning_rate:
-            return optimizer
-        critic_ids = {id(p) for p in self.accelerator.unwrap_model(self.model).value_model.parameters()}
-        groups = []
+        critic_ids = {id(p) for p in self._critic_parameters()}
+        actor_groups, critic_groups = [], []
         for group in optimizer.param_groups:
             policy_params = [p for p in group["params"] if id(p) not in critic_ids]
             critic_params = [p for p in group["params"] if id(p) in critic_ids]
             if policy_params:
-                groups.append({**group, "params": policy_params})
+                actor_groups.append({**group, "params": policy_params, "srppo_role": "actor"})
             if critic_params:
-                groups.append({**group, "params": critic_params, "lr": critic_lr, "initial_lr": critic_lr})
+                lr = group["lr"] if critic_lr is None else critic_lr
+                critic_groups.append({**group, "params": critic_params, "lr": lr, "srppo_role": "critic"})
         optimizer.param_groups.clear()
-        for group in groups:
+        for group in actor_groups + critic_groups:
+            group.pop("initial_lr", None)  # set again by the scheduler from "lr"
             optimizer.add_param_group(group)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """One learning-rate schedule per role, as in OpenRLHF where actor and critic have their own scheduler.
+
+        The critic's schedule runs over all `num_training_steps`. The actor's starts at its first real update, after
+        the `critic_warmup_steps` rollout buffers of critic-only training: its warm-up and decay span the remaining
+        steps, and its learning rate is 0 before. (One shared schedule would spend the actor's warm-up and part of its
+        decay while it is frozen.) Resume restores both, since they live in one `LambdaLR` whose step count the
+        Trainer saves.
+        """
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        optimizer = self.optimizer if optimizer is None else optimizer
+        offset = self.args.critic_warmup_steps * self.args.steps_per_rollout
+        roles = [group.get("srppo_role", "actor") for group in optimizer.param_groups]
+        critic = _schedule_lambda(self.args, num_training_steps)
+        actor = _schedule_lambda(self.args, max(num_training_steps - offset, 1))
+        if offset == 0 or critic is None or actor is None:
+            if offset and (critic is None or actor is None):
+                logger.warning(
+                    "lr_scheduler_type=%s has no per-step schedule to shift: the actor's schedule runs during the "
+                    "critic warm-up too.",
+                    self.args.lr_scheduler_type,
+                )
+            return super().create_scheduler(num_training_steps, optimizer)
+
+        def actor_lambda(step: int) -> float:
+            return 0.0 if step < offset else actor(step - offset)
+
+        lambdas = [actor_lambda if role == "actor" else critic for role in roles]
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.accelerator.unwrap_model(self.model).value_model.parameters())
+
+    def _clip_grad_norm(self, model):
+        """Clip the actor's and the critic's gradients to `max_grad_norm` each (OpenRLHF clips each model on its own):
+        one joint norm would let the critic's large early gradients shrink the actor's step. Returns the actor's
+        pre-clip norm (logged as `grad_norm`); the critic's is logged as `critic/grad_norm`.
+
+        Under DeepSpeed (which clips inside its engine) and FSDP (whose sharded norm spans the wrapped module) we keep
+        their joint clipping.
+        """
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        critic_ids = {id(p) for p in self._critic_parameters()}
+        actor = [p for p in model.parameters() if id(p) not in critic_ids and p.grad is not None]
+        critic = [p for p in model.parameters() if id(p) in critic_ids and p.grad is not None]
+        max_norm = self.args.max_grad_norm
+        zero = torch.zeros((), device=self.accelerator.device)
+        actor_norm = nn.utils.clip_grad_norm_(actor, max_norm) if actor else zero
+        critic_norm = nn.utils.clip_grad_norm_(critic, max_norm) if critic else zero
+        self._metrics["train"]["critic/grad_norm"].append(float(critic_norm))
+        return actor_norm
 
     # ------------------------------------------------------------------ logging
 
@@ -827,6 +892,24 @@ class SRPPOTrainer(_BaseTrainer):
             _load_pretrained_weights(policy, checkpoint)
         _load_pretrained_weights(unwrapped.value_model, checkpoint / VALUE_MODEL_DIR)
         self._buffer, self._step = None, None
+
+
+def _schedule_lambda(args, num_training_steps: int):
+    """The multiplier function (step -> factor of the peak lr) of `args.lr_scheduler_type` over `num_training_steps`,
+    or None for schedules that are not a `LambdaLR` (e.g. reduce_lr_on_plateau)."""
+    from transformers import get_scheduler
+
+    probe = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=probe,
+        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or len(scheduler.lr_lambdas) != 1:
+        return None
+    return scheduler.lr_lambdas[0]
 
 
 def _load_pretrained_weights(module: nn.Module, folder: Path) -> None:

@@ -1,0 +1,379 @@
+"""RL correctness of SRPPOTrainer: each test here failed on the trainer before the fixes it names.
+
+- rollouts sample exactly softmax(logits / T), whatever the checkpoint's generation_config.json says;
+- the actor's learning-rate schedule starts at its first update, after the critic warm-up (and resumes exactly);
+- token-level reward + reward_clip clips each token; the missing-EOS penalty alone lands on the last token;
+- stop_token=None generates to full length;
+- actor and critic gradients are clipped separately;
+- prompts keep the BOS the tokenizer adds to text, in the trainer and in SFT's chat template;
+- advantages are whitened with statistics of the whole rollout buffer;
+- `policy/entropy_avg` is the entropy of the sampling distribution.
+
+Shrunk hyper-parameters as in test_trainer.py: responses of 1-8 tokens, rollout batches of 4-8 prompts, learning
+rates of 1e-3 so a few steps move a tiny model.
+"""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import processors
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer, ppo_math
+from srppo_trl.logprobs import sequence_logprobs
+from srppo_trl.rollout import response_mask_after_stop, sample_responses
+from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+from srppo_trl.tokenization import bos_token_added_to_text, ensure_chat_template_bos, tokenize_prompt
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _prompts(n=8):
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+
+
+def _args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        response_length=8,
+        learning_rate=1e-3,
+        critic_learning_rate=1e-3,
+        max_steps=2,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return SRPPOConfig(**kwargs)
+
+
+def _trainer(tokenizer, tmp_path, policy=None, dataset=None, **overrides):
+    sft, pt = tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)
+    policy = policy if policy is not None else tiny_causal_lm(tokenizer, seed=1)
+    return SRPPOTrainer(
+        args=_args(tmp_path, **overrides),
+        processing_class=tokenizer,
+        model=policy,
+        reward_model=CoherentRewardModel(sft, pt),
+        train_dataset=dataset if dataset is not None else _prompts(),
+    )
+
+
+def _checkpoint_with_sampling_defaults(tokenizer, folder, uniform=False):
+    """A policy saved with a generation_config.json that would change sampling if it were inherited."""
+    model = tiny_causal_lm(tokenizer, seed=1)
+    if uniform:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()  # logits 0: the full softmax is flat over the vocabulary
+    model.generation_config.top_k = 3
+    model.generation_config.repetition_penalty = 1.5
+    model.generation_config.do_sample = True
+    model.save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def _batch(trainer, n, prompt="What is 1 plus 1?"):
+    ids = tokenize_prompt(trainer.processing_class, [{"role": "user", "content": prompt}])
+    input_ids = torch.tensor([ids] * n)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+# ---------------------------------------------------------------------------------------------- 1. sampling
+
+
+def test_rollouts_sample_the_full_softmax_whatever_the_checkpoint_says(tokenizer, tmp_path):
+    policy = _checkpoint_with_sampling_defaults(tokenizer, tmp_path / "policy", uniform=True)
+    assert policy.generation_config.top_k == 3
+    trainer = _trainer(tokenizer, tmp_path / "run", policy=policy, response_length=1)
+    torch.manual_seed(0)
+    first = trainer.generate_rollouts(_batch(trainer, 512))["response"][:, 0]
+    # A flat distribution over ~385 tokens gives ~280 distinct tokens in 512 draws; top-k 3 would give at most 3.
+    assert len(set(first.tolist())) > 150
+    assert policy.generation_config.top_k == 3  # the checkpoint's own config is left as it was
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_equal_the_teacher_forced_ones(tokenizer, tmp_path, temperature):
+    policy = _checkpoint_with_sampling_defaults(tokenizer, tmp_path / "policy")
+    trainer = _trainer(tokenizer, tmp_path / "run", policy=policy, temperature=temperature)
+    batch = _batch(trainer, 16)
+    torch.manual_seed(0)
+    response, behaviour = sample_responses(
+        policy, batch["input_ids"], batch["attention_mask"], trainer.generation_config, 8, tokenizer.pad_token_id, True
+    )
+    response_mask, has_stop = response_mask_after_stop(response, trainer.args.stop_token_id)
+    rollouts = {"query": batch["input_ids"], "query_mask": batch["attention_mask"], "response": response,
+                "response_mask": response_mask, "has_stop": has_stop}  # fmt: skip
+    scored = trainer.score_rollouts(rollouts)
+    mask = rollouts["response_mask"].bool()
+    torch.testing.assert_close(scored["logprobs"][mask], behaviour[mask], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- 2. schedules
+
+
+class _LearningRates(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.rows = trainer, []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        groups = self.trainer.optimizer.param_groups
+        self.rows.append({g["srppo_role"]: g["lr"] for g in groups})
+
+
+def test_actor_schedule_starts_at_its_first_update_after_the_critic_warmup(tokenizer, tmp_path):
+    trainer = _trainer(
+        tokenizer,
+        tmp_path,
+        critic_warmup_steps=2,
+        max_steps=4,
+        lr_scheduler_type="linear",
+        learning_rate=1e-3,
+        critic_learning_rate=2e-3,
+    )
+    spy = _LearningRates(trainer)
+    trainer.add_callback(spy)
+    trainer.train()
+    actor = [row["actor"] for row in spy.rows]
+    critic = [row["critic"] for row in spy.rows]
+    # Actor: frozen for 2 buffers, then its own linear decay over its 2 updates, from the peak.
+    assert actor == pytest.approx([0.0, 0.0, 1e-3, 0.5e-3])
+    # Critic: linear decay over all 4 steps.
+    assert critic == pytest.approx([2e-3, 1.5e-3, 1e-3, 0.5e-3])
+
+
+def test_both_schedules_resume_exactly(tokenizer, tmp_path):
+    common = dict(critic_warmup_steps=1, max_steps=4, lr_scheduler_type="linear", save_strategy="steps", save_steps=2)
+    full = _trainer(tokenizer, tmp_path / "full", **common)
+    spy_full = _LearningRates(full)
+    full.add_callback(spy_full)
+    full.train()
+    resumed = _trainer(tokenizer, tmp_path / "full", **common)  # same output_dir: resume from checkpoint-2
+    spy_resumed = _LearningRates(resumed)
+    resumed.add_callback(spy_resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert spy_resumed.rows == spy_full.rows[2:]
+
+
+# ---------------------------------------------------------------------------------------------- 3. token-level clip
+
+
+def test_token_level_reward_is_clipped_per_token_and_the_eos_penalty_lands_alone(tokenizer, tmp_path):
+    clip, penalty, kl_coef = 0.05, 1.0, 0.2
+    trainer = _trainer(
+        tokenizer,
+        tmp_path,
+        reward_granularity="token",
+        reward_clip=clip,
+        missing_eos_penalty=penalty,
+        kl_coef=kl_coef,
+        response_length=4,  # most responses are truncated: the penalty applies
+    )
+    torch.manual_seed(0)
+    buffer = trainer.compute_advantages(trainer.score_rollouts(trainer.generate_rollouts(_batch(trainer, 8))))
+    query, response = buffer["query"], buffer["response"]
+    mask = buffer["response_mask"]
+    input_ids = torch.cat([query, response], 1)
+    attention = torch.cat([buffer["query_mask"], mask], 1)
+    full_mask = torch.cat([torch.zeros_like(query), mask], 1)
+    reward = trainer.reward_model
+    per_token = (
+        sequence_logprobs(reward.sft_model, input_ids, attention, full_mask)
+        - sequence_logprobs(reward.base_model, input_ids, attention, full_mask)
+    )[:, query.shape[1] :]
+    assert per_token.abs().max() > clip  # the clip binds somewhere, or the test proves nothing
+    expected = -kl_coef * buffer["kl"] + per_token.clamp(-clip, clip) * mask
+    last = mask.sum(-1) - 1
+    rows = torch.arange(len(mask))
+    expected[rows, last] -= penalty * (~buffer["has_stop"]).float()
+    assert (~buffer["has_stop"]).any()
+    torch.testing.assert_close(buffer["rewards"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        buffer["scores"], (per_token.clamp(-clip, clip) * mask).sum(-1) - penalty * (~buffer["has_stop"]).float()
+    )
+
+
+def test_token_granularity_needs_the_coherent_reward(tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="reward_granularity='token' needs the coherent reward"):
+        SRPPOTrainer(
+            args=_args(tmp_path, reward_granularity="token"),
+            processing_class=tokenizer,
+            model=tiny_causal_lm(tokenizer, seed=1),
+            ref_model=tiny_causal_lm(tokenizer, seed=1),
+            reward_model=AutoModelForSequenceClassification.from_config(config),
+            train_dataset=_prompts(),
+        )
+
+
+# ---------------------------------------------------------------------------------------------- 4. stop_token=None
+
+
+def _force_eos(model, eos_id, boost=50.0):
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., eos_id] += boost
+        return output
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_stop_token_none_generates_to_full_length(tokenizer, tmp_path):
+    policy = tiny_causal_lm(tokenizer, seed=1)
+    policy.generation_config.eos_token_id = tokenizer.eos_token_id  # what a checkpoint would say
+    _force_eos(policy, tokenizer.eos_token_id)
+    trainer = _trainer(tokenizer, tmp_path, policy=policy, stop_token=None, response_length=6)
+    out = trainer.generate_rollouts(_batch(trainer, 4))
+    assert out["response"].shape == (4, 6)
+    assert (out["response"] == tokenizer.eos_token_id).all()  # EOS sampled, but it does not end the response
+    assert out["response_mask"].all() and not out["has_stop"].any()
+
+
+def test_stop_token_eos_stops_at_the_first_eos(tokenizer, tmp_path):
+    policy = tiny_causal_lm(tokenizer, seed=1)
+    _force_eos(policy, tokenizer.eos_token_id)
+    trainer = _trainer(tokenizer, tmp_path, policy=policy, response_length=6)
+    out = trainer.generate_rollouts(_batch(trainer, 4))
+    assert out["has_stop"].all()
+    assert out["response_mask"].sum(-1).tolist() == [1, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------- 5. gradient clipping
+
+
+def test_actor_and_critic_gradients_are_clipped_separately(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, max_grad_norm=1.0)
+    model = trainer.model
+    critic_ids = {id(p) for p in model.value_model.parameters()}
+    actor = [p for p in model.parameters() if id(p) not in critic_ids]
+    critic = [p for p in model.parameters() if id(p) in critic_ids]
+    for params, norm in ((actor, 0.5), (critic, 100.0)):
+        total = sum(p.numel() for p in params)
+        for p in params:
+            p.grad = torch.full_like(p, norm / total**0.5)
+    actor_before = [p.grad.clone() for p in actor]
+    returned = trainer._clip_grad_norm(model)
+    assert float(returned) == pytest.approx(0.5, rel=1e-4)  # the actor's norm is what `grad_norm` logs
+    for p, g in zip(actor, actor_before):
+        assert torch.equal(p.grad, g)  # below max_grad_norm: untouched by the critic's huge gradient
+    critic_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in critic]))
+    assert float(critic_norm) == pytest.approx(1.0, rel=1e-3)
+    assert trainer._metrics["train"]["critic/grad_norm"][-1] == pytest.approx(100.0, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- 6. BOS
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    """A tokenizer that adds a BOS to plain text, like Llama-3's and Mistral's, with TULU's template (no BOS)."""
+    from importlib import resources
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    tok.chat_template = resources.files("srppo_trl").joinpath("chat_templates", "tulu.jinja").read_text()
+    return tok
+
+
+def test_chat_prompts_keep_the_bos_the_tokenizer_adds_to_text(bos_tokenizer, tmp_path):
+    tok = copy.deepcopy(bos_tokenizer)
+    bos = tok.bos_token_id
+    assert bos_token_added_to_text(tok) == bos
+    messages = [{"role": "user", "content": "hi"}]
+    ids = tokenize_prompt(tok, messages)
+    assert ids[0] == bos and ids.count(bos) == 1
+    # SFT tokenizes through the chat template: after ensure_chat_template_bos it renders the same BOS-led prefix.
+    assert ensure_chat_template_bos(tok) is True
+    assert ensure_chat_template_bos(tok) is False  # idempotent
+    sft_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert list(sft_ids["input_ids"]) == ids == tokenize_prompt(tok, messages)  # no double BOS either
+
+
+def test_trainer_prompts_start_with_bos(bos_tokenizer, tmp_path):
+    tok = copy.deepcopy(bos_tokenizer)
+    trainer = _trainer(tok, tmp_path)
+    first_tokens = {row[0] for row in trainer.train_dataset["input_ids"]}
+    assert first_tokens == {tok.bos_token_id}
+
+
+def test_no_bos_is_added_for_tokenizers_that_add_none(tokenizer):
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert bos_token_added_to_text(tokenizer) is None
+    assert tokenize_prompt(tokenizer, messages) == list(rendered["input_ids"])
+
+
+def test_pipeline_tokenizer_gets_the_bos_in_its_chat_template(bos_tokenizer, tmp_path):
+    from srppo_trl.pipeline import load_tokenizer
+
+    tok = copy.deepcopy(bos_tokenizer)
+    tok.chat_template = None  # a base model without a template: the pipeline sets TULU's
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    rendered = loaded.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.startswith("<s>")
+
+
+# ---------------------------------------------------------------------------------------------- 7. whitening
+
+
+def test_whitening_with_summed_moments_equals_whitening_the_whole_buffer():
+    torch.manual_seed(0)
+    values, mask = torch.randn(8, 5) * 3 + 2, torch.rand(8, 5) > 0.3
+    whole = ppo_math.masked_whiten(values, mask)
+    moments = ppo_math.masked_moments(values[:4], mask[:4]) + ppo_math.masked_moments(values[4:], mask[4:])
+    mean, var = ppo_math.moments_to_mean_var(moments)
+    torch.testing.assert_close(mean, ppo_math.masked_mean(values, mask))
+    torch.testing.assert_close(var, ppo_math.masked_var(values, mask))
+    halves = [ppo_math.masked_whiten(values[s], mask[s], mean=mean, var=var) for s in (slice(0, 4), slice(4, 8))]
+    torch.testing.assert_close(torch.cat(halves), whole)
+    # Whitening each half alone is what the per-process code did: a different result.
+    alone = torch.cat([ppo_math.masked_whiten(values[s], mask[s]) for s in (slice(0, 4), slice(4, 8))])
+    assert not torch.allclose(alone, whole)
+
+
+def test_moments_of_an_empty_mask_give_zero_mean_and_variance():
+    mean, var = ppo_math.moments_to_mean_var(ppo_math.masked_moments(torch.ones(2, 3), torch.zeros(2, 3)))
+    assert mean.item() == 0.0 and var.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- 8. entropy
+
+
+def test_entropy_metric_is_the_entropy_of_the_sampling_distribution(tokenizer, tmp_path):
+    policy = tiny_causal_lm(tokenizer, seed=1)
+    _force_eos(policy, tokenizer.eos_token_id, boost=6.0)  # peaked: entropy and sampled-token NLL differ
+    trainer = _trainer(tokenizer, tmp_path, policy=policy, max_steps=1, temperature=0.8, stop_token=None)
+    start = copy.deepcopy(trainer.model)
+    buffers = []
+    original = trainer.make_rollout_buffer
+    trainer.make_rollout_buffer = lambda batch: buffers.append(original(batch)) or buffers[-1]
+    trainer.train()
+    logged = trainer.state.log_history[0]["policy/entropy_avg"]
+    buffer = buffers[0]
+    input_ids = torch.cat([buffer["query"], buffer["response"]], 1)
+    attention = torch.cat([buffer["query_mask"], buffer["response_mask"]], 1)
+    width = buffer["response"].shape[1]
+    with torch.no_grad():
+        logits, _ = start(input_ids=input_ids, attention_mask=attention, logits_to_keep=width + 1)
+    entropy = torch.distributions.Categorical(logits=logits[:, :-1].float() / 0.8).entropy()
+    expected = ppo_math.masked_mean(entropy, buffer["response_mask"]).item()
+    assert logged == pytest.approx(expected, rel=1e-4)
+    nll = -ppo_math.masked_mean(buffer["logprobs"], buffer["response_mask"]).item()
+    assert abs(nll - expected) > 0.1  # the old metric (sampled-token NLL) is measurably different here

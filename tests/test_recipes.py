@@ -88,6 +88,12 @@ def test_recipe_runs_end_to_end_on_tiny_models(name, tiny_base, tiny_reward_mode
     assert (tmp_path / "srppo" / "model.safetensors").exists()
     assert {"SFT", "SRPPO"} == set(saved["results"])
     assert "eval_completions/mean_length" in saved["results"]["SRPPO"]
+    # Sampled held-out rewards with intervals, SFT and SRPPO on the same prompts (2 prompts x 4 samples here).
+    samples = saved["sample_rewards"]
+    for row in ("SFT", "SRPPO"):
+        low, high = samples[row]["reward_ci95"]
+        assert low <= samples[row]["reward_mean"] <= high and len(samples[row]["per_prompt_reward"]) == 2
+    assert "SRPPO - SFT" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])

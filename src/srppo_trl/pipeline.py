@@ -65,6 +65,10 @@ class PipelineArguments:
     extra_tulu_num_samples: int = field(default=40000, metadata={"help": "Extra TULU examples, diminished setting."})
     num_prompts: int | None = field(default=None, metadata={"help": "PPO prompts to use (None: all)."})
     eval_num_prompts: int = field(default=32, metadata={"help": "Held-out prompts for the final SFT vs SRPPO table."})
+    eval_num_samples: int = field(
+        default=4,
+        metadata={"help": "Sampled responses per held-out prompt for the reward and KL with 95% intervals (0: skip)."},
+    )
     offline_eval_n: int = field(
         default=0, metadata={"help": "Prompts per split of the offline IFEval-style benchmark in the table (0: skip)."}
     )
@@ -309,8 +313,11 @@ def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts
             peft_config=peft_config,
         )
         before = _evaluate(trainer, eval_prompts, srppo_args.seed)
+        before_samples = _sample_rewards(trainer, eval_prompts, pipe.eval_num_samples, srppo_args.seed)
         trainer.train()
         after = _evaluate(trainer, eval_prompts, srppo_args.seed)
+        after_samples = _sample_rewards(trainer, eval_prompts, pipe.eval_num_samples, srppo_args.seed)
+        trainer.sample_rewards = {"SFT": before_samples, "SRPPO": after_samples}
         return trainer, before, after
     trainer = _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config)
     trainer.train()
@@ -322,6 +329,33 @@ def _evaluate(trainer, eval_prompts, seed) -> dict:
         return {}
     torch.manual_seed(seed)  # the same sampling noise for the SFT and the SRPPO rows
     return trainer.evaluate(eval_prompts)
+
+
+def _sample_rewards(trainer, eval_prompts, num_samples, seed) -> dict | None:
+    if not len(eval_prompts) or num_samples <= 0:
+        return None
+    from .evaluation.sample_rewards import sample_reward_stats
+
+    return sample_reward_stats(trainer, eval_prompts, num_samples=num_samples, seed=seed)
+
+
+def format_sample_rewards(samples: dict) -> str:
+    """One paragraph: reward and KL of the sampled held-out responses, SFT and SRPPO, with 95% bootstrap intervals."""
+    from .evaluation.sample_rewards import paired_difference
+
+    before, after = samples["SFT"], samples["SRPPO"]
+    diff = paired_difference(after["per_prompt_reward"], before["per_prompt_reward"])
+
+    def fmt(mean, ci):
+        return f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+    return (
+        f"Reward of {after['num_samples']} sampled responses x {after['num_prompts']} held-out prompts (mean, 95% "
+        f"bootstrap interval over prompts): SFT {fmt(before['reward_mean'], before['reward_ci95'])}, SRPPO "
+        f"{fmt(after['reward_mean'], after['reward_ci95'])}; SRPPO - SFT {fmt(diff['mean'], diff['ci95'])}. "
+        f"KL of the SRPPO samples to the SFT model: {fmt(after['kl_mean'], after['kl_ci95'])} nats per response "
+        f"(SFT itself: {fmt(before['kl_mean'], before['kl_ci95'])})."
+    )
 
 
 def _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config):
@@ -429,11 +463,17 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
             sft = trainer.reward_model.sft_model if pipe.reward_model is None else trainer.ref_model
             rows["SFT"].update(_offline_scores(sft, tokenizer, pipe.offline_eval_n))
         result["results"] = rows
+        samples = getattr(trainer, "sample_rewards", None)
+        if samples and samples.get("SFT") and samples.get("SRPPO"):
+            result["sample_rewards"] = samples
+            result["sample_rewards_summary"] = format_sample_rewards(samples)
     result["wall_time_s"] = round(time.time() - start, 1)
     result["pipeline"] = asdict(pipe)
     (output_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
     if result["results"]:
         table = format_table(result["results"])
+        if result.get("sample_rewards_summary"):
+            table += "\n\n" + result["sample_rewards_summary"]
         (output_dir / "results.md").write_text(table + "\n")
         print("\nSFT vs SRPPO on held-out prompts (samples at temperature "
               f"{srppo_args.temperature}; offline benchmark greedy):\n" + table)  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from srppo_trl.pipeline import main, parse_args
+from srppo_trl.pipeline import PipelineArguments, base_model_name, main, parse_args
 from srppo_trl.testing import tiny_tokenizer
 
 
@@ -35,7 +35,7 @@ def tiny_reward_model(tmp_path_factory):
 
 def _overrides(base, output_dir):
     return [
-        "--base_model", str(base), "--output_dir", str(output_dir),
+        "--model_name_or_path", str(base), "--output_dir", str(output_dir),
         "--tulu_source", str(FIXTURES / "tulu_v2_sample.jsonl"),
         "--ultrafeedback_source", str(FIXTURES / "ultrafeedback_sample.jsonl"),
         "--gpt4_num_samples", "5", "--extra_tulu_num_samples", "5", "--num_prompts", "8", "--eval_num_prompts", "2",
@@ -69,6 +69,22 @@ def test_recipe_parses_with_its_config(name):
     )
     assert pipe.setting in ("min", "medium", "diminished")
     assert srppo_args.rollout_batch_size == 1024
+    assert base_model_name(pipe, model_args) == model_args.model_name_or_path != "smollm2"
+
+
+def test_model_name_or_path_on_the_command_line_replaces_the_recipes_model():
+    config = str(RECIPES / "configs" / "mistral_min_overlap.yaml")
+    pipe, _, model_args = parse_args(["--bf16", "false", "--model_name_or_path", "my/model"], default_config=config)
+    assert base_model_name(pipe, model_args) == "my/model"
+    pipe, _, model_args = parse_args(["--bf16", "false", "--base_model", "my/model"], default_config=config)
+    with pytest.raises(ValueError, match="drop base_model"):
+        base_model_name(pipe, model_args)
+
+
+def test_base_model_and_model_name_or_path_are_one_setting():
+    assert base_model_name(PipelineArguments()) == "smollm2"
+    assert base_model_name(PipelineArguments(base_model="a/b")) == "a/b"
+    assert base_model_name(PipelineArguments(base_model="a/b"), type("M", (), {"model_name_or_path": "a/b"})) == "a/b"
 
 
 @pytest.mark.parametrize("name", PAPER_RECIPES)
@@ -96,3 +112,31 @@ def test_pipeline_runs_trl_group_algorithms_with_the_coherent_reward(algorithm, 
     argv += ["--rollout_batch_size", "4"]
     result = main(argv, default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"))
     assert (Path(result["srppo_model"]) / "model.safetensors").exists()
+
+
+def test_model_revision_reaches_every_load_of_the_base_model(tiny_base, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calls = []
+    for cls in (AutoModelForCausalLM, AutoTokenizer):
+        original = cls.from_pretrained
+
+        def spy(path, *args, _original=original, _name=cls.__name__, **kwargs):
+            calls.append((_name, str(path), kwargs.get("revision")))
+            return _original(path, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    argv = _overrides(tiny_base, tmp_path) + [
+        "--model_revision",
+        "v0.1",
+        "--max_steps",
+        "1",
+        "--eval_num_prompts",
+        "0",
+    ]
+    main(argv, default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"))
+    base_loads = [(name, revision) for name, path, revision in calls if path == str(tiny_base)]
+    # the tokenizer, the SFT stage's starting model, the reward's tokenizer check and its base model p_PT
+    assert sorted(name for name, _ in base_loads) == ["AutoModelForCausalLM"] * 2 + ["AutoTokenizer"] * 2
+    assert all(revision == "v0.1" for _, revision in base_loads)
+    assert all(revision is None for _, path, revision in calls if path != str(tiny_base))

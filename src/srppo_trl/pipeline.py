@@ -220,6 +220,42 @@ def build_stage_data(pipe: PipelineArguments):
     return [(s.name, s.dataset) for s in stages], prompts, eval_prompts
 
 
+def check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages, prompts, eval_prompts) -> None:
+    """Every check of both stages' data that can run before training, so a bad data set fails before SFT, not after.
+
+    SFT: each stage has usable `messages` (skipped with `sft_model`). Stage 2: the prompts tokenized with `tokenizer`
+    (the one the trainer gets) fit `max_prompt_length` (PPO) and leave `response_length` tokens of the model's
+    context, and PPO has at least one rollout buffer of prompts (skipped with `skip_srppo`).
+    """
+    from transformers import AutoConfig
+
+    from .data import check_prompt_lengths, check_sft_data
+
+    if pipe.sft_model is None:
+        for index, (name, dataset) in enumerate(stages):
+            check_sft_data(dataset, f"SFT stage {index} ({name})")
+    if pipe.skip_srppo:
+        return
+    policy = pipe.sft_model or base_path  # SFT keeps the base model's context
+    revision = getattr(model_args, "model_revision", None) if policy == base_path else None
+    config = AutoConfig.from_pretrained(policy, trust_remote_code=model_args.trust_remote_code, **_revision(revision))
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    ppo = pipe.algorithm == "ppo"
+    lengths = dict(
+        max_prompt_length=srppo_args.max_prompt_length if ppo else None,  # GRPO/RLOO have no prompt-length limit
+        response_length=srppo_args.response_length,
+        context=context,
+    )
+    check_prompt_lengths(prompts, tokenizer, name="train_dataset", **lengths)
+    if ppo and len(eval_prompts):
+        check_prompt_lengths(eval_prompts, tokenizer, name="eval_dataset", **lengths)
+    if ppo and len(prompts) < srppo_args.rollout_batch_size:
+        raise ValueError(
+            f"The prompt set has {len(prompts)} prompts but one rollout buffer needs rollout_batch_size="
+            f"{srppo_args.rollout_batch_size}: add prompts (num_prompts) or lower rollout_batch_size."
+        )
+
+
 # ---------------------------------------------------------------------------------------------- stage 1
 
 
@@ -437,6 +473,7 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
     tokenizer = load_tokenizer(base_path, pipe.chat_template, model_args.trust_remote_code, revision)
     stages, prompts, eval_prompts = build_stage_data(pipe)
     peft_config = get_peft_config(model_args)
+    check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages, prompts, eval_prompts)
 
     sft_path = pipe.sft_model or run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_config)
     result = {"base_model": base_path, "sft_model": sft_path, "srppo_model": None, "results": {}}

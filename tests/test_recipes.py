@@ -96,6 +96,8 @@ def test_recipe_runs_end_to_end_on_tiny_models(name, tiny_base, tiny_reward_mode
     config = yaml.safe_load((RECIPES / "configs" / f"{name}.yaml").read_text())
     stages = {"min": 1, "medium": 2, "diminished": 3}[config["setting"]]
     assert (Path(result["sft_model"]) / "model.safetensors").exists()
+    assert json.loads((Path(result["sft_model"]) / "config.json").read_text())["use_cache"] is True
+    assert not (Path(result["sft_model"]) / "training_args.bin").exists()
     assert len([p for p in (tmp_path / "sft").iterdir() if p.is_dir() and not p.name.endswith(".tmp")]) == stages
     saved = json.loads((tmp_path / "results.json").read_text())
     if config.get("skip_srppo"):
@@ -163,3 +165,50 @@ def test_prompts_the_trainer_would_refuse_fail_before_sft(override, message, tin
             default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"),
         )
     assert not (tmp_path / "sft").exists()
+
+
+class _FakeSFTTrainer:
+    """What `_save_sft_model` uses of an SFTTrainer, on one process of a multi-process run."""
+
+    def __init__(self, writer):
+        from types import SimpleNamespace
+
+        self.args = SimpleNamespace(should_save=writer)
+        self.waits, self.saved = 0, []
+        self.model = SimpleNamespace(config=SimpleNamespace(use_cache=False))
+        self.accelerator = SimpleNamespace(wait_for_everyone=self._wait, unwrap_model=lambda model: model)
+
+    def _wait(self):
+        self.waits += 1
+
+    def save_model(self, output_dir):
+        self.saved.append(output_dir)  # every process calls it (ZeRO-3 / FSDP gather); only the writer writes
+        if self.args.should_save:
+            for name in ("config.json", "model.safetensors", "training_args.bin"):
+                (Path(output_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(output_dir) / name).write_text("{}")
+
+
+@pytest.mark.parametrize("writer", [True, False])
+def test_sft_model_is_saved_through_the_trainer_by_the_saving_process_only(writer, tmp_path):
+    from srppo_trl.pipeline import _save_sft_model
+
+    trainer, folder = _FakeSFTTrainer(writer), tmp_path / "sft"
+    _save_sft_model(trainer, tokenizer=None, folder=folder)
+    assert trainer.saved == [str(tmp_path / "sft.tmp")] and trainer.waits == 2
+    assert trainer.model.config.use_cache is True
+    assert not (tmp_path / "sft.tmp").exists()
+    if writer:
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    else:
+        assert not folder.exists()
+
+
+def test_lora_sft_is_merged_into_full_weights(tiny_base, tmp_path):
+    argv = _overrides(tiny_base, tmp_path) + ["--skip_srppo", "true", "--use_peft", "true", "--lora_r", "4"]
+    argv += ["--lora_target_modules", "q_proj", "v_proj"]
+    result = main(argv, default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"))
+    sft = Path(result["sft_model"])
+    assert (sft / "model.safetensors").exists() and not (sft / "adapter_config.json").exists()
+    assert json.loads((sft / "config.json").read_text())["use_cache"] is True
+    assert not list(tmp_path.glob("sft*.tmp")) and not (sft / "training_args.bin").exists()

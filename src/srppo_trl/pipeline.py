@@ -303,25 +303,46 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
             peft_config=peft_config,
         )
         trainer.train()
-        model = trainer.model
-        if peft_config is not None:
-            model = model.merge_and_unload()  # the next stages and the reward read full SFT weights
-        _atomic_save(model, tokenizer, final_dir)
+        _save_sft_model(trainer, tokenizer, final_dir, merge_peft=peft_config is not None)
         current = str(final_dir)
         del trainer, model
     return current
 
 
-def _atomic_save(model, tokenizer, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then rename: a crash never leaves a half model under `folder`."""
+def _save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) -> None:
+    """Saves the trained SFT model (full weights) to `folder`, atomically; every process must call it.
+
+    Without PEFT, `trainer.save_model` writes a temporary folder (it gathers ZeRO-3 / FSDP shards on every process and
+    writes on the saving one). With PEFT, the saving process merges the adapter (the next stages and the reward read
+    full SFT weights) and writes it. Then the saving process renames the folder into place: a crash never leaves a
+    half model under `folder`. The others wait for it.
+    """
     import shutil
 
+    accelerator, writer = trainer.accelerator, trainer.args.should_save
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # SFTTrainer turns the KV cache off for training; a saved model is for generation, where it is several times faster.
-    model.config.use_cache = True
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(trainer.model)
+    if merge_peft:
+        if writer:
+            model = model.merge_and_unload()
+            # SFTTrainer turns the KV cache off for training; generation with it is several times faster.
+            model.config.use_cache = True
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    else:
+        model.config.use_cache = True
+        trainer.save_model(str(tmp))
+    if writer:
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle of the SFT arguments: not part of the model
+        _move_into_place(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Renames the finished `tmp` to `folder`."""
     if folder.exists():
         # `folder` may hold the earlier stages' sub-folders: move the new files in one by one.
         for entry in tmp.iterdir():

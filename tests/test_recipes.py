@@ -212,3 +212,54 @@ def test_lora_sft_is_merged_into_full_weights(tiny_base, tmp_path):
     assert (sft / "model.safetensors").exists() and not (sft / "adapter_config.json").exists()
     assert json.loads((sft / "config.json").read_text())["use_cache"] is True
     assert not list(tmp_path.glob("sft*.tmp")) and not (sft / "training_args.bin").exists()
+
+
+def _group_args(tmp_path, algorithm, extra_yaml="", argv=()):
+    config = tmp_path / "grpo.yaml"
+    base = (RECIPES / "configs" / "mistral_min_overlap.yaml").read_text()
+    config.write_text(base.replace("algorithm: ppo", f"algorithm: {algorithm}") + extra_yaml)
+    return parse_args(["--bf16", "false", "--report_to", "none", *argv], default_config=str(config))
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_group_config_takes_the_recipes_fields_and_group_trainer_extra(algorithm, tmp_path):
+    from srppo_trl.pipeline import build_group_config
+
+    extra = "lr_scheduler_type: cosine\nwarmup_steps: 3\ngroup_trainer_extra:\n  num_generations: 8\n  top_p: 0.9\n"
+    pipe, srppo_args, _ = _group_args(tmp_path, algorithm, extra, ["--per_device_train_batch_size", "8"])
+    config = build_group_config(pipe, srppo_args)
+    assert type(config).__name__ == {"grpo": "GRPOConfig", "rloo": "RLOOConfig"}[algorithm]
+    assert config.num_generations == 8 and config.top_p == 0.9  # group_trainer_extra
+    assert config.lr_scheduler_type == "cosine" and config.warmup_steps == 3  # shared fields the old list dropped
+    assert (config.learning_rate, config.per_device_train_batch_size, config.gradient_accumulation_steps) == (
+        5.0e-8, 8, 4,
+    )  # fmt: skip
+    assert (config.num_train_epochs, config.seed, config.logging_steps, config.save_steps) == (2, 42, 1, 64)
+    assert config.activation_checkpointing is True and config.bf16 is False
+    assert (config.beta, config.max_completion_length, config.temperature) == (0.2, 1024, 1.0)  # renamed
+
+
+def test_group_config_refuses_a_batch_that_splits_a_prompt_group(tmp_path):
+    from srppo_trl.pipeline import build_group_config
+
+    # 5 x 4 accumulation steps = 20 completions per generation batch: not whole groups of 8
+    pipe, srppo_args, _ = _group_args(
+        tmp_path,
+        "grpo",
+        "group_trainer_extra: {num_generations: 8}\n",
+        ["--per_device_train_batch_size", "5", "--rollout_batch_size", "960"],
+    )
+    with pytest.raises(ValueError, match="set per_device_train_batch_size to a multiple of 8"):
+        build_group_config(pipe, srppo_args)
+    pipe, srppo_args, _ = _group_args(tmp_path, "grpo", "", ["--group_trainer_extra", '{"num_generation": 4}'])
+    with pytest.raises(ValueError, match=r"sets \['num_generation'\], which GRPOConfig does not have"):
+        build_group_config(pipe, srppo_args)
+
+
+def test_a_group_batch_that_splits_a_prompt_group_fails_before_sft(tiny_base, tmp_path, monkeypatch):
+    import srppo_trl.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "run_sft", lambda *args, **kwargs: pytest.fail("SFT started"))
+    argv = _overrides(tiny_base, tmp_path) + ["--algorithm", "grpo", "--group_trainer_extra", '{"num_generations": 3}']
+    with pytest.raises(ValueError, match="num_generations=3 completions per prompt"):
+        main(argv, default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"))

@@ -82,6 +82,14 @@ class PipelineArguments:
     sft_extra: dict | str | None = field(
         default=None, metadata={"help": "Any other SFTConfig fields, as a mapping (YAML) or JSON string."}
     )
+    # ---- stage 2 with algorithm: grpo|rloo ----
+    group_trainer_extra: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "GRPOConfig/RLOOConfig fields for `algorithm: grpo|rloo` (e.g. num_generations, loss_type), as a "
+            "mapping (YAML) or JSON string; they override the fields taken from the SRPPOConfig."
+        },
+    )
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
@@ -90,6 +98,8 @@ class PipelineArguments:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if isinstance(self.sft_extra, str):
             self.sft_extra = json.loads(self.sft_extra)
+        if isinstance(self.group_trainer_extra, str):
+            self.group_trainer_extra = json.loads(self.group_trainer_extra)
 
 
 # ---------------------------------------------------------------------------------------------- models and tokenizer
@@ -225,7 +235,7 @@ def check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages,
 
     SFT: each stage has usable `messages` (skipped with `sft_model`). Stage 2: the prompts tokenized with `tokenizer`
     (the one the trainer gets) fit `max_prompt_length` (PPO) and leave `response_length` tokens of the model's
-    context, and PPO has at least one rollout buffer of prompts (skipped with `skip_srppo`).
+    context, PPO has at least one rollout buffer of prompts, GRPO/RLOO's config builds (skipped with `skip_srppo`).
     """
     from transformers import AutoConfig
 
@@ -236,6 +246,8 @@ def check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages,
             check_sft_data(dataset, f"SFT stage {index} ({name})")
     if pipe.skip_srppo:
         return
+    if pipe.algorithm != "ppo":
+        build_group_config(pipe, srppo_args)  # its batch and field checks, before SFT
     policy = pipe.sft_model or base_path  # SFT keeps the base model's context
     revision = getattr(model_args, "model_revision", None) if policy == base_path else None
     config = AutoConfig.from_pretrained(policy, trust_remote_code=model_args.trust_remote_code, **_revision(revision))
@@ -405,31 +417,68 @@ def _evaluate(trainer, eval_prompts, seed) -> dict:
     return trainer.evaluate(eval_prompts)
 
 
+# SRPPOConfig fields that GRPOConfig/RLOOConfig name differently. SRPPO's other own fields (clip ranges, critic, GAE,
+# reward clip, rollout buffer, max_prompt_length, ...) have no counterpart there.
+GROUP_RENAMED = {"response_length": "max_completion_length", "kl_coef": "beta"}
+_DEPRECATED_ALIASES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def build_group_config(pipe, srppo_args):
+    """The GRPOConfig or RLOOConfig of `algorithm: grpo|rloo`, from the recipe's SRPPOConfig.
+
+    Every field the two configs share carries over by name: all of `TrainingArguments` (output_dir, learning rate and
+    schedule, batch sizes, epochs/max_steps, precision, logging, saving, seed, report_to, ...) and the sampling
+    fields (temperature, top_k, top_p). `response_length` becomes `max_completion_length` and `kl_coef` `beta`.
+    `num_generations` is per_device_train_batch_size clipped to [2, 4]. `pipe.group_trainer_extra` sets any other
+    field and overrides all of these.
+    """
+    import dataclasses
+
+    from trl import GRPOConfig, RLOOConfig
+
+    config_cls = GRPOConfig if pipe.algorithm == "grpo" else RLOOConfig
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    values = {
+        f.name: getattr(srppo_args, f.name) for f in dataclasses.fields(srppo_args) if f.init and f.name in names
+    }
+    values.update({new: getattr(srppo_args, old) for old, new in GROUP_RENAMED.items()})
+    values["num_generations"] = max(2, min(4, srppo_args.per_device_train_batch_size))
+    extra = dict(pipe.group_trainer_extra or {})
+    unknown = sorted(set(extra) - names)
+    if unknown:
+        raise ValueError(
+            f"group_trainer_extra sets {unknown}, which {config_cls.__name__} does not have: remove them or fix "
+            "their names (see the TRL documentation of the config)."
+        )
+    for old, new in _DEPRECATED_ALIASES.items():
+        if old in extra and new not in extra:
+            values.pop(new)  # the alias decides only when the new name is unset
+    values.update(extra)
+    num_generations = values["num_generations"]
+    generation_batch = values.get("generation_batch_size") or values["per_device_train_batch_size"] * (
+        srppo_args.world_size * (values.get("steps_per_generation") or values["gradient_accumulation_steps"])
+    )
+    if num_generations and generation_batch % num_generations:
+        raise ValueError(
+            f"{pipe.algorithm} samples num_generations={num_generations} completions per prompt, but its generation "
+            f"batch (per_device_train_batch_size x processes x steps_per_generation = {generation_batch}) is not a "
+            f"multiple of it: set per_device_train_batch_size to a multiple of {num_generations}, or "
+            "group_trainer_extra's num_generations to a divisor of the generation batch (at least 2)."
+        )
+    return config_cls(**values)
+
+
 def _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config):
     """GRPO / RLOO from TRL with the coherent reward as a callable (the paper's named alternatives)."""
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
 
     from .reward_funcs import make_coherent_reward_func
 
-    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if pipe.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
-    shared = {
-        "output_dir": srppo_args.output_dir,
-        "learning_rate": srppo_args.learning_rate,
-        "per_device_train_batch_size": srppo_args.per_device_train_batch_size,
-        "gradient_accumulation_steps": srppo_args.gradient_accumulation_steps,
-        "num_train_epochs": srppo_args.num_train_epochs,
-        "max_steps": srppo_args.max_steps,
-        "max_completion_length": srppo_args.response_length,
-        "temperature": srppo_args.temperature,
-        "beta": srppo_args.kl_coef,
-        "num_generations": max(2, min(4, srppo_args.per_device_train_batch_size)),
-        "bf16": srppo_args.bf16,
-        "seed": srppo_args.seed,
-        "report_to": srppo_args.report_to,
-        "logging_steps": srppo_args.logging_steps,
-        "save_strategy": "no",
-    }
-    config = config_cls(**shared)
+    trainer_cls = GRPOTrainer if pipe.algorithm == "grpo" else RLOOTrainer
+    config = build_group_config(pipe, srppo_args)
     reward_func = make_coherent_reward_func(reward, tokenizer)
     reward.to(config.device if hasattr(config, "device") else "cpu")
     return trainer_cls(

@@ -422,3 +422,61 @@ def test_hub_field_order_is_normalised_so_stages_concatenate(ultrafeedback):
     stages = build("diminished", tulu, ultrafeedback, tulu_num_samples=4, extra_tulu_num_samples=8)
     assert stages[2].dataset.features == data.SFT_FEATURES
     assert len(stages[2].dataset) == 8 + 8
+
+
+# ---- checks of a stage's data before training (the pipeline runs them before SFT) ----
+
+
+def test_check_sft_data_refuses_what_sft_cannot_train_on():
+    good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    data.check_sft_data(Dataset.from_dict({"messages": [good]}), "SFT stage 0")
+    with pytest.raises(ValueError, match="has no column 'messages'"):
+        data.check_sft_data(Dataset.from_dict({"text": ["Hi"]}), "SFT stage 0")
+    with pytest.raises(ValueError, match="SFT stage 0 dataset is empty"):
+        data.check_sft_data(Dataset.from_dict({"messages": [good]}).select([]), "SFT stage 0")
+    with pytest.raises(
+        ValueError, match=r"1 unusable conversation\(s\) \(1 not ending with an assistant turn; .* row 1"
+    ):
+        data.check_sft_data(Dataset.from_dict({"messages": [good, good[:1]]}), "SFT stage 0")
+
+
+def test_check_prompt_lengths_counts_tokens_as_the_trainer_does():
+    from types import SimpleNamespace
+
+    from srppo_trl.testing import tiny_tokenizer
+    from srppo_trl.trainer import SRPPOTrainer
+
+    tokenizer = tiny_tokenizer()
+    prompts = Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "word " * 40}]]}
+    )
+    lengths = data.check_prompt_lengths(
+        prompts, tokenizer, max_prompt_length=None, response_length=8, context=None, name="train_dataset"
+    )
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=None, n_positions=None))
+    args = SimpleNamespace(max_prompt_length=None, response_length=8)
+    assert lengths == SRPPOTrainer._prepare_dataset(prompts, tokenizer, model, args, "train_dataset")["prompt_length"]
+    assert data.prompt_input_ids("plain text", tokenizer) == tokenizer("plain text")["input_ids"]
+
+    short, long = lengths
+    assert short < long
+    with pytest.raises(ValueError, match=rf"1 prompt\(s\) in train_dataset are longer than max_prompt_length={short}"):
+        data.check_prompt_lengths(
+            prompts, tokenizer, max_prompt_length=short, response_length=8, context=None, name="train_dataset"
+        )
+    data.check_prompt_lengths(
+        prompts, tokenizer, max_prompt_length=long, response_length=8, context=long + 8, name="x"
+    )
+    with pytest.raises(ValueError, match=f"plus response_length=8 exceeds the model's context of {long + 7} tokens"):
+        data.check_prompt_lengths(
+            prompts, tokenizer, max_prompt_length=None, response_length=8, context=long + 7, name="train_dataset"
+        )
+    with pytest.raises(ValueError, match="has no `prompt` column"):
+        data.check_prompt_lengths(
+            prompts.rename_column("prompt", "query"), tokenizer, max_prompt_length=None, response_length=8,
+            context=None, name="train_dataset",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="x is empty: it needs at least one prompt"):
+        data.check_prompt_lengths(
+            prompts.select([]), tokenizer, max_prompt_length=None, response_length=8, context=None, name="x"
+        )

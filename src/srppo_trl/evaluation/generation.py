@@ -7,6 +7,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..rollout import checkpoint_generation_defaults_ignored, rollout_generation_config
+from ..tokenization import tokenize_prompt
+
 
 def _as_messages(prompt) -> list[dict]:
     if isinstance(prompt, str):
@@ -30,7 +33,8 @@ def generate_responses(
 
     Each prompt is a user message string or a list of chat messages; it is rendered with the tokenizer's chat
     template (`add_generation_prompt=True`). Prompts are batched by length with left padding; the tokenizer's
-    padding side is restored afterwards. Generation stops at the model's EOS or after `max_new_tokens` tokens.
+    padding side is restored afterwards. Generation stops at the tokenizer's EOS or after `max_new_tokens` tokens;
+    no setting of the checkpoint's `generation_config.json` applies.
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set one distinct from EOS before generating.")
@@ -38,32 +42,28 @@ def generate_responses(
         raise ValueError("The tokenizer has no chat template; set one before generating.")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}.")
-    texts = [
-        tokenizer.apply_chat_template(_as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
-    ]
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    # The ids the trainer's rollouts start from: chat template plus the BOS the tokenizer adds to text.
+    prompt_ids = [tokenize_prompt(tokenizer, _as_messages(p)) for p in prompts]
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    # Greedy decoding with no processor from the checkpoint's generation_config.json (repetition penalty, n-gram
+    # bans, ...): every model is evaluated the same way, whatever its folder says.
+    generation_config = rollout_generation_config(
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, stop_token_id=tokenizer.eos_token_id
+    )
+    generation_config.do_sample = False
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    responses: list[str | None] = [None] * len(texts)
+    responses: list[str | None] = [None] * len(prompt_ids)
     try:
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc=desc, disable=not show_progress):
             idx = order[start : start + batch_size]
-            batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = tokenizer.pad({"input_ids": [prompt_ids[i] for i in idx]}, padding=True, return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,  # saved SFT configs may say False (SFTTrainer's setting): several times slower
-            )
+            with checkpoint_generation_defaults_ignored(model):
+                output = model.generate(**batch, generation_config=generation_config)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 responses[i] = text.strip()

@@ -78,11 +78,10 @@ def as_messages(prompt) -> list[dict]:
 def _prompt_token_ids(tokenizer, prompts: Sequence) -> list[list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("The tokenizer has no chat template: set `tokenizer.chat_template` (the SFT model's format).")
-    ids = []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ids
+    from ..tokenization import tokenize_prompt
+
+    # The same ids the trainer's rollouts start from (chat template, plus the BOS the tokenizer adds to text).
+    return [tokenize_prompt(tokenizer, as_messages(prompt)) for prompt in prompts]
 
 
 def encode_prompt_response(
@@ -342,19 +341,26 @@ def sample_responses(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids = _prompt_token_ids(tokenizer, prompts)
     device = _model_device(model)
-    sample_kwargs = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        if temperature > 0
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
+    eos = tokenizer.eos_token_id
+    from ..rollout import checkpoint_generation_defaults_ignored, rollout_generation_config
+
+    if temperature > 0:
+        # Exactly softmax(logits / temperature) (top-p if asked), as in training: nothing from generation_config.json.
+        generation_config = rollout_generation_config(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, pad_token_id=pad, stop_token_id=eos
+        )
+    else:
+        generation_config = rollout_generation_config(
+            max_new_tokens=max_new_tokens, pad_token_id=pad, stop_token_id=eos
+        )
+        generation_config.do_sample = False
     texts: list[str] = [""] * len(prompts)
     token_ids: list[list[int]] = [[] for _ in prompts]
-    eos = tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), checkpoint_generation_defaults_ignored(model):
             torch.manual_seed(seed)
             for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not show_progress):
                 rows = prompt_ids[start : start + batch_size]
@@ -367,10 +373,7 @@ def sample_responses(
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=pad,
-                    eos_token_id=tokenizer.eos_token_id,
-                    **sample_kwargs,
+                    generation_config=generation_config,
                 )
                 for i, row in enumerate(output[:, width:].tolist()):
                     if eos in row:

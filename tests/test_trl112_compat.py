@@ -585,3 +585,13 @@ def test_null_ref_context_disables_the_adapter_of_a_peft_policy(hub, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(hub / "sft")(input_ids=ids).logits
     torch.testing.assert_close(without, base)
     assert not torch.allclose(with_adapter, base)
+
+
+def test_no_ref_model_means_a_frozen_copy_of_the_policy_as_in_trl112(hub, tmp_path):
+    trainer = _trainer(hub, tmp_path, ref_model=False)
+    policy = trainer.model.policy
+    assert trainer.ref_model is not policy and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    for (name, p), (_, q) in zip(policy.named_parameters(), trainer.ref_model.named_parameters()):
+        torch.testing.assert_close(p.detach(), q, msg=name)
+    trainer.train()
+    assert any(not torch.equal(p, q) for p, q in zip(policy.parameters(), trainer.ref_model.parameters()))

@@ -304,9 +304,8 @@ class SRPPOTrainer(_BaseTrainer):
         if ref_model is None:
             if hasattr(policy, "disable_adapter"):
                 return None, False  # the policy with its adapter disabled
-            raise ValueError(
-                "No `ref_model` was given: pass the SFT model (the KL reference), or use a PEFT policy whose base is it."
-            )
+            # TRL 1.12: a frozen copy of the initial policy (the SFT model) is the KL reference.
+            ref_model = copy.deepcopy(policy)
         shared = coherent and ref_model is self.reward_model.sft_model
         if not shared:
             ref_model.requires_grad_(False)

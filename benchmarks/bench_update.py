@@ -113,6 +113,10 @@ def _build_trainer(mode: str, args, output_dir: str):
         save_strategy="no",
         bf16=False,
         seed=bc.SEED,
+        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so timings stay comparable.
+        temperature=1.0,
+        activation_checkpointing=False,
+        num_sample_generations=0,
         disable_tqdm=True,
     )
     trainer = SRPPOTrainer(

@@ -114,7 +114,11 @@ def main(argv=None):
         sft_per_device_train_batch_size=8, sft_max_length=256, sft_max_steps=args.sft_max_steps,
     )  # fmt: skip
     stages, prompts, eval_prompts = build_stage_data(pipe)
-    sft_args = SRPPOConfig(output_dir=str(out / "sft"), seed=args.sft_seed, report_to="none", logging_steps=5)
+    # activation_checkpointing=False: SRPPOConfig's default before it took TRL 1.12's (on), kept for the timings.
+    sft_args = SRPPOConfig(
+        output_dir=str(out / "sft"), seed=args.sft_seed, report_to="none", logging_steps=5,
+        activation_checkpointing=False,
+    )  # fmt: skip
     t = time.time()
     sft_path = sft_path or run_sft(pipe, sft_args, model_args, base_path, tokenizer, stages, None)
     timings["sft_s"] = round(time.time() - t, 1)
@@ -123,7 +127,10 @@ def main(argv=None):
     t = time.time()
     extended = copy.copy(pipe)
     extended.sft_num_train_epochs = args.extended_epochs
-    ext_args = SRPPOConfig(output_dir=str(out / "sft_extended"), seed=args.sft_seed, report_to="none", logging_steps=5)
+    ext_args = SRPPOConfig(
+        output_dir=str(out / "sft_extended"), seed=args.sft_seed, report_to="none", logging_steps=5,
+        activation_checkpointing=False,
+    )  # fmt: skip
     ext_path = ext_path or run_sft(extended, ext_args, model_args, sft_path, tokenizer, stages, None)
     timings["sft_extended_s"] = round(time.time() - t, 1)
     rows["sft_extended"] = [offline(AutoModelForCausalLM.from_pretrained(ext_path), tokenizer, args.eval_n)]
@@ -139,6 +146,7 @@ def main(argv=None):
                 critic_warmup_steps=args.critic_warmup, kl_coef=args.kl_coef, reward_clip=args.reward_clip,
                 missing_eos_penalty=1.0, reward_granularity=granularity, logging_steps=1,
                 local_rollout_forward_batch_size=8, per_device_eval_batch_size=16,
+                temperature=1.0, stop_token="eos", activation_checkpointing=False, num_sample_generations=0,
             )  # fmt: skip
             trainer, before, after = run_rl(
                 pipe, rl_args, model_args, sft_path, base_path, tokenizer, prompts, eval_prompts, None

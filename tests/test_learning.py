@@ -50,6 +50,12 @@ def test_srppo_raises_the_mean_coherent_reward(tmp_path):
         critic_learning_rate=3e-3,
         kl_coef=0.01,
         max_steps=24,
+        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so this test is unchanged.
+        temperature=1.0,
+        stop_token="eos",
+        activation_checkpointing=False,
+        logging_steps=1,
+        num_sample_generations=0,
         per_device_eval_batch_size=16,
         report_to="none",
         save_strategy="no",

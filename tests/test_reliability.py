@@ -39,7 +39,7 @@ def _args(output_dir, **overrides):
     kwargs = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=2,
-        num_mini_batches=2,  # rollout batch of 4 prompts, 2 optimizer steps per PPO epoch
+        rollout_batch_size=4,  # mini batches of 2 prompts: 2 optimizer steps per PPO epoch
         num_ppo_epochs=2,  # 4 optimizer steps per rollout buffer
         response_length=6,  # shrunk: tiny models, fast tests
         learning_rate=1e-3,  # shrunk steps need a large step size to move parameters visibly
@@ -50,6 +50,12 @@ def _args(output_dir, **overrides):
         report_to="none",
         seed=0,
         data_seed=0,
+        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so this test is unchanged.
+        temperature=1.0,
+        stop_token="eos",
+        activation_checkpointing=False,
+        logging_steps=1,
+        num_sample_generations=0,
     )
     kwargs.update(overrides)
     return SRPPOConfig(**kwargs)

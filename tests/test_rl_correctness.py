@@ -17,14 +17,13 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
 from tokenizers import processors
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer, ppo_math
+from srppo_trl import CoherentRewardModel, SRPPOTrainer, ppo_math
 from srppo_trl.logprobs import sequence_logprobs
 from srppo_trl.rollout import response_mask_after_stop, sample_responses
-from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
 from srppo_trl.tokenization import bos_token_added_to_text, ensure_chat_template_bos, tokenize_prompt
 
 
@@ -34,23 +33,11 @@ def tokenizer():
 
 
 def _prompts(n=8):
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+    return tiny_prompts(n)
 
 
 def _args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        response_length=8,
-        learning_rate=1e-3,
-        critic_learning_rate=1e-3,
-        max_steps=2,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return SRPPOConfig(**kwargs)
+    return tiny_srppo_config(tmp_path, **overrides)
 
 
 def _trainer(tokenizer, tmp_path, policy=None, dataset=None, **overrides):

@@ -11,8 +11,8 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
-from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+from srppo_trl import CoherentRewardModel, SRPPOTrainer
+from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
 from srppo_trl.trainer import response_mask_after_stop
 
 
@@ -22,23 +22,11 @@ def tokenizer():
 
 
 def _prompts(n=8):
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+    return tiny_prompts(n)
 
 
 def _args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        response_length=8,  # shrunk: tiny models, fast tests
-        learning_rate=1e-3,  # shrunk steps need a large step size to move parameters visibly
-        critic_learning_rate=1e-3,
-        max_steps=2,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return SRPPOConfig(**kwargs)
+    return tiny_srppo_config(tmp_path, **overrides)
 
 
 def _trainer(tokenizer, tmp_path, kind="llama", **overrides):
@@ -261,7 +249,7 @@ def _trainer_with_data(tokenizer, tmp_path, data):
         (dict(reward_granularity="word"), "reward_granularity"),
         (dict(response_length=0), "response_length"),
         (dict(rollout_batch_size=10), "divisible"),
-        (dict(rollout_batch_size=8, num_mini_batches=2), "not both"),
+        (dict(rollout_batch_size=8, num_mini_batches=4), "not both"),  # 8 / 4 per step gives 2, not 4
     ],
 )
 def test_config_checks(tmp_path, overrides, message):

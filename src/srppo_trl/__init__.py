@@ -16,7 +16,6 @@ _LAZY = {
     "CoherentRewardModel": "srppo_trl.coherent_reward",
     "SRPPOConfig": "srppo_trl.config",
     "SRPPOTrainer": "srppo_trl.trainer",
-    "ValueModel": "srppo_trl.modeling",
     "build_value_model": "srppo_trl.modeling",
 }
 

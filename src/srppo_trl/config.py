@@ -1,22 +1,34 @@
 """`SRPPOConfig`: the training arguments of `SRPPOTrainer`.
 
-Field names follow TRL's former `PPOConfig` (`kl_coef`, `cliprange`, `vf_coef`, `num_ppo_epochs`, `num_mini_batches`,
-...) so its users can switch by changing an import. Batch sizes, in TRL PPO's vocabulary:
+Field names, meanings and defaults follow TRL 1.12's `PPOConfig` (`kl_coef`, `cliprange`, `vf_coef`, `num_ppo_epochs`,
+`num_mini_batches`, `total_episodes`, ...) so its users can switch by changing an import (see
+docs/migrating_from_trl_ppo.md). Batch sizes, in TRL 1.12's vocabulary (all derived in `__post_init__`):
 
-    mini batch    = per_device_train_batch_size * gradient_accumulation_steps * num_processes   (one optimizer step)
-    rollout batch = mini batch * num_mini_batches                                (prompts generated per rollout buffer)
+    local_batch_size = per_device_train_batch_size * gradient_accumulation_steps   (prompts per rollout, per process)
+    batch_size       = local_batch_size * world_size                               (prompts per rollout buffer)
+    mini_batch_size  = batch_size / num_mini_batches                               (prompts per optimizer step)
+    micro_batch_size = per_device_train_batch_size * world_size                    (one forward/backward, all processes)
 
-so the paper's "rollout buffer 1024, train batch 128" is a mini batch of 128 with `num_mini_batches=8`, or equivalently
-`rollout_batch_size=1024` (then `num_mini_batches` is derived). Each rollout buffer gives
-`num_ppo_epochs * num_mini_batches` optimizer steps; `global_step` counts optimizer steps, as in every `Trainer`.
+Each rollout buffer gives `num_ppo_epochs * num_mini_batches` optimizer steps; `global_step` counts optimizer steps,
+as in every `Trainer`. With `num_mini_batches > 1` the optimizer steps once per mini batch, so the micro-batches the
+`Trainer` accumulates per step become `local_mini_batch_size / per_device_train_batch_size` (`gradient_accumulation_
+steps` is rewritten to that; `per_device_train_batch_size` shrinks to the mini batch when it is smaller).
+
+`rollout_batch_size` is our explicit way to give the paper's buffer ("rollout buffer 1024, train batch 128"): then
+`per_device_train_batch_size * gradient_accumulation_steps * world_size` is the mini batch (128) and `num_mini_batches`
+is derived (8). `total_episodes` (prompts sampled in all) sets the training length like TRL 1.12:
+`num_total_batches = ceil(total_episodes / batch_size)` rollout buffers, i.e. `max_steps = num_total_batches *
+num_ppo_epochs * num_mini_batches` optimizer steps.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
+from transformers import TrainingArguments
 from trl.trainer.base_config import _BaseConfig
 
 from . import ppo_math
@@ -32,21 +44,25 @@ REWARD_GRANULARITIES = ("sequence", "token")
 class SRPPOConfig(_BaseConfig):
     r"""Configuration of [`SRPPOTrainer`]. Every field has a `help` string (`--help` on a recipe lists them).
 
-    Defaults are generic, small-scale PPO values; the paper's values (KL 0.2, clip 0.2, critic lr 9e-6, 35 warm-up
+    Defaults are TRL 1.12 `PPOConfig`'s for its fields (learning rate 3e-6, 4 PPO epochs, 53-token responses at
+    temperature 0.7, no stop token, activation checkpointing on, logging every 10 steps); the paper's values (KL 0.2, clip 0.2, critic lr 9e-6, 35 warm-up
     buffers, rollout buffer 1024 / train batch 128, actor lr in {5e-8, 2e-8, 1e-8}) live in the recipes' YAML files.
     """
 
     # ---- Overridden TrainingArguments defaults ----
-    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate of the policy (actor)."})
+    learning_rate: float = field(default=3e-6, metadata={"help": "Learning rate of the policy (actor)."})
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers 5); off by default here."},
+        metadata={
+            "help": "TRL 1.12's name of `activation_checkpointing` (transformers 5), used when that is not set. "
+            "Activation checkpointing is on by default, as in TRL 1.12."
+        },
     )
     bf16: bool | None = field(
         default=None,
         metadata={"help": "Train in bf16 mixed precision. Defaults to True on a bf16-capable GPU, False otherwise."},
     )
-    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the trainer reads the `prompt` column itself."}
     )
@@ -59,10 +75,36 @@ class SRPPOConfig(_BaseConfig):
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the hub. Off by default: turn on knowingly."}
     )
+    sft_model_path: str = field(
+        default="EleutherAI/pythia-160m",
+        metadata={"help": "Path to the SFT model (read by scripts such as TRL's PPO example, not by the trainer)."},
+    )
+    reward_model_path: str = field(
+        default="EleutherAI/pythia-160m",
+        metadata={"help": "Path to the reward model (read by scripts such as TRL's PPO example, not by the trainer)."},
+    )
+    model_adapter_name: str | None = field(
+        default=None,
+        metadata={"help": "Name of the train target PEFT adapter, when using LoRA with multiple adapters."},
+    )
+    ref_adapter_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the reference PEFT adapter, when using LoRA with multiple adapters: with `ref_model=None` "
+            "the KL reference is the policy with this adapter active (default: with its adapter disabled)."
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Number of processes to use for processing the dataset."}
+    )
+    exp_name: str | None = field(
+        default=None,
+        metadata={"help": "Experiment name of TRL's older PPO scripts (removed before TRL 1.12); stored, unused."},
+    )
 
     # ---- Generation (rollouts) ----
-    response_length: int = field(default=128, metadata={"help": "Maximum number of new tokens per response."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    response_length: int = field(default=53, metadata={"help": "Maximum number of new tokens per response."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the rollouts."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of the rollouts (0 disables it)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the rollouts (1.0 disables it)."})
     max_prompt_length: int | None = field(
@@ -72,14 +114,31 @@ class SRPPOConfig(_BaseConfig):
         },
     )
     stop_token: str | None = field(
-        default="eos",
-        metadata={"help": "Where a response ends: 'eos' (the tokenizer's EOS token) or None (use `stop_token_id`)."},
+        default=None,
+        metadata={
+            "help": "Where a response ends: 'eos' (the tokenizer's EOS token) or None (`stop_token_id`, or no stop "
+            "token: every response runs to `response_length`, TRL 1.12's default)."
+        },
     )
     stop_token_id: int | None = field(
         default=None, metadata={"help": "Token id that ends a response; set from `stop_token='eos'` when None."}
     )
     local_rollout_forward_batch_size: int = field(
-        default=16, metadata={"help": "Micro-batch size of the generation and scoring forward passes."}
+        default=64, metadata={"help": "Micro-batch size of the generation and scoring forward passes."}
+    )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "DeepSpeed ZeRO-3: gather the policy's weights for generation (faster); False allows policies "
+            "larger than one GPU's memory, at the cost of slower generation."
+        },
+    )
+    num_sample_generations: int = field(
+        default=10,
+        metadata={
+            "help": "Number of debugging samples generations (i.e., `generate_completions` calls on the eval "
+            "prompts) throughout training; 0 disables them."
+        },
     )
 
     # ---- Reward ----
@@ -104,16 +163,27 @@ class SRPPOConfig(_BaseConfig):
     )
 
     # ---- PPO ----
-    num_ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout buffer."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout buffer."})
     num_mini_batches: int | None = field(
         default=None,
-        metadata={"help": "Optimizer steps per PPO epoch (mini batches per rollout buffer). Default 1."},
+        metadata={
+            "help": "Number of minibatches to split a rollout batch into: optimizer steps per PPO epoch. Default 1 "
+            "(derived from `rollout_batch_size` when that is given)."
+        },
+    )
+    total_episodes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Total number of prompts to sample (episodes); sets the training length like TRL 1.12. None: "
+            "`num_train_epochs` passes over the train dataset (or `max_steps`)."
+        },
     )
     rollout_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Prompts per rollout buffer across all processes (paper: 1024). Give it or `num_mini_batches`, "
-            "not both; the other is derived."
+            "help": "Prompts per rollout buffer across all processes (paper: 1024); then per_device_train_batch_size "
+            "* gradient_accumulation_steps * processes is the mini batch and `num_mini_batches` is derived. None: "
+            "TRL 1.12's rollout batch, per_device_train_batch_size * gradient_accumulation_steps * processes."
         },
     )
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient beta (paper: 0.2 or 0.5)."})
@@ -167,8 +237,33 @@ class SRPPOConfig(_BaseConfig):
         metadata={"help": "Also save the critic (in `value_model/`) with the final model. Checkpoints always do."},
     )
 
-    # ---- Filled at runtime (see __post_init__) ----
-    mini_batch_size: int | None = field(default=None, metadata={"help": "Derived: prompts per optimizer step."})
+    # ---- Filled at runtime (see __post_init__), TRL 1.12's names ----
+    world_size: int | None = field(
+        default=None, metadata={"help": "Derived: number of processes (GPUs) used for the training."}
+    )
+    num_total_batches: int | None = field(
+        default=None, metadata={"help": "Derived: number of rollout buffers to train on (from the training length)."}
+    )
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Derived: micro batch size across devices (per_device_train_batch_size * world_size)."},
+    )
+    local_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Derived: rollout batch per process (per_device_train_batch_size * gradient_accumulation_steps)."
+        },
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Derived: rollout batch across processes (local_batch_size * world_size)."},
+    )
+    local_mini_batch_size: int | None = field(
+        default=None, metadata={"help": "Derived: mini batch (one optimizer step) per process."}
+    )
+    mini_batch_size: int | None = field(
+        default=None, metadata={"help": "Derived: mini batch (one optimizer step) across processes."}
+    )
     steps_per_rollout: int | None = field(
         default=None,
         metadata={"help": "Derived: optimizer steps per rollout buffer (num_ppo_epochs * num_mini_batches)."},
@@ -177,6 +272,8 @@ class SRPPOConfig(_BaseConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL 1.12's default (`gradient_checkpointing=True`)
         super().__post_init__()
 
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -202,23 +299,12 @@ class SRPPOConfig(_BaseConfig):
         if self.stop_token not in ("eos", None):
             raise ValueError(f"stop_token must be 'eos' or None, got {self.stop_token!r}.")
 
-        self.mini_batch_size = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
-        if self.rollout_batch_size is not None and self.num_mini_batches is not None:
-            raise ValueError("Set either `rollout_batch_size` or `num_mini_batches`, not both: one is derived.")
-        if self.rollout_batch_size is not None:
-            if self.rollout_batch_size % self.mini_batch_size != 0:
-                raise ValueError(
-                    f"rollout_batch_size ({self.rollout_batch_size}) must be divisible by the mini batch "
-                    f"per_device_train_batch_size * gradient_accumulation_steps * num_processes "
-                    f"({self.mini_batch_size})."
-                )
-            self.num_mini_batches = self.rollout_batch_size // self.mini_batch_size
-        else:
-            self.num_mini_batches = 1 if self.num_mini_batches is None else self.num_mini_batches
-            if self.num_mini_batches < 1:
-                raise ValueError(f"num_mini_batches must be at least 1, got {self.num_mini_batches}.")
-            self.rollout_batch_size = self.mini_batch_size * self.num_mini_batches
+        # TRL 1.12 declared `world_size` as a field (shadowing TrainingArguments' property) that its trainer filled
+        # with the process count; we fill it here, from the property, so every reader gets the real count.
+        self.world_size = TrainingArguments.world_size.fget(self)
+        self._derive_batch_sizes()
         self.steps_per_rollout = self.num_ppo_epochs * self.num_mini_batches
+        self._derive_training_length()
 
         # A checkpoint inside a rollout buffer could not be resumed exactly (the buffer is not saved): keep them on
         # buffer boundaries.
@@ -232,6 +318,74 @@ class SRPPOConfig(_BaseConfig):
                 rounded,
             )
             self.save_steps = rounded
+
+    def _derive_batch_sizes(self) -> None:
+        """TRL 1.12's batch sizes (see the module docstring); sets the Trainer's per-optimizer-step accumulation."""
+        world = self.world_size
+        if self.num_mini_batches is not None and self.num_mini_batches < 1:
+            raise ValueError(f"num_mini_batches must be at least 1, got {self.num_mini_batches}.")
+        if self.rollout_batch_size is None:
+            # TRL 1.12: the rollout batch is per_device * accumulation * processes, split into num_mini_batches.
+            mini_batches = self.num_mini_batches or 1
+            per_device = self.per_device_train_batch_size
+            local_batch = per_device * self.gradient_accumulation_steps
+            if local_batch % mini_batches:
+                raise ValueError(
+                    f"per_device_train_batch_size * gradient_accumulation_steps ({local_batch}) must be a multiple of "
+                    f"num_mini_batches ({mini_batches}): change one of them."
+                )
+            self.micro_batch_size = per_device * world
+            local_mini = local_batch // mini_batches
+            if mini_batches > 1:
+                # One optimizer step per mini batch: the Trainer accumulates that mini batch's micro-batches.
+                if local_mini < per_device:
+                    self.per_device_train_batch_size, self.gradient_accumulation_steps = local_mini, 1
+                elif local_mini % per_device:
+                    raise ValueError(
+                        f"The mini batch per process ({local_mini} = {local_batch} / num_mini_batches) must be a "
+                        f"multiple of per_device_train_batch_size ({per_device}): change num_mini_batches or "
+                        "gradient_accumulation_steps."
+                    )
+                else:
+                    self.gradient_accumulation_steps = local_mini // per_device
+            self.num_mini_batches = mini_batches
+            self.rollout_batch_size = local_batch * world
+        else:
+            mini_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * world
+            if self.rollout_batch_size % mini_batch != 0:
+                raise ValueError(
+                    f"rollout_batch_size ({self.rollout_batch_size}) must be divisible by the mini batch "
+                    f"per_device_train_batch_size * gradient_accumulation_steps * num_processes ({mini_batch})."
+                )
+            derived = self.rollout_batch_size // mini_batch
+            if self.num_mini_batches is not None and self.num_mini_batches != derived:
+                raise ValueError(
+                    f"rollout_batch_size={self.rollout_batch_size} with mini batches of {mini_batch} gives "
+                    f"num_mini_batches={derived}, not {self.num_mini_batches}: set either rollout_batch_size or "
+                    "num_mini_batches, not both."
+                )
+            self.num_mini_batches = derived
+            self.micro_batch_size = self.per_device_train_batch_size * world
+        self.batch_size = self.rollout_batch_size
+        self.local_batch_size = self.rollout_batch_size // world
+        self.mini_batch_size = self.batch_size // self.num_mini_batches
+        self.local_mini_batch_size = self.local_batch_size // self.num_mini_batches
+
+    def _derive_training_length(self) -> None:
+        """`total_episodes` -> rollout buffers (`num_total_batches`) -> `max_steps` optimizer steps, as TRL 1.12."""
+        if self.total_episodes is not None:
+            if self.total_episodes < 1:
+                raise ValueError(f"total_episodes must be at least 1, got {self.total_episodes}.")
+            self.num_total_batches = math.ceil(self.total_episodes / self.batch_size)
+            max_steps = self.num_total_batches * self.steps_per_rollout
+            if self.max_steps > 0 and self.max_steps != max_steps:
+                raise ValueError(
+                    f"total_episodes={self.total_episodes} means {max_steps} optimizer steps but max_steps="
+                    f"{self.max_steps}: set only one of them."
+                )
+            self.max_steps = max_steps
+        elif self.max_steps > 0:
+            self.num_total_batches = math.ceil(self.max_steps / self.steps_per_rollout)
 
     @property
     def local_rollout_batch_size(self) -> int:

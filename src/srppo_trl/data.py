@@ -683,22 +683,33 @@ def check_prompt_lengths(
     """Raise `ValueError` if `dataset`'s prompts cannot be trained on; return their lengths in tokens.
 
     The checks `SRPPOTrainer` makes when it is built, made here without a model so a pipeline can run them before
-    SFT: a `prompt` column, at least one row, no prompt longer than `max_prompt_length` (None: no limit), and no
-    prompt that leaves fewer than `response_length` tokens of the model's `context` (None: unknown, not checked).
-    Prompts are tokenized as the trainer does (`prompt_input_ids`), so pass the tokenizer it will get.
+    SFT: an `input_ids` column (used as given) or a `prompt` column (tokenized as the trainer does,
+    `prompt_input_ids`, so pass the tokenizer it will get), at least one row, and `check_lengths`.
     """
-    if "prompt" not in dataset.column_names:
+    if "input_ids" not in dataset.column_names and "prompt" not in dataset.column_names:
         raise ValueError(
-            f"{name} has no `prompt` column (it has {dataset.column_names}): rename your prompt column to "
-            "`prompt` (plain text or a list of chat messages)."
+            f"{name} has neither an `input_ids` nor a `prompt` column (it has {dataset.column_names}): pass "
+            "tokenized prompts in `input_ids`, or prompts in a `prompt` column (plain text or chat messages)."
         )
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty: it needs at least one prompt.")
-    lengths = [
-        len(prompt_input_ids(prompt, tokenizer))
-        for _, batch in _batches(dataset, ["prompt"])
-        for prompt in batch["prompt"]
-    ]
+    if "input_ids" in dataset.column_names:
+        lengths = [len(ids) for _, batch in _batches(dataset, ["input_ids"]) for ids in batch["input_ids"]]
+    else:
+        lengths = [
+            len(prompt_input_ids(prompt, tokenizer))
+            for _, batch in _batches(dataset, ["prompt"])
+            for prompt in batch["prompt"]
+        ]
+    check_lengths(
+        lengths, max_prompt_length=max_prompt_length, response_length=response_length, context=context, name=name
+    )
+    return lengths
+
+
+def check_lengths(lengths, *, max_prompt_length: int | None, response_length: int, context: int | None, name: str):
+    """Refuse prompts longer than `max_prompt_length` (None: no limit) and prompts that leave fewer than
+    `response_length` tokens of the model's `context` (None: unknown, not checked). `lengths`: tokens per prompt."""
     longest = max(lengths)
     if max_prompt_length is not None and longest > max_prompt_length:
         count = sum(length > max_prompt_length for length in lengths)
@@ -711,7 +722,6 @@ def check_prompt_lengths(
             f"The longest prompt in {name} ({longest} tokens) plus response_length={response_length} exceeds "
             f"the model's context of {context} tokens: shorten the prompts or lower response_length."
         )
-    return lengths
 
 
 __all__ = [
@@ -722,6 +732,7 @@ __all__ = [
     "SFTStage",
     "build_ppo_prompts",
     "build_sft_data",
+    "check_lengths",
     "build_ultrafeedback_gpt4_sft",
     "check_columns",
     "check_list_of_dicts",

@@ -1,8 +1,9 @@
 """The critic and the module the optimizer trains (policy + critic).
 
 The critic is a `*ForTokenClassification` model with one label: the backbone of the SFT causal LM plus a scalar head,
-so it saves and loads with `save_pretrained`/`from_pretrained` like any transformers model (TRL's former PPO used a
-sequence-classification model and called its backbone by hand; a token classifier returns per-token values directly).
+so it saves and loads with `save_pretrained`/`from_pretrained` like any transformers model. A one-label
+`*ForSequenceClassification` model, the critic of TRL 1.12's PPO examples, works too: as TRL did, its per-token values
+are its `score` head applied to every hidden state of its backbone (`getattr(model, model.base_model_prefix)`).
 """
 
 from __future__ import annotations
@@ -50,24 +51,49 @@ def _backbone_prefixes(model: nn.Module) -> tuple[str, ...]:
     return (prefix + ".",)
 
 
+def reads_values_through_score(value_model: nn.Module) -> bool:
+    """True for a one-label sequence classifier used as critic (TRL 1.12's): values come from `score` per token."""
+    config = getattr(value_model, "config", None)
+    prefix = getattr(value_model, "base_model_prefix", None)
+    return (
+        type(value_model).__name__.endswith("ForSequenceClassification")
+        and getattr(config, "num_labels", None) == 1
+        and isinstance(getattr(value_model, "score", None), nn.Module)
+        and bool(prefix)
+        and hasattr(value_model, prefix)
+    )
+
+
+def token_values(value_model: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """Per-token values [B, T, 1] of a token classifier, or of a sequence classifier read through its backbone."""
+    if reads_values_through_score(value_model):
+        backbone = getattr(value_model, value_model.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return value_model.score(hidden)
+    return value_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+
 def check_value_model(value_model: nn.Module) -> None:
     """Refuse, before training, a critic that does not return one value per token (`logits` of shape [B, T, 1])."""
     device = next(value_model.parameters()).device
     probe = torch.tensor([[0, 0]], device=device)
     with torch.no_grad():
         try:
-            out = value_model(input_ids=probe, attention_mask=torch.ones_like(probe))
+            logits = token_values(value_model, probe, torch.ones_like(probe))
         except Exception as exc:  # noqa: BLE001 - re-raised with the fix
             raise ValueError(
-                f"The value model could not run on token ids ({exc}): pass a `*ForTokenClassification` model with "
-                "`num_labels=1`, or leave `value_model=None` to build one from the SFT model."
+                f"The value model could not run on token ids ({exc}): pass a `*ForTokenClassification` or "
+                "`*ForSequenceClassification` model with `num_labels=1`, or leave `value_model=None` to build one "
+                "from the SFT model."
             ) from exc
-    logits = getattr(out, "logits", None)
     if logits is None or logits.shape[-1] != 1 or logits.dim() != 3:
         shape = None if logits is None else tuple(logits.shape)
         raise ValueError(
             f"The value model must return one scalar per token (`logits` of shape [B, T, 1]), got {shape}: use "
-            "`AutoModelForTokenClassification.from_pretrained(sft_path, num_labels=1)` or leave `value_model=None`."
+            "`AutoModelForTokenClassification.from_pretrained(sft_path, num_labels=1)` (or "
+            "`AutoModelForSequenceClassification` with `num_labels=1`) or leave `value_model=None`."
         )
 
 
@@ -96,9 +122,26 @@ class PolicyAndValueWrapper(nn.Module):
             logits_to_keep=logits_to_keep,
             use_cache=False,
         ).logits
-        values = self.value_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        values = token_values(self.value_model, input_ids, attention_mask, position_ids)
         return logits, values.squeeze(-1)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Checkpoint the activations of the policy and of the critic (the Trainer calls this when it is on)."""
         for module in (self.policy, self.value_model):
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            if hasattr(module, "activation_checkpointing_enable"):
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self):
+        for module in (self.policy, self.value_model):
+            if hasattr(module, "activation_checkpointing_disable"):
+                module.activation_checkpointing_disable()
+            else:
+                module.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.activation_checkpointing_disable()

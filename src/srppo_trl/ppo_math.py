@@ -88,13 +88,18 @@ def _check_2d(name: str, x: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None, *, axis: int | None = None) -> Tensor:
     """Mean of `values` over the positions where `mask` is nonzero.
 
         masked_mean(x, m) = sum_i m_i x_i / sum_i m_i          (0 when sum_i m_i = 0)
 
-    Shapes: `values` and `mask` of the same shape; `dim=None` -> scalar, otherwise that dimension is reduced.
+    Shapes: `values` and `mask` of the same shape; `dim=None` -> scalar, otherwise that dimension is reduced. `axis`
+    is an alias of `dim` (TRL 1.12's `masked_mean(values, mask, axis=None)`).
     """
+    if axis is not None:
+        if dim is not None and dim != axis:
+            raise ValueError(f"masked_mean got dim={dim} and axis={axis}: pass only one of them (axis is an alias).")
+        dim = axis
     mask = _bool_mask(mask, values)
     total = _zero_outside(values, mask)
     if dim is None:

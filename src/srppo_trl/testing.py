@@ -91,3 +91,41 @@ def tiny_causal_lm(tokenizer, kind: str = "llama", seed: int = 0, hidden_size: i
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def tiny_prompts(n: int = 8):
+    """`n` chat prompts in TRL's prompt-only format."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+
+
+def tiny_srppo_config(output_dir, **overrides):
+    """An `SRPPOConfig` for tiny models on CPU: seconds per run.
+
+    Shrunk: responses of 8 tokens (the paper samples up to 1024), mini batches of 4 prompts (paper: 128), learning
+    rates of 1e-3 (paper: ~1e-8 actor, 9e-6 critic) so that two optimizer steps visibly move a tiny model. Pinned to
+    the values the tests were written for (TRL 1.12's PPOConfig defaults differ): one PPO epoch, temperature 1, stop
+    at EOS, no activation checkpointing, a log line per step, no sample tables.
+    """
+    from .config import SRPPOConfig
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        response_length=8,
+        learning_rate=1e-3,
+        critic_learning_rate=1e-3,
+        max_steps=2,
+        num_ppo_epochs=1,
+        temperature=1.0,
+        stop_token="eos",
+        activation_checkpointing=False,
+        logging_steps=1,
+        num_sample_generations=0,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return SRPPOConfig(**kwargs)

@@ -15,9 +15,13 @@ accumulation, logging, checkpoints and resume are the `Trainer`'s. We deliberate
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
+import time
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -30,11 +34,11 @@ from trl.trainer.utils import RepeatSampler, create_model_from_path, disable_dro
 from . import ppo_math
 from .coherent_reward import CoherentRewardModel, _vocab_size, check_same_vocabulary
 from .config import SRPPOConfig
+from .data import check_lengths, prompt_input_ids
 from .logprobs import gather_logprobs, position_ids_from_attention_mask, sequence_logprobs
 from .modeling import PolicyAndValueWrapper, build_value_model, check_value_model
 from .rollout import response_mask_after_stop, rollout_generation_config, sample_responses
 from .single_base import is_single_base
-from .tokenization import tokenize_prompt
 
 
 logger = logging.getLogger(__name__)
@@ -78,11 +82,18 @@ class SRPPOTrainer(_BaseTrainer):
             `None` means "the policy with its adapter disabled".
         reward_model: a [`CoherentRewardModel`], or a sequence-classification reward model with one label (the
             paper's "PPO with a preference reward model" baseline).
-        value_model: the critic; default: the SFT (initial policy) backbone with a scalar head.
-        train_dataset: prompts in TRL's prompt-only format: a `prompt` column of plain text or chat messages.
-        eval_dataset: prompts in the same format; `evaluate()` samples responses and reports their reward.
+        train_dataset: prompts, either tokenized in an `input_ids` column (used as given, as TRL 1.12's PPO took
+            them) or in TRL's prompt-only format: a `prompt` column of plain text or chat messages.
+        value_model: the critic; default: the SFT (initial policy) backbone with a scalar head. A one-label
+            `*ForTokenClassification` or `*ForSequenceClassification` model (TRL 1.12's critic).
+        data_collator: pads a list of `{"input_ids": [...]}` into left-padded `input_ids` (and `attention_mask`)
+            tensors; default: the tokenizer's `pad` (TRL 1.12 used `DataCollatorWithPadding`, which does the same).
+        eval_dataset: prompts in the same format; `evaluate()` samples responses and reports their reward, and
+            `generate_completions()` prints a table of greedy-ish samples.
+        optimizers, callbacks: as in `transformers.Trainer`.
         peft_config: a PEFT config; the policy then trains a LoRA adapter.
-        callbacks, optimizers: as in `transformers.Trainer`.
+
+    The positional order of the arguments is TRL 1.12 `PPOTrainer`'s.
     """
 
     _tag_names = ["trl", "srppo", "ppo"]
@@ -106,12 +117,13 @@ class SRPPOTrainer(_BaseTrainer):
         model: nn.Module | str | None = None,
         ref_model: nn.Module | str | None = None,
         reward_model: nn.Module | None = None,
-        value_model: nn.Module | str | None = None,
         train_dataset: Dataset | None = None,
+        value_model: nn.Module | str | None = None,
+        data_collator=None,
         eval_dataset: Dataset | None = None,
-        peft_config=None,
-        callbacks: list[TrainerCallback] | None = None,
         optimizers=(None, None),
+        callbacks: list[TrainerCallback] | None = None,
+        peft_config=None,
     ):
         if model is None:
             raise ValueError("`model` is required: pass the SFT model (or its path) to initialise the policy.")
@@ -172,6 +184,8 @@ class SRPPOTrainer(_BaseTrainer):
             )
         if eval_dataset is not None:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, model, args, "eval_dataset")
+        self._set_training_length(args, len(train_dataset))
+        self._user_collator = data_collator
 
         super().__init__(
             model=PolicyAndValueWrapper(model, value_model),
@@ -195,6 +209,8 @@ class SRPPOTrainer(_BaseTrainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffer = None  # the current rollout buffer: a dict of [B_local, ...] tensors
         self._step = None  # micro-steps done, set from `state.global_step` at the first training step (resume)
+        self._clock = None  # (time, episode) at the start of `train()`, for the `eps` metric
+        self.add_callback(_TRL112Callback(self))
 
     # ------------------------------------------------------------------ set-up checks
 
@@ -274,14 +290,23 @@ class SRPPOTrainer(_BaseTrainer):
         if ref_model is None:
             if hasattr(policy, "disable_adapter"):
                 return None, False  # the policy with its adapter disabled
-            raise ValueError(
-                "No `ref_model` was given: pass the SFT model (the KL reference), or use a PEFT policy whose base is it."
-            )
+            # TRL 1.12: a frozen copy of the initial policy (the SFT model) is the KL reference.
+            ref_model = copy.deepcopy(policy)
         shared = coherent and ref_model is self.reward_model.sft_model
         if not shared:
             ref_model.requires_grad_(False)
             ref_model.eval()
         return ref_model, shared
+
+    @staticmethod
+    def _set_training_length(args: SRPPOConfig, num_prompts: int) -> None:
+        """TRL 1.12's length: `total_episodes` prompts (default `num_train_epochs` x the dataset) -> `max_steps`."""
+        if args.total_episodes is None and args.max_steps <= 0:
+            args.total_episodes = int(args.num_train_epochs * num_prompts)
+            args.num_total_batches = math.ceil(args.total_episodes / args.batch_size)
+            args.max_steps = args.num_total_batches * args.steps_per_rollout
+        elif args.total_episodes is None:
+            args.total_episodes = args.num_total_batches * args.batch_size
 
     def _move_frozen_models(self) -> None:
         device = self.accelerator.device
@@ -303,42 +328,56 @@ class SRPPOTrainer(_BaseTrainer):
     @staticmethod
     def _prepare_dataset(dataset, tokenizer, model, args, name) -> Dataset:
         if dataset is None:
-            raise ValueError(f"{name} is required: a dataset with a `prompt` column.")
-        if "prompt" not in dataset.column_names:
+            raise ValueError(f"{name} is required: a dataset with an `input_ids` or a `prompt` column.")
+        # Tokenized prompts (TRL 1.12's format) are used as given; a `prompt` column is tokenized otherwise.
+        pretokenized = "input_ids" in dataset.column_names
+        if not pretokenized and "prompt" not in dataset.column_names:
             raise ValueError(
-                f"{name} has no `prompt` column (it has {dataset.column_names}): rename your prompt column to "
-                "`prompt` (plain text or a list of chat messages)."
+                f"{name} has neither an `input_ids` nor a `prompt` column (it has {dataset.column_names}): pass "
+                "tokenized prompts in `input_ids`, or prompts in a `prompt` column (plain text or chat messages)."
             )
         if len(dataset) == 0:
             raise ValueError(f"{name} is empty: it needs at least one prompt.")
 
         def tokenize(example):
-            ids = tokenize_prompt(tokenizer, example["prompt"])  # BOS-led like SFT and the base model's text
+            ids = prompt_input_ids(example["prompt"], tokenizer)  # BOS-led like SFT and the base model's text
             return {"input_ids": ids, "prompt_length": len(ids)}
 
-        dataset = dataset.map(tokenize, desc=f"Tokenizing {name}")
-        lengths = dataset["prompt_length"]
-        longest = max(lengths)
+        num_proc = getattr(args, "dataset_num_proc", None)
+        if pretokenized:
+            dataset = dataset.map(_count_prompt_tokens, desc=f"Reading {name}", num_proc=num_proc)
+        else:
+            dataset = dataset.map(tokenize, desc=f"Tokenizing {name}", num_proc=num_proc)
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if args.max_prompt_length is not None and longest > args.max_prompt_length:
-            count = sum(length > args.max_prompt_length for length in lengths)
-            raise ValueError(
-                f"{count} prompt(s) in {name} are longer than max_prompt_length={args.max_prompt_length} tokens "
-                f"(the longest, row {lengths.index(longest)}, has {longest}): filter them out or raise max_prompt_length."
-            )
-        if context is not None and longest + args.response_length > context:
-            raise ValueError(
-                f"The longest prompt in {name} ({longest} tokens) plus response_length={args.response_length} exceeds "
-                f"the model's context of {context} tokens: shorten the prompts or lower response_length."
-            )
+        check_lengths(
+            dataset["prompt_length"],
+            max_prompt_length=args.max_prompt_length,
+            response_length=args.response_length,
+            context=context,
+            name=name,
+        )
         return dataset
 
     def _collate(self, features: list[dict]) -> dict:
-        """Left-pads the tokenized prompts: {'input_ids', 'attention_mask'} [B, P], plus the raw prompts."""
+        """Left-pads the tokenized prompts: {'input_ids', 'attention_mask'} [B, P]."""
+        if self._user_collator is not None:
+            return self._collate_with_user_collator(features)
         batch = self.processing_class.pad(
             {"input_ids": [f["input_ids"] for f in features]}, padding=True, return_tensors="pt"
         )
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def _collate_with_user_collator(self, features: list[dict]) -> dict:
+        batch = self._user_collator([{"input_ids": f["input_ids"]} for f in features])
+        input_ids = torch.as_tensor(batch["input_ids"])
+        mask = batch.get("attention_mask")
+        mask = (input_ids != self.processing_class.pad_token_id).long() if mask is None else torch.as_tensor(mask)
+        if (mask[:, -1] == 0).any():
+            raise ValueError(
+                "The data_collator padded the prompts on the right: responses are appended after the prompts, so "
+                "pad on the left (tokenizer.padding_side = 'left')."
+            )
+        return {"input_ids": input_ids, "attention_mask": mask}
 
     # ------------------------------------------------------------------ data loading (one rollout batch per micro-step)
 
@@ -491,7 +530,7 @@ class SRPPOTrainer(_BaseTrainer):
                 return sequence_logprobs(sft_model, input_ids, attention_mask, response_mask, temperature)
         if self.ref_model is None:
             policy = self.accelerator.unwrap_model(self.model).policy
-            with policy.disable_adapter():
+            with self.null_ref_context():
                 return sequence_logprobs(policy, input_ids, attention_mask, response_mask, temperature)
         return sequence_logprobs(self.ref_model, input_ids, attention_mask, response_mask, temperature)
 
@@ -780,12 +819,16 @@ class SRPPOTrainer(_BaseTrainer):
             metrics["objective/rlhf_reward"].append(mean(buffer["rewards"].sum(-1)))
             metrics["objective/entropy"].append(mean(-buffer["logprobs"].sum(-1)))
             metrics["val/mean"].append(mean(ppo_math.masked_mean(buffer["values"], mask).unsqueeze(0)))
+        eos = (buffer["response"] == self.processing_class.eos_token_id) & mask.bool()
+        metrics["val/num_eos_tokens"].append(gather(eos.sum().reshape(1).float()).sum().item())
         metrics["completions/mean_length"].append(mean(mask.sum(-1)))
         metrics["completions/eos_rate"].append(mean(buffer["has_stop"]))
         metrics["critic_warmup"].append(float(buffer.get("warmup", False)))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and "learning_rate" in logs:
+            logs.update(self._trl112_progress_metrics(logs))
         metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
@@ -821,6 +864,93 @@ class SRPPOTrainer(_BaseTrainer):
         self.model.train(model_was_training)
         self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ TRL 1.12 PPOTrainer's API
+
+    @contextmanager
+    def null_ref_context(self):
+        """The policy as KL reference: with `ref_adapter_name` that adapter active, else its adapter disabled.
+
+        Only meaningful for a PEFT policy (with a full policy it does nothing), as in TRL 1.12.
+        """
+        policy = self.accelerator.unwrap_model(self.model).policy
+        is_peft = hasattr(policy, "peft_config")
+        ref_adapter = self.args.ref_adapter_name
+        with policy.disable_adapter() if is_peft and not ref_adapter else nullcontext():
+            if ref_adapter:
+                policy.set_adapter(ref_adapter)
+            try:
+                yield
+            finally:
+                if ref_adapter:
+                    policy.set_adapter(self.args.model_adapter_name or "default")
+
+    @torch.no_grad()
+    def generate_completions(self, sampling: bool = False):
+        """Sample a response to each eval prompt (temperature 0.01, as TRL 1.12) and show them with their score.
+
+        Prints the first five rows as a table (rich if installed) and logs all of them to wandb / trackio when they
+        are in `report_to`. `sampling=True` (the calls during training) stops after the first eval batch. Returns the
+        table as a pandas DataFrame (columns `query`, `model response`, `score`), or None without an eval_dataset.
+        """
+        if self.eval_dataset is None:
+            return None
+        import pandas as pd
+        from accelerate.utils import gather_object
+
+        tokenizer = self.processing_class
+        saved_config, was_training = self.generation_config, self.model.training
+        greedy = copy.deepcopy(saved_config)
+        greedy.temperature, greedy.top_k, greedy.top_p, greedy.do_sample = 0.01 + 1e-7, 0, 1.0, True
+        self.generation_config = greedy
+        self.model.eval()
+        table = defaultdict(list)
+        try:
+            for batch in self.get_eval_dataloader():
+                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                scored = self.score_rollouts(self.generate_rollouts(batch))
+                queries = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+                responses = [
+                    tokenizer.decode(r[m.bool()]) for r, m in zip(scored["response"], scored["response_mask"])
+                ]
+                table["query"].extend(gather_object(queries))
+                table["model response"].extend(gather_object(responses))
+                table["score"].extend(self.accelerator.gather_for_metrics(scored["scores"]).float().cpu().tolist())
+                if sampling:
+                    break
+        finally:
+            self.generation_config = saved_config
+            self.model.train(was_training)
+        df = pd.DataFrame(table)
+        if self.accelerator.is_main_process:
+            _print_table(df.iloc[0:5])
+            report_to = self.args.report_to or []
+            if "wandb" in report_to:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.log({"completions": wandb.Table(dataframe=df)})
+            if "trackio" in report_to:
+                import trackio
+
+                trackio.log({"completions": trackio.Table(dataframe=df)})
+        return df
+
+    def _episode(self) -> int:
+        """Prompts sampled so far (TRL 1.12's `state.episode`): every rollout buffer started counts whole."""
+        return math.ceil(self.state.global_step / self.args.steps_per_rollout) * self.args.batch_size
+
+    def _trl112_progress_metrics(self, logs: dict) -> dict:
+        """`episode`, `eps` (episodes per second), `lr` and `val/ratio_var` under TRL 1.12's names."""
+        episode = self._episode()
+        self.state.episode = episode
+        metrics = {"episode": episode, "lr": logs["learning_rate"]}
+        if self._clock is not None:
+            elapsed = time.time() - self._clock[0]
+            metrics["eps"] = int((episode - self._clock[1]) / elapsed) if elapsed > 0 else 0
+        ratios = self._metrics["train"].get("val/ratio") or []
+        metrics["val/ratio_var"] = torch.tensor(ratios).var().item() if len(ratios) > 1 else 0.0
         return metrics
 
     # ------------------------------------------------------------------ saving
@@ -910,6 +1040,53 @@ def _schedule_lambda(args, num_training_steps: int):
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or len(scheduler.lr_lambdas) != 1:
         return None
     return scheduler.lr_lambdas[0]
+
+
+def _count_prompt_tokens(example: dict) -> dict:
+    return {"prompt_length": len(example["input_ids"])}
+
+
+def _print_table(df) -> None:
+    """Print a DataFrame as a rich table when rich is installed, as plain text otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(df.to_string())
+        return
+    table = Table(show_lines=True)
+    for column in df.columns:
+        table.add_column(str(column))
+    for _, row in df.iterrows():
+        table.add_row(*row.astype(str).tolist())
+    Console().print(table)
+
+
+class _TRL112Callback(TrainerCallback):
+    """Keeps `state.episode`, starts the `eps` clock and calls `generate_completions(sampling=True)`.
+
+    As in TRL 1.12: after rollout buffers 1, 1 + f, 1 + 2f, ... with f = max(1, num_total_batches //
+    num_sample_generations), once the buffer's optimizer steps are done.
+    """
+
+    def __init__(self, trainer: SRPPOTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.episode = self.trainer._episode()
+        self.trainer._clock = (time.time(), state.episode)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        state.episode = trainer._episode()
+        if args.num_sample_generations <= 0 or trainer.eval_dataset is None:
+            return
+        if state.global_step % args.steps_per_rollout:
+            return
+        update = state.global_step // args.steps_per_rollout
+        frequency = max(1, (args.num_total_batches or update) // args.num_sample_generations)
+        if (update - 1) % frequency == 0:
+            trainer.generate_completions(sampling=True)
 
 
 def _load_pretrained_weights(module: nn.Module, folder: Path) -> None:

@@ -41,6 +41,12 @@ def main():
         report_to="none",
         seed=0,
         use_cpu=True,
+        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so this test is unchanged.
+        temperature=1.0,
+        stop_token="eos",
+        activation_checkpointing=False,
+        logging_steps=1,
+        num_sample_generations=0,
     )
     reward = CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2))
     torch.manual_seed(3)

@@ -471,7 +471,7 @@ def test_check_prompt_lengths_counts_tokens_as_the_trainer_does():
         data.check_prompt_lengths(
             prompts, tokenizer, max_prompt_length=None, response_length=8, context=long + 7, name="train_dataset"
         )
-    with pytest.raises(ValueError, match="has no `prompt` column"):
+    with pytest.raises(ValueError, match="has neither an `input_ids` nor a `prompt` column"):
         data.check_prompt_lengths(
             prompts.rename_column("prompt", "query"), tokenizer, max_prompt_length=None, response_length=8,
             context=None, name="train_dataset",

@@ -1,7 +1,7 @@
 """Proof that the machinery learns: SRPPOTrainer vs TRL's GRPOTrainer and RLOOTrainer under one wall-clock budget.
 
     PYTHONPATH=src python benchmarks/learning.py                      # 2 rewards x 3 trainers x 20 min, ~2 h 10 min
-    PYTHONPATH=src python benchmarks/learning.py --quick              # 1 min per trainer, tiny eval: a smoke run
+    PYTHONPATH=src python benchmarks/learning.py --quick              # smoke run: 1 min per trainer, lighter settings
     PYTHONPATH=src python benchmarks/learning.py --reward coherent --sft-model outputs/learning/sft --budget-min 10
 
 On SmolLM2-135M-Instruct (offline, CPU, fp32, `--threads` torch threads) each trainer gets the same training prompts
@@ -64,7 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reward", choices=(*REWARDS, "both"), default="both")
     p.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of srppo,grpo,rloo")
     p.add_argument("--budget-min", type=float, default=None, help="training minutes per trainer (default 20; quick 1)")
-    p.add_argument("--quick", action="store_true", help="1 min per trainer, 8 eval prompts, a 4-step SFT stand-in")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 min per trainer, 8 samples per step, 4 eval prompts, no critic warm-up, 4-step SFT",
+    )
     p.add_argument("--base-model", default="smollm2", help="p_PT and scripted start model: 'smollm2' or a folder")
     p.add_argument("--sft-model", default=None, help="an SFT model folder (default: train and cache one)")
     p.add_argument("--output-dir", default="outputs/learning")
@@ -74,10 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-prompt-tokens", type=int, default=256, help="drop longer prompts (train and eval)")
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--samples-per-step", type=int, default=16, help="sampled responses per optimizer step")
+    p.add_argument("--samples-per-step", type=int, default=None, help="responses per optimizer step (16; quick 8)")
     p.add_argument("--num-generations", type=int, default=4, help="GRPO/RLOO group size")
-    p.add_argument("--critic-warmup", type=int, default=None, help="SRPPO critic-only buffers (default 2; quick 1)")
-    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (default 32; quick 8)")
+    p.add_argument("--critic-warmup", type=int, default=None, help="SRPPO critic-only buffers (default 2; quick 0)")
+    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (default 32; quick 4)")
     p.add_argument("--eval-every-s", type=float, default=None, help="training seconds between evals (default 180)")
     p.add_argument("--train-prompts", type=int, default=None, help="limit the training prompts (default: all)")
     p.add_argument("--sft-max-steps", type=int, default=None, help="SFT steps when training it (-1 demo; quick 4)")
@@ -86,8 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     quick = args.quick
     defaults = dict(
         budget_min=1.0 if quick else 20.0,
-        critic_warmup=1 if quick else 2,
-        eval_prompts=8 if quick else 32,
+        samples_per_step=8 if quick else 16,
+        critic_warmup=0 if quick else 2,
+        eval_prompts=4 if quick else 32,
         eval_every_s=30.0 if quick else 180.0,
         sft_max_steps=4 if quick else -1,
     )

@@ -476,8 +476,9 @@ def plot(results: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def run_reward(kind: str, args, base_path: str, tokenizer, train_prompts, eval_prompts) -> dict:
-    """All trainers on one reward. Returns {trainer: {"rows", "steps", "train_s", "eval_s", ...}}."""
+def run_reward(kind: str, args, base_path: str, tokenizer, train_prompts, eval_prompts, save) -> dict:
+    """All trainers on one reward: {"start_model", "start_eval_s", "runs": {trainer: {"rows", "steps", ...}}}.
+    `save(partial)` is called after each trainer, so an interrupted run keeps what it measured."""
     from srppo_trl import CoherentRewardModel
     from srppo_trl.reward_funcs import make_coherent_reward_func
 
@@ -507,6 +508,7 @@ def run_reward(kind: str, args, base_path: str, tokenizer, train_prompts, eval_p
         flush=True,
     )
     runs = {}
+    partial = {"start_model": start_path, "start_eval_s": round(start_eval_s, 2), "runs": runs}
     for name in args.trainers:
         label = f"{kind}/{name}"
         callback = WallClockBudget(args.budget_min * 60, args.eval_every_s, evaluate_fn, start_row, label)
@@ -526,9 +528,10 @@ def run_reward(kind: str, args, base_path: str, tokenizer, train_prompts, eval_p
             "setup_s": round(setup_s, 2),
         }
         print(f"[{label}] done: {runs[name]['steps']} steps in {callback.train_s:.0f} s of training", flush=True)
+        save(partial)
         del trainer, callback
         gc.collect()
-    return {"start_model": start_path, "start_eval_s": round(start_eval_s, 2), "runs": runs}
+    return partial
 
 
 def main(argv=None) -> dict:
@@ -550,9 +553,13 @@ def main(argv=None) -> dict:
 
     began = time.perf_counter()
     results = {"machine": info, "settings": settings, "rewards": {}}
+
+    def save(partial):
+        results["rewards"][kind] = partial
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+
     for kind in args.rewards:
-        results["rewards"][kind] = run_reward(kind, args, base_path, tokenizer, train_prompts, eval_prompts)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))  # after each reward: partial
+        run_reward(kind, args, base_path, tokenizer, train_prompts, eval_prompts, save)
     results["total_s"] = round(time.perf_counter() - began, 1)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     by_reward = {kind: r["runs"] for kind, r in results["rewards"].items()}

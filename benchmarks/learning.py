@@ -397,8 +397,7 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
         beta=args.kl_coef,
         num_iterations=1,
         log_completions=False,
-        model_init_kwargs={"dtype": torch.float32},
-    )
+    )  # the reference model is loaded like the policy instance (fp32)
     return trainer_cls(
         model=load_model(start_path),
         reward_funcs=reward_fn,

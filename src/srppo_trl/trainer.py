@@ -69,6 +69,11 @@ def _is_sequence_classifier(model: nn.Module) -> bool:
     return hasattr(model, "score") or hasattr(model, "classifier")
 
 
+def _is_reward_function(reward_model) -> bool:
+    """A Python reward callable in TRL's reward-function style (any callable that is not an `nn.Module`)."""
+    return callable(reward_model) and not isinstance(reward_model, nn.Module)
+
+
 class SRPPOTrainer(_BaseTrainer):
     """Self-Rewarding PPO (arXiv 2510.21090): PPO with a critic and the coherent reward `log p_SFT - log p_PT`.
 
@@ -81,7 +86,9 @@ class SRPPOTrainer(_BaseTrainer):
             computed once per rollout for both the KL and the reward. With a PEFT policy and no reward-held SFT model,
             `None` means "the policy with its adapter disabled".
         reward_model: a [`CoherentRewardModel`], or a sequence-classification reward model with one label (the
-            paper's "PPO with a preference reward model" baseline).
+            paper's "PPO with a preference reward model" baseline), or a Python reward function with TRL's
+            reward-function signature `f(prompts, completions, completion_ids, **kwargs) -> list[float]` (see
+            `_reward_function_scores`).
         train_dataset: prompts, either tokenized in an `input_ids` column (used as given, as TRL 1.12's PPO took
             them) or in TRL's prompt-only format: a `prompt` column of plain text or chat messages.
         value_model: the critic; default: the SFT (initial policy) backbone with a scalar head. A one-label
@@ -260,6 +267,8 @@ class SRPPOTrainer(_BaseTrainer):
 
     @staticmethod
     def _check_reward_model(reward_model, policy) -> nn.Module:
+        if _is_reward_function(reward_model):
+            return reward_model
         if isinstance(reward_model, CoherentRewardModel):
             check_same_vocabulary(reward_model.sft_model, policy)
             return reward_model
@@ -276,8 +285,9 @@ class SRPPOTrainer(_BaseTrainer):
             reward_model.eval()
             return reward_model
         raise ValueError(
-            f"reward_model is a {type(reward_model).__name__}: pass a CoherentRewardModel (the SRPPO reward) or a "
-            "sequence-classification reward model with `num_labels=1`."
+            f"reward_model is a {type(reward_model).__name__}: pass a CoherentRewardModel (the SRPPO reward), a "
+            "sequence-classification reward model with `num_labels=1`, or a reward function "
+            "`f(prompts, completions, completion_ids, **kwargs) -> list[float]`."
         )
 
     def _resolve_ref_model(self, ref_model, policy, init_kwargs):
@@ -313,7 +323,9 @@ class SRPPOTrainer(_BaseTrainer):
         if self.is_deepspeed_enabled:
             from trl.models.utils import prepare_deepspeed
 
-            if not isinstance(self.reward_model, CoherentRewardModel):
+            if _is_reward_function(self.reward_model):
+                pass  # a Python function: nothing to place
+            elif not isinstance(self.reward_model, CoherentRewardModel):
                 self.reward_model = prepare_deepspeed(self.reward_model, self.accelerator)
             elif not self.reward_model.single_base:
                 self.reward_model.sft_model = prepare_deepspeed(self.reward_model.sft_model, self.accelerator)
@@ -321,7 +333,8 @@ class SRPPOTrainer(_BaseTrainer):
             if self.ref_model is not None and not self.ref_is_reward_sft:
                 self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
             return
-        self.reward_model.to(device)
+        if not _is_reward_function(self.reward_model):
+            self.reward_model.to(device)
         if self.ref_model is not None:
             self.ref_model.to(device)
 
@@ -495,6 +508,9 @@ class SRPPOTrainer(_BaseTrainer):
             token_scores = sft - base
             scores = token_scores.sum(-1)
             out["coherent_reward"] = scores.clone()
+        elif _is_reward_function(self.reward_model):
+            scores = self._reward_function_scores(query, query_mask, response, response_mask)
+            sft = None
         else:
             scores = self._sequence_classifier_scores(input_ids, attention_mask, full_response_mask)
             sft = None
@@ -533,6 +549,29 @@ class SRPPOTrainer(_BaseTrainer):
             with self.null_ref_context():
                 return sequence_logprobs(policy, input_ids, attention_mask, response_mask, temperature)
         return sequence_logprobs(self.ref_model, input_ids, attention_mask, response_mask, temperature)
+
+    def _reward_function_scores(self, query, query_mask, response, response_mask) -> torch.Tensor:
+        """Scores [B] from a reward function called as TRL's GRPO/RLOO trainers call theirs.
+
+        `prompts`: the prompt text as the policy saw it (chat template applied, special tokens kept, padding removed);
+        `completions`: the response text up to the stop token, special tokens skipped; `completion_ids`: the response
+        token ids up to and including the stop token; plus `trainer_state`. `None` scores (TRL's "not applicable")
+        count as 0.
+        """
+        tokenizer = self.processing_class
+        prompts, completions, completion_ids = [], [], []
+        for q, qm, r, rm in zip(query, query_mask, response, response_mask):
+            ids = r[rm.bool()].tolist()
+            prompts.append(tokenizer.decode(q[qm.bool()], skip_special_tokens=False))
+            completions.append(tokenizer.decode(ids, skip_special_tokens=True))
+            completion_ids.append(ids)
+        scores = self.reward_model(
+            prompts=prompts, completions=completions, completion_ids=completion_ids, trainer_state=self.state
+        )
+        if len(scores) != len(prompts):
+            raise ValueError(f"The reward function returned {len(scores)} scores for {len(prompts)} completions.")
+        scores = [0.0 if s is None else float(s) for s in scores]
+        return torch.tensor(scores, dtype=torch.float32, device=response.device)
 
     def _sequence_classifier_scores(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
         """Score of a one-label sequence classifier read at the last response token (its EOS), as TRL's PPO did.

@@ -1,0 +1,47 @@
+"""benchmarks/learning.py end to end on tiny local models with a budget of about a second per trainer."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_benchmark_records_rows_for_every_trainer_and_reward(tiny_base, tmp_path):
+    sft = tmp_path / "sft"
+    tokenizer = tiny_tokenizer()
+    tiny_causal_lm(tokenizer, seed=1).save_pretrained(sft)
+    tokenizer.save_pretrained(sft)
+    out = tmp_path / "learning"
+    argv = [
+        "--base-model", str(tiny_base), "--sft-model", str(sft), "--output-dir", str(out), "--budget-min", "0.02",
+        "--eval-every-s", "0.5", "--eval-prompts", "2", "--train-prompts", "16", "--max-new-tokens", "4",
+        "--samples-per-step", "4", "--num-generations", "2", "--critic-warmup", "1", "--threads", "1",
+        "--max-prompt-tokens", "400", "--word", "the",
+    ]  # fmt: skip
+    result = _load_script().main(argv)
+
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["rewards"]) == {"scripted", "coherent"}
+    for reward in ("scripted", "coherent"):
+        runs = saved["rewards"][reward]["runs"]
+        assert set(runs) == {"srppo", "grpo", "rloo"}
+        for run in runs.values():
+            assert run["steps"] >= 1
+            assert len(run["rows"]) >= 2 and run["rows"][0]["step"] == 0 and run["rows"][-1]["step"] == run["steps"]
+            assert all({"wall_s", "reward", "kl", "length", "eos_rate"} <= set(row) for row in run["rows"])
+            assert run["rows"][0]["kl"] == 0.0  # the start model against itself
+    assert "word_rate" in saved["rewards"]["scripted"]["runs"]["grpo"]["rows"][0]
+    assert (out / "learning.png").stat().st_size > 0
+    assert "| coherent | rloo |" in (out / "results.md").read_text()
+    assert result["machine"]["torch_threads"] == 1

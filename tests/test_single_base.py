@@ -180,7 +180,7 @@ def test_single_base_training_moves_policy_and_critic_adapters_only_and_saves(to
     with torch.no_grad():
         for p in critic.parameters():
             p.add_(1.0)
-    from srppo_trl.trainer import _load_pretrained_weights
+    from srppo_trl.checkpointing import _load_pretrained_weights
 
     _load_pretrained_weights(critic, tmp_path / "critic")
     torch.testing.assert_close(critic(ids, attention).logits, values)

@@ -159,7 +159,40 @@ def sample_responses(
     return response, logprob
 
 
+class RolloutMixin:
+    """`SRPPOTrainer`'s phase 1. Another rollout engine (vLLM) replaces `generate_rollouts`."""
+
+    # ------------------------------------------------------------------ phase 1: generate
+
+    @torch.no_grad()
+    def generate_rollouts(self, batch: dict) -> dict:
+        """Sample one response per prompt from the policy.
+
+        Returns {'query' [B, P], 'query_mask' [B, P], 'response' [B, R], 'response_mask' [B, R], 'has_stop' [B]}:
+        the response mask covers the tokens up to and including the first stop token.
+        """
+        queries, query_masks = batch["input_ids"], batch["attention_mask"]
+        policy = self.accelerator.unwrap_model(self.model).policy
+        response = sample_responses(
+            policy,
+            queries,
+            query_masks,
+            self.generation_config,
+            self.args.local_rollout_forward_batch_size,
+            self.processing_class.pad_token_id,
+        )
+        response_mask, has_stop = response_mask_after_stop(response, self.args.stop_token_id)
+        return {
+            "query": queries,
+            "query_mask": query_masks,
+            "response": response,
+            "response_mask": response_mask,
+            "has_stop": has_stop,
+        }
+
+
 __all__ = [
+    "RolloutMixin",
     "NEUTRAL_SAMPLING_FIELDS",
     "checkpoint_generation_defaults_ignored",
     "response_mask_after_stop",

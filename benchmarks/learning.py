@@ -1,6 +1,6 @@
 """Proof that the machinery learns: SRPPOTrainer vs TRL's GRPOTrainer and RLOOTrainer under one wall-clock budget.
 
-    PYTHONPATH=src python benchmarks/learning.py                      # 2 rewards x 3 trainers x 20 min, ~2 h 10 min
+    PYTHONPATH=src python benchmarks/learning.py                      # 2 rewards x 3 trainers x 20 min: ~3 h (est.)
     PYTHONPATH=src python benchmarks/learning.py --quick              # smoke run: 1 min per trainer, lighter settings
     PYTHONPATH=src python benchmarks/learning.py --reward coherent --sft-model outputs/learning/sft --budget-min 10
 
@@ -31,6 +31,11 @@ sampled response per prompt (temperature 1, the same seed every time) -> mean re
 and EOS rate. Evaluation time is excluded from the budget clock; model loading and trainer set-up are outside it too.
 Output: `<output-dir>/results.json` (rows of wall seconds, step, reward, KL per run), `learning.png` (reward and KL vs
 wall-clock) and a markdown table (`results.md`, also printed). `--quick` writes under `<output-dir>/quick/`.
+
+Cost: 2 h of training, plus ~6 evaluations per run (32 prompts: ~1-1.5 min each on 2 idle cores, estimated from
+`--quick`), plus the SFT stage once (~8 min, README) and model set-up: about 3 h in all, not yet measured. `--quick`
+on an idle 2-core VM: ~1.5 min per SmolLM2 step of 8 samples (one step per trainer), 13 s per 4-prompt evaluation.
+On a loaded shared machine two torch threads were 3x slower than one (`--threads 1`).
 
 Caveat: SRPPOTrainer's rollouts currently sample with top-k 50 inherited from the generation defaults (a known bug,
 being fixed); results from before that fix are pre-fix. The evaluation here samples without top-k for every trainer.
@@ -82,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-generations", type=int, default=4, help="GRPO/RLOO group size")
     p.add_argument("--critic-warmup", type=int, default=None, help="SRPPO critic-only buffers (default 2; quick 0)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (default 32; quick 4)")
-    p.add_argument("--eval-every-s", type=float, default=None, help="training seconds between evals (default 180)")
+    p.add_argument("--eval-every-s", type=float, default=None, help="training seconds between evals (default 240)")
     p.add_argument("--train-prompts", type=int, default=None, help="limit the training prompts (default: all)")
     p.add_argument("--sft-max-steps", type=int, default=None, help="SFT steps when training it (-1 demo; quick 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         samples_per_step=8 if quick else 16,
         critic_warmup=0 if quick else 2,
         eval_prompts=4 if quick else 32,
-        eval_every_s=30.0 if quick else 180.0,
+        eval_every_s=30.0 if quick else 240.0,
         sft_max_steps=4 if quick else -1,
     )
     for key, value in defaults.items():

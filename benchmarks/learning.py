@@ -362,6 +362,7 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
         logging_steps=5,
         bf16=False,
         disable_tqdm=True,
+        gradient_checkpointing=False,  # every trainer without activation checkpointing (TRL configs default to it)
     )
     if name == "srppo":
         from srppo_trl import SRPPOConfig, SRPPOTrainer
@@ -377,6 +378,7 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
             critic_learning_rate=args.learning_rate,
             critic_warmup_steps=args.critic_warmup,
             missing_eos_penalty=None,
+            stop_token="eos",  # responses end at EOS, as GRPO/RLOO's do (SRPPOConfig's TRL 1.12 default: no stop)
             local_rollout_forward_batch_size=args.samples_per_step,
         )
         return SRPPOTrainer(

@@ -7,13 +7,12 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
+from srppo_trl import CoherentRewardModel, SRPPOTrainer
 from srppo_trl.single_base import POLICY_ADAPTER, SFT_ADAPTER, build_single_base
-from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -38,30 +37,11 @@ def _sft_peft(tokenizer, seed=3):
 
 
 def _prompts(n=8):
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+    return tiny_prompts(n)
 
 
 def _args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        response_length=8,
-        learning_rate=1e-3,
-        critic_learning_rate=1e-3,
-        max_steps=2,
-        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so this test is unchanged.
-        num_ppo_epochs=1,
-        temperature=1.0,
-        stop_token="eos",
-        activation_checkpointing=False,
-        logging_steps=1,
-        num_sample_generations=0,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return SRPPOConfig(**kwargs)
+    return tiny_srppo_config(tmp_path, **overrides)
 
 
 def _batch(tokenizer, n=3):

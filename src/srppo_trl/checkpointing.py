@@ -47,7 +47,11 @@ class CheckpointMixin:
         """Saves the policy (or its adapter) and the tokenizer at the root of `output_dir`, loadable with
         `from_pretrained`; the critic in `value_model/` for checkpoints (and the final model with `save_value_model`).
         Saving goes through a temporary folder renamed into place, so a crash never leaves a half-written model where
-        a finished one was."""
+        a finished one was.
+
+        `state_dict` is what `Trainer.save_model` gathered from the wrapped model (the full weights under DeepSpeed
+        ZeRO-3 or FSDP, where the unwrapped modules hold only this process's shards): when given, it is what gets
+        written, split into the policy's (`policy.*`) and the critic's (`value_model.*`) weights."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -61,9 +65,19 @@ class CheckpointMixin:
 
             shutil.rmtree(tmp_dir)
         tmp_dir.mkdir(parents=True)
-        unwrapped.policy.save_pretrained(tmp_dir, safe_serialization=True)
-        if is_checkpoint or self.args.save_value_model:
-            unwrapped.value_model.save_pretrained(tmp_dir / VALUE_MODEL_DIR, safe_serialization=True)
+        policy_state, critic_state = _split_state_dict(state_dict)
+        if state_dict is not None and not state_dict:
+            logger.warning(
+                "No gathered weights to save in %s (DeepSpeed ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`"
+                "): only the DeepSpeed checkpoint holds them; convert it with DeepSpeed's zero_to_fp32.py.",
+                target,
+            )
+        else:
+            unwrapped.policy.save_pretrained(tmp_dir, state_dict=policy_state, safe_serialization=True)
+            if is_checkpoint or self.args.save_value_model:
+                unwrapped.value_model.save_pretrained(
+                    tmp_dir / VALUE_MODEL_DIR, state_dict=critic_state, safe_serialization=True
+                )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(tmp_dir)
         # The config as JSON (hub tokens redacted by `to_json_string`); no pickled training_args.bin.
@@ -110,6 +124,15 @@ class CheckpointMixin:
             _load_pretrained_weights(policy, checkpoint)
         _load_pretrained_weights(unwrapped.value_model, checkpoint / VALUE_MODEL_DIR)
         self._buffer, self._step = None, None
+
+
+def _split_state_dict(state_dict: dict | None) -> tuple[dict | None, dict | None]:
+    """The wrapper's state dict as (policy's, critic's), their prefixes removed; (None, None) for None."""
+    if state_dict is None:
+        return None, None
+    policy = {k[len("policy.") :]: v for k, v in state_dict.items() if k.startswith("policy.")}
+    critic = {k[len("value_model.") :]: v for k, v in state_dict.items() if k.startswith("value_model.")}
+    return policy, critic
 
 
 def _load_pretrained_weights(module: nn.Module, folder: Path) -> None:

@@ -140,6 +140,11 @@ class PolicyAndValueWrapper(nn.Module):
             else:
                 module.gradient_checkpointing_disable()
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """True when the policy or the critic checkpoints its activations (read by TRL's generation unwrapping)."""
+        return any(getattr(m, "is_gradient_checkpointing", False) for m in (self.policy, self.value_model))
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 

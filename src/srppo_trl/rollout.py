@@ -159,6 +159,13 @@ def sample_responses(
     return response, logprob
 
 
+def _checkpointing_kwargs(args) -> dict | None:
+    """The activation-checkpointing kwargs the Trainer used, to turn it back on the same way after generating."""
+    return getattr(args, "activation_checkpointing_kwargs", None) or getattr(
+        args, "gradient_checkpointing_kwargs", None
+    )
+
+
 class RolloutMixin:
     """`SRPPOTrainer`'s phase 1. Another rollout engine (vLLM) replaces `generate_rollouts`."""
 
@@ -171,16 +178,25 @@ class RolloutMixin:
         Returns {'query' [B, P], 'query_mask' [B, P], 'response' [B, R], 'response_mask' [B, R], 'has_stop' [B]}:
         the response mask covers the tokens up to and including the first stop token.
         """
+        from trl.models.utils import unwrap_model_for_generation
+
         queries, query_masks = batch["input_ids"], batch["attention_mask"]
-        policy = self.accelerator.unwrap_model(self.model).policy
-        response = sample_responses(
-            policy,
-            queries,
-            query_masks,
-            self.generation_config,
-            self.args.local_rollout_forward_batch_size,
-            self.processing_class.pad_token_id,
-        )
+        # Under DeepSpeed ZeRO-3 the weights are gathered once for the whole generation (TRL 1.12's
+        # `ds3_gather_for_generation`), instead of layer by layer at every decoding step.
+        with unwrap_model_for_generation(
+            self.model,
+            self.accelerator,
+            gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
+            gradient_checkpointing_kwargs=_checkpointing_kwargs(self.args),
+        ) as unwrapped:
+            response = sample_responses(
+                unwrapped.policy,
+                queries,
+                query_masks,
+                self.generation_config,
+                self.args.local_rollout_forward_batch_size,
+                self.processing_class.pad_token_id,
+            )
         response_mask, has_stop = response_mask_after_stop(response, self.args.stop_token_id)
         return {
             "query": queries,

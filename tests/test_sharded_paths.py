@@ -1,0 +1,81 @@
+"""The code paths that DeepSpeed ZeRO-3 / FSDP take, exercised on one CPU process.
+
+Under ZeRO-3 the unwrapped modules hold only this process's shards: `Trainer.save_model` gathers the full state dict
+and hands it to `_save`, which must write *that*; and generation must gather the weights once per rollout
+(`unwrap_model_for_generation`, `ds3_gather_for_generation`) rather than layer by layer at every decoding step.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from srppo_trl import CoherentRewardModel, SRPPOTrainer
+from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _trainer(tokenizer, tmp_path, **overrides):
+    return SRPPOTrainer(
+        args=tiny_srppo_config(tmp_path, **overrides),
+        processing_class=tokenizer,
+        model=tiny_causal_lm(tokenizer, seed=1),
+        reward_model=CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)),
+        train_dataset=tiny_prompts(),
+    )
+
+
+def test_save_writes_the_gathered_state_dict_it_is_given(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path)
+    # Stand-in for the full weights Trainer.save_model gathers under ZeRO-3: different from the local module's.
+    gathered = {k: v.detach().clone() + 1.0 for k, v in trainer.model.state_dict().items()}
+    trainer._save(str(tmp_path / "checkpoint-1"), state_dict=gathered)
+    policy = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
+    critic = load_file(tmp_path / "checkpoint-1" / "value_model" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(policy[name], gathered[f"policy.{name}"])
+    assert not torch.equal(policy[name], trainer.model.policy.state_dict()[name])
+    assert torch.equal(critic[name], gathered[f"value_model.{name}"])
+
+
+def test_save_without_a_state_dict_writes_the_modules_weights(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path)
+    trainer._save(str(tmp_path / "final"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    saved = load_file(tmp_path / "final" / "model.safetensors")
+    assert torch.equal(saved[name], trainer.model.policy.state_dict()[name])
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_generation_goes_through_trls_unwrapping_with_the_gather_setting(tokenizer, tmp_path, monkeypatch, gather):
+    import trl.models.utils as trl_utils
+
+    calls = []
+    original = trl_utils.unwrap_model_for_generation
+
+    def spy(model, accelerator, gather_deepspeed3_params=True, **kwargs):
+        calls.append(gather_deepspeed3_params)
+        return original(model, accelerator, gather_deepspeed3_params=gather_deepspeed3_params, **kwargs)
+
+    monkeypatch.setattr(trl_utils, "unwrap_model_for_generation", spy)
+    trainer = _trainer(tokenizer, tmp_path, ds3_gather_for_generation=gather)
+    trainer.train()
+    assert calls and all(c is gather for c in calls)
+
+
+def test_activation_checkpointing_is_back_on_after_each_rollout(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, activation_checkpointing=True)
+    seen = []
+    original = trainer.make_rollout_buffer
+
+    def spy(batch):
+        buffer = original(batch)
+        seen.append(trainer.model.is_gradient_checkpointing)
+        return buffer
+
+    trainer.make_rollout_buffer = spy
+    trainer.train()
+    assert seen == [True, True]

@@ -79,3 +79,45 @@ def test_activation_checkpointing_is_back_on_after_each_rollout(tokenizer, tmp_p
     trainer.make_rollout_buffer = spy
     trainer.train()
     assert seen == [True, True]
+
+
+def test_with_peft_the_built_critic_is_a_lora_adapter_with_a_trainable_head(tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = tiny_srppo_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = SRPPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=tiny_causal_lm(tokenizer, seed=1),
+        reward_model=CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)),
+        train_dataset=tiny_prompts(),
+        peft_config=lora,
+    )
+    critic = trainer.model.value_model
+    assert hasattr(critic, "peft_config")
+    trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
+    total = sum(p.numel() for p in critic.parameters())
+    assert sum(p.numel() for n, p in critic.named_parameters() if n in trainable) < total / 5
+    assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in critic.named_parameters()}
+    trainer.train()
+    for name, param in critic.named_parameters():
+        changed = not torch.equal(param, before[name])
+        if "lora_B" in name or ("score" in name and "modules_to_save" in name):
+            assert changed, name
+        elif name not in trainable:
+            assert not changed, f"frozen critic weight {name} changed"
+    # Checkpoints hold the critic's adapter, and resuming loads it back.
+    assert (tmp_path / "checkpoint-1" / "value_model" / "adapter_model.safetensors").exists()
+    resumed = SRPPOTrainer(
+        args=tiny_srppo_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1),
+        processing_class=tokenizer,
+        model=tiny_causal_lm(tokenizer, seed=1),
+        reward_model=CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)),
+        train_dataset=tiny_prompts(),
+        peft_config=lora,
+    )
+    resumed._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
+    for (name, a), (_, b) in zip(critic.named_parameters(), resumed.model.value_model.named_parameters()):
+        assert torch.equal(a, b), name

@@ -115,14 +115,13 @@ class CheckpointMixin:
 
         unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
         checkpoint = Path(resume_from_checkpoint)
-        policy = unwrapped.policy
-        if hasattr(policy, "peft_config"):
-            from peft import set_peft_model_state_dict
+        for module, folder in ((unwrapped.policy, checkpoint), (unwrapped.value_model, checkpoint / VALUE_MODEL_DIR)):
+            if hasattr(module, "peft_config"):
+                from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
-        else:
-            _load_pretrained_weights(policy, checkpoint)
-        _load_pretrained_weights(unwrapped.value_model, checkpoint / VALUE_MODEL_DIR)
+                set_peft_model_state_dict(module, load_file(folder / "adapter_model.safetensors"))
+            else:
+                _load_pretrained_weights(module, folder)
         self._buffer, self._step = None, None
 
 

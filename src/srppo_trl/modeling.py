@@ -97,6 +97,33 @@ def check_value_model(value_model: nn.Module) -> None:
         )
 
 
+def is_kbit(model: nn.Module) -> bool:
+    """True for a model loaded in 4 or 8 bits (bitsandbytes)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_kbit(model: nn.Module, args) -> nn.Module:
+    """PEFT's k-bit preparation (fp32 norms and head, input grads) for a 4/8-bit model; other models unchanged."""
+    if not is_kbit(model):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=bool(getattr(args, "activation_checkpointing", False))
+    )
+
+
+def critic_peft_config(peft_config):
+    """The policy's PEFT config made fit for the critic: a token-classification task whose scalar head (`score` or
+    `classifier`, new weights) trains in full next to the adapter."""
+    import copy
+
+    config = copy.deepcopy(peft_config)
+    config.task_type = "TOKEN_CLS"
+    config.modules_to_save = ["score", "classifier"]
+    return config
+
+
 class PolicyAndValueWrapper(nn.Module):
     """Holds the policy and the critic so that one optimizer (and one DDP/DeepSpeed wrapper) trains both.
 

@@ -32,7 +32,14 @@ from .checkpointing import VALUE_MODEL_DIR, CheckpointMixin, last_complete_check
 from .coherent_reward import CoherentRewardModel, _vocab_size, check_same_vocabulary
 from .config import SRPPOConfig
 from .data import check_lengths, prompt_input_ids
-from .modeling import PolicyAndValueWrapper, build_value_model, check_value_model
+from .modeling import (
+    PolicyAndValueWrapper,
+    build_value_model,
+    check_value_model,
+    critic_peft_config,
+    is_kbit,
+    prepare_kbit,
+)
 from .ppo_step import PPOStepMixin
 from .rollout import RolloutMixin, response_mask_after_stop, rollout_generation_config
 from .scoring import ScoringMixin, _is_reward_function, _is_sequence_classifier
@@ -141,8 +148,12 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             args.stop_token_id = processing_class.eos_token_id
 
         # Critic first: it copies the SFT weights before PEFT adds adapter layers to the policy.
+        built_critic = value_model is None or isinstance(value_model, str)
         if value_model is None:
-            value_model = build_value_model(model_path or model, args.model_init_kwargs, args.trust_remote_code)
+            source = model_path or model
+            if is_kbit(model):  # a quantized policy's packed weights cannot be copied: load the critic the same way
+                source = model.config._name_or_path
+            value_model = build_value_model(source, _critic_init_kwargs(model, args), args.trust_remote_code)
         elif isinstance(value_model, str):
             value_model = build_value_model(value_model, args.model_init_kwargs, args.trust_remote_code)
         check_value_model(value_model)
@@ -151,7 +162,11 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         if peft_config is not None:
             from peft import get_peft_model
 
-            model = get_peft_model(model, peft_config)
+            model = get_peft_model(prepare_kbit(model, args), peft_config)
+            if built_critic:
+                # The critic we build gets a LoRA adapter too (and a trainable head): with a PEFT policy, a full-size
+                # critic would cost more memory than everything else (a critic passed in is trained as given).
+                value_model = get_peft_model(prepare_kbit(value_model, args), critic_peft_config(peft_config))
         elif not any(p.requires_grad for p in model.parameters()):
             # A copy of the (frozen) SFT model is the usual policy: train all of it, as the user meant.
             logger.warning("No parameter of the policy requires grad (a copy of a frozen model?): unfreezing it.")
@@ -525,6 +540,15 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def _critic_init_kwargs(policy, args) -> dict | None:
+    """`from_pretrained` kwargs for a critic built next to `policy`: the user's, plus the policy's quantization."""
+    kwargs = dict(args.model_init_kwargs or {})
+    quantization = getattr(policy.config, "quantization_config", None)
+    if is_kbit(policy) and quantization is not None and "quantization_config" not in kwargs:
+        kwargs["quantization_config"] = quantization
+    return kwargs or None
 
 
 def _count_prompt_tokens(example: dict) -> dict:

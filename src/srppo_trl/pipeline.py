@@ -398,6 +398,11 @@ def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts
     if pipe.algorithm == "ppo":
         from .trainer import SRPPOTrainer
 
+        if srppo_args.model_init_kwargs is None:
+            # The critic (built from `sft_path` by the trainer) loads like the other models: dtype, attention,
+            # 4-bit quantisation (then it trains a LoRA adapter too, see SRPPOTrainer).
+            srppo_args.model_init_kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
+
         trainer = SRPPOTrainer(
             args=srppo_args,
             processing_class=tokenizer,

@@ -37,8 +37,8 @@ Cost: 2 h of training, plus ~6 evaluations per run (32 prompts: ~1-1.5 min each 
 on an idle 2-core VM: ~1.5 min per SmolLM2 step of 8 samples (one step per trainer), 13 s per 4-prompt evaluation.
 On a loaded shared machine two torch threads were 3x slower than one (`--threads 1`).
 
-Caveat: SRPPOTrainer's rollouts currently sample with top-k 50 inherited from the generation defaults (a known bug,
-being fixed); results from before that fix are pre-fix. The evaluation here samples without top-k for every trainer.
+Every trainer samples its rollouts from the full softmax at temperature 1 (SRPPOTrainer sets every sampling field
+explicitly since the RL-correctness fixes; GRPO/RLOO get `top_k=0`, `top_p=1`).
 """
 
 from __future__ import annotations

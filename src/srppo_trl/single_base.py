@@ -212,6 +212,9 @@ class SharedBaseValueModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         self._peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
+    def gradient_checkpointing_disable(self):
+        self._peft_model.gradient_checkpointing_disable()
+
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
         """Writes the critic adapter and the head to `save_directory/model.safetensors` (never pickle)."""
         from safetensors.torch import save_file

@@ -124,6 +124,13 @@ def critic_peft_config(peft_config):
     return config
 
 
+def _checkpointing_on(module: nn.Module) -> bool:
+    # transformers 5 renamed `is_gradient_checkpointing` (deprecated) to `is_activation_checkpointing`.
+    if hasattr(type(module), "is_activation_checkpointing") or "is_activation_checkpointing" in dir(module):
+        return bool(getattr(module, "is_activation_checkpointing", False))
+    return bool(getattr(module, "is_gradient_checkpointing", False))
+
+
 class PolicyAndValueWrapper(nn.Module):
     """Holds the policy and the critic so that one optimizer (and one DDP/DeepSpeed wrapper) trains both.
 
@@ -170,7 +177,7 @@ class PolicyAndValueWrapper(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         """True when the policy or the critic checkpoints its activations (read by TRL's generation unwrapping)."""
-        return any(getattr(m, "is_gradient_checkpointing", False) for m in (self.policy, self.value_model))
+        return any(_checkpointing_on(m) for m in (self.policy, self.value_model))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)

@@ -15,6 +15,7 @@ response token ids.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -130,18 +131,16 @@ def sample_responses(
     """
     was_training = model.training
     model.eval()
+    if return_logprobs:
+        generation_config = copy.deepcopy(generation_config)
+        generation_config.return_dict_in_generate = True
+        generation_config.output_scores = True
     responses, logprobs = [], []
     try:
         with checkpoint_generation_defaults_ignored(model):
             for start in range(0, len(queries), chunk_size):
                 q, m = queries[start : start + chunk_size], query_masks[start : start + chunk_size]
-                out = model.generate(
-                    input_ids=q,
-                    attention_mask=m,
-                    generation_config=generation_config,
-                    return_dict_in_generate=return_logprobs,
-                    output_scores=return_logprobs,
-                )
+                out = model.generate(input_ids=q, attention_mask=m, generation_config=generation_config)
                 sequences = out.sequences if return_logprobs else out
                 response = sequences[:, q.shape[1] :]
                 responses.append(response)

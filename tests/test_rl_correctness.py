@@ -326,8 +326,8 @@ def test_whitening_with_summed_moments_equals_whitening_the_whole_buffer():
     whole = ppo_math.masked_whiten(values, mask)
     moments = ppo_math.masked_moments(values[:4], mask[:4]) + ppo_math.masked_moments(values[4:], mask[4:])
     mean, var = ppo_math.moments_to_mean_var(moments)
-    torch.testing.assert_close(mean, ppo_math.masked_mean(values, mask))
-    torch.testing.assert_close(var, ppo_math.masked_var(values, mask))
+    torch.testing.assert_close(mean.float(), ppo_math.masked_mean(values, mask))
+    torch.testing.assert_close(var.float(), ppo_math.masked_var(values, mask))
     halves = [ppo_math.masked_whiten(values[s], mask[s], mean=mean, var=var) for s in (slice(0, 4), slice(4, 8))]
     torch.testing.assert_close(torch.cat(halves), whole)
     # Whitening each half alone is what the per-process code did: a different result.
@@ -387,3 +387,24 @@ def test_diagnostic_samples_come_from_the_full_softmax(tokenizer, tmp_path):
     policy = _checkpoint_with_sampling_defaults(tokenizer, tmp_path / "policy", uniform=True)
     _, ids = diagnostic_samples(policy, tokenizer, ["hi"] * 256, max_new_tokens=1, batch_size=64, show_progress=False)
     assert len({row[0] for row in ids}) > 100  # top-k 3 from generation_config.json would give at most 3
+
+
+def test_actor_schedule_offset_counts_every_optimizer_step_of_the_warmup_buffers(tokenizer, tmp_path):
+    # 2 optimizer steps per buffer (2 PPO epochs): 1 warm-up buffer = 2 steps at lr 0, then the actor's own decay.
+    trainer = _trainer(
+        tokenizer, tmp_path, critic_warmup_steps=1, num_ppo_epochs=2, max_steps=4, lr_scheduler_type="linear"
+    )
+    spy = _LearningRates(trainer)
+    trainer.add_callback(spy)
+    trainer.train()
+    assert [row["actor"] for row in spy.rows] == pytest.approx([0.0, 0.0, 1e-3, 0.5e-3])
+    assert [row["critic"] for row in spy.rows] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+
+
+def test_an_optimizer_given_by_the_user_is_used_as_given(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, critic_warmup_steps=1)
+    mine = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    trainer.optimizer = mine
+    assert trainer.create_optimizer() is mine and len(mine.param_groups) == 1
+    scheduler = trainer.create_scheduler(num_training_steps=4, optimizer=mine)  # one shared schedule, no error
+    assert len(scheduler.base_lrs) == 1

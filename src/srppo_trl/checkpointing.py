@@ -154,7 +154,12 @@ def _load_pretrained_weights(module: nn.Module, folder: Path) -> None:
 
 def _is_complete_checkpoint(folder: Path) -> bool:
     """True for a checkpoint folder holding the Trainer's state (written last) and the policy's weights."""
-    weights = any(folder.glob("model*.safetensors")) or (folder / "adapter_model.safetensors").exists()
+    weights = (
+        any(folder.glob("model*.safetensors"))
+        or (folder / "adapter_model.safetensors").exists()
+        or any(folder.glob("global_step*"))  # DeepSpeed's own checkpoint (ZeRO-3 without gathering on save)
+        or any(folder.glob("pytorch_model_fsdp*"))  # FSDP's sharded state dict
+    )
     return (folder / "trainer_state.json").is_file() and weights
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -274,6 +275,10 @@ class SRPPOConfig(_BaseConfig):
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL 1.12's default (`gradient_checkpointing=True`)
+        if self.world_size is None:
+            # The field hides TrainingArguments' property; `super().__post_init__` reads it (DeepSpeed's batch-size
+            # check) before we can ask the distributed state: the launcher's count until then.
+            self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         super().__post_init__()
 
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -302,7 +307,16 @@ class SRPPOConfig(_BaseConfig):
         # TRL 1.12 declared `world_size` as a field (shadowing TrainingArguments' property) that its trainer filled
         # with the process count; we fill it here, from the property, so every reader gets the real count.
         self.world_size = TrainingArguments.world_size.fget(self)
+        batch_settings = (self.per_device_train_batch_size, self.gradient_accumulation_steps)
         self._derive_batch_sizes()
+        if self.deepspeed and (self.per_device_train_batch_size, self.gradient_accumulation_steps) != batch_settings:
+            # TrainingArguments filled DeepSpeed's batch sizes from the values we just changed: fill them again.
+            from accelerate.utils import DeepSpeedPlugin
+            from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+            self.hf_deepspeed_config = HfTrainerDeepSpeedConfig(self.deepspeed)
+            self.hf_deepspeed_config.trainer_config_process(self)
+            self.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=self.hf_deepspeed_config)
         self.steps_per_rollout = self.num_ppo_epochs * self.num_mini_batches
         self._derive_training_length()
 

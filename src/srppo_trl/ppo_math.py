@@ -134,7 +134,7 @@ def masked_moments(values: Tensor, mask: Tensor) -> Tensor:
     whiten over a rollout buffer split between processes. Shapes: `values` and `mask` of the same shape -> [3].
     """
     mask = _bool_mask(mask, values)
-    x = _zero_outside(values, mask)
+    x = _zero_outside(values, mask).double()  # sum of squares minus squared mean: float64 keeps the variance exact
     return torch.stack([x.sum(), (x * x).sum(), mask.sum().to(x.dtype)])
 
 
@@ -165,6 +165,8 @@ def masked_whiten(
         raise ValueError("Pass both `mean` and `var` (statistics computed elsewhere), or neither.")
     if mean is None:
         mean, var = masked_mean(values, mask), masked_var(values, mask)
+    dtype = _as_float(values).dtype
+    mean, var = torch.as_tensor(mean).to(dtype), torch.as_tensor(var).to(dtype)
     whitened = (_zero_outside(values, mask) - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean

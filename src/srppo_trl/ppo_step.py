@@ -126,7 +126,14 @@ class PPOStepMixin:
         """Trainer's optimizer, its parameter groups split by role: the actor's first, then the critic's at
         `critic_learning_rate`. Each group carries `"srppo_role"` ("actor" or "critic") for the scheduler and the
         gradient clipping."""
+        user_optimizer = self.optimizer is not None
         optimizer = super().create_optimizer(model)
+        if user_optimizer:
+            # An optimizer passed in (`optimizers=(opt, sched)`) is used as given: its groups and its scheduler match.
+            logger.warning(
+                "Using the optimizer passed in as is: critic_learning_rate and the per-role schedules do not apply."
+            )
+            return optimizer
         if any("srppo_role" in group for group in optimizer.param_groups):
             return optimizer  # already split (create_optimizer called twice)
         critic_lr = self.args.critic_learning_rate
@@ -159,7 +166,14 @@ class PPOStepMixin:
             return self.lr_scheduler
         optimizer = self.optimizer if optimizer is None else optimizer
         offset = self.args.critic_warmup_steps * self.args.steps_per_rollout
-        roles = [group.get("srppo_role", "actor") for group in optimizer.param_groups]
+        if not all("srppo_role" in group for group in optimizer.param_groups):
+            # Not our optimizer (DeepSpeed's own `optimizer` block, or one passed in): no roles to schedule apart.
+            logger.warning(
+                "The optimizer's parameter groups are not split into actor and critic (an optimizer from the DeepSpeed "
+                "config or passed in): one schedule for all of them, and critic_learning_rate does not apply."
+            )
+            return super().create_scheduler(num_training_steps, optimizer)
+        roles = [group["srppo_role"] for group in optimizer.param_groups]
         critic = _schedule_lambda(self.args, num_training_steps)
         actor = _schedule_lambda(self.args, max(num_training_steps - offset, 1))
         if offset == 0 or critic is None or actor is None:

@@ -16,12 +16,15 @@ response token ids.
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
 
+
+logger = logging.getLogger(__name__)
 
 # Every field that changes the sampling distribution, at its neutral value. `None` is never neutral: it means
 # "inherit from the checkpoint". See transformers' `GenerationMixin._get_logits_processor`.
@@ -74,6 +77,13 @@ def rollout_generation_config(
     """A `GenerationConfig` that samples from `softmax(logits / temperature)`, restricted only by the `top_k`/`top_p`
     the caller asks for, and stops at `stop_token_id` (never, when it is None: every response then has
     `max_new_tokens` tokens, as the trainer's `stop_token=None` promises)."""
+    if (top_k or 0) > 0 or (top_p is not None and top_p < 1.0):
+        logger.warning(
+            "Rollouts sample with top_k=%s / top_p=%s: the behaviour policy is then a truncated softmax, while PPO's "
+            "ratio, the KL and the entropy are computed on the full one. Leave them off unless you mean it.",
+            top_k,
+            top_p,
+        )
     fields = dict(NEUTRAL_SAMPLING_FIELDS)
     fields.update(
         max_new_tokens=max_new_tokens,
@@ -183,7 +193,7 @@ class RolloutMixin:
         # Under DeepSpeed ZeRO-3 the weights are gathered once for the whole generation (TRL 1.12's
         # `ds3_gather_for_generation`), instead of layer by layer at every decoding step.
         with unwrap_model_for_generation(
-            self.model,
+            self.model_wrapped,  # the DeepSpeed engine under DeepSpeed (whose ZeRO-3 hooks are lifted), else the model
             self.accelerator,
             gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
             gradient_checkpointing_kwargs=_checkpointing_kwargs(self.args),

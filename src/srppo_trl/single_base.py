@@ -215,13 +215,19 @@ class SharedBaseValueModel(nn.Module):
     def gradient_checkpointing_disable(self):
         self._peft_model.gradient_checkpointing_disable()
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
-        """Writes the critic adapter and the head to `save_directory/model.safetensors` (never pickle)."""
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, state_dict=None, **kwargs) -> None:
+        """Writes the critic adapter and the head to `save_directory/model.safetensors` (never pickle); `state_dict`:
+        the gathered weights to write instead of this module's (ZeRO-3/FSDP, see `SRPPOTrainer._save`)."""
         from safetensors.torch import save_file
 
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
+        if state_dict is None:
+            state_dict = self.state_dict()
+        else:
+            own = set(self.state_dict())
+            state_dict = {k: v for k, v in state_dict.items() if k in own}
+        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, folder / "model.safetensors")
         (folder / "critic_config.json").write_text(
             json.dumps({"adapter_name": self.adapter_name, "hidden_size": self.config.hidden_size})
         )

@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/learning.py                      # 2 rewards x 3 trainers x 20 min: ~3 h (est.)
     PYTHONPATH=src python benchmarks/learning.py --quick              # smoke run: 1 min per trainer, lighter settings
     PYTHONPATH=src python benchmarks/learning.py --reward coherent --sft-model outputs/learning/sft --budget-min 10
+    PYTHONPATH=src python benchmarks/learning.py --report OUT_DIR a/results.json b/results.json   # merge runs
 
 On SmolLM2-135M-Instruct (offline, CPU, fp32, `--threads` torch threads) each trainer gets the same training prompts
 (the shipped demo PPO prompts), the same reward, the same start model, the same sampling (temperature 1, no top-k, no
@@ -49,6 +50,7 @@ import json
 import os
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -540,6 +542,22 @@ def run_reward(kind: str, args, base_path: str, tokenizer, train_prompts, eval_p
     return partial
 
 
+def report(paths: list[str], output_dir: str) -> str:
+    """Merge the `results.json` of several runs (e.g. one per reward, or an interrupted run, which keeps the trainers
+    it finished) into one `results.md` and `learning.png` in `output_dir`; returns the table."""
+    by_reward: dict = {}
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        for kind, result in saved["rewards"].items():
+            by_reward.setdefault(kind, {}).update(result["runs"])
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(by_reward)
+    (out / "results.md").write_text(table + "\n")
+    plot(by_reward, out / "learning.png")
+    return table
+
+
 def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -577,4 +595,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--report":
+        # python benchmarks/learning.py --report OUT_DIR results.json [results.json ...]
+        print(report(sys.argv[3:], sys.argv[2]))
+    else:
+        main()

@@ -45,3 +45,8 @@ def test_learning_benchmark_records_rows_for_every_trainer_and_reward(tiny_base,
     assert (out / "learning.png").stat().st_size > 0
     assert "| coherent | rloo |" in (out / "results.md").read_text()
     assert result["machine"]["torch_threads"] == 1
+
+    # --report merges saved runs (here the same file twice, as two halves of a split run would be) into one table.
+    merged = tmp_path / "merged"
+    table = _load_script().report([str(out / "results.json")] * 2, str(merged))
+    assert table.count("| scripted |") == 3 and (merged / "learning.png").stat().st_size > 0

@@ -408,3 +408,18 @@ def test_an_optimizer_given_by_the_user_is_used_as_given(tokenizer, tmp_path):
     assert trainer.create_optimizer() is mine and len(mine.param_groups) == 1
     scheduler = trainer.create_scheduler(num_training_steps=4, optimizer=mine)  # one shared schedule, no error
     assert len(scheduler.base_lrs) == 1
+
+
+def test_max_steps_set_after_the_config_is_built_sets_the_training_length(tokenizer, tmp_path):
+    args = tiny_srppo_config(tmp_path, max_steps=-1)
+    args.max_steps = 2  # as the notebook's smoke run does
+    trainer = SRPPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=tiny_causal_lm(tokenizer, seed=1),
+        reward_model=CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)),
+        train_dataset=tiny_prompts(),
+    )
+    assert trainer.args.num_total_batches == 2 and trainer.args.total_episodes == 8
+    trainer.train()
+    assert trainer.state.global_step == 2

@@ -319,6 +319,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             args.num_total_batches = math.ceil(args.total_episodes / args.batch_size)
             args.max_steps = args.num_total_batches * args.steps_per_rollout
         elif args.total_episodes is None:
+            # max_steps may have been set after the config was built (e.g. `args.max_steps = 2`): derive from it.
+            args.num_total_batches = math.ceil(args.max_steps / args.steps_per_rollout)
             args.total_episodes = args.num_total_batches * args.batch_size
 
     def _move_frozen_models(self) -> None:

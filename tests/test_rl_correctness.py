@@ -32,12 +32,8 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-def _prompts(n=8):
-    return tiny_prompts(n)
-
-
-def _args(tmp_path, **overrides):
-    return tiny_srppo_config(tmp_path, **overrides)
+_prompts = tiny_prompts  # shared with the other trainer tests (srppo_trl.testing)
+_args = tiny_srppo_config
 
 
 def _trainer(tokenizer, tmp_path, policy=None, dataset=None, **overrides):

@@ -36,12 +36,8 @@ def _sft_peft(tokenizer, seed=3):
     return sft
 
 
-def _prompts(n=8):
-    return tiny_prompts(n)
-
-
-def _args(tmp_path, **overrides):
-    return tiny_srppo_config(tmp_path, **overrides)
+_prompts = tiny_prompts  # shared with the other trainer tests (srppo_trl.testing)
+_args = tiny_srppo_config
 
 
 def _batch(tokenizer, n=3):

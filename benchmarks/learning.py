@@ -93,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-prompts", type=int, default=None, help="limit the training prompts (default: all)")
     p.add_argument("--sft-max-steps", type=int, default=None, help="SFT steps when training it (-1 demo; quick 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--label", default=None, help="suffix of the trainers' names in the results, e.g. 'warm-up 0' (for --report)"
+    )
     args = p.parse_args(argv)
     quick = args.quick
     defaults = dict(
@@ -528,14 +531,14 @@ def run_reward(kind: str, args, base_path: str, tokenizer, train_prompts, eval_p
         setup_s = time.perf_counter() - began
         callback.trainer = trainer
         trainer.train()
-        runs[name] = {
+        runs[name if args.label is None else f"{name} ({args.label})"] = {
             "rows": callback.rows,
             "steps": trainer.state.global_step,
             "train_s": round(callback.train_s, 2),
             "eval_s": round(callback.eval_s, 2),
             "setup_s": round(setup_s, 2),
         }
-        print(f"[{label}] done: {runs[name]['steps']} steps in {callback.train_s:.0f} s of training", flush=True)
+        print(f"[{label}] done: {trainer.state.global_step} steps in {callback.train_s:.0f} s of training", flush=True)
         save(partial)
         del trainer, callback
         gc.collect()

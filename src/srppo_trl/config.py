@@ -127,6 +127,23 @@ class SRPPOConfig(_BaseConfig):
     local_rollout_forward_batch_size: int = field(
         default=64, metadata={"help": "Micro-batch size of the generation and scoring forward passes."}
     )
+    merge_adapters_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "With a LoRA policy (PEFT or single-base mode), fold the adapter into the base weights for "
+            "generation and restore the exact weights afterwards: rollouts at the speed of the plain model. "
+            "Quantized bases, LoRA variants (DoRA) and DeepSpeed/FSDP keep the unmerged forward."
+        },
+    )
+    reuse_first_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "The first micro-batch of each rollout buffer takes its old log-probs and values from the very "
+            "forward pass its PPO loss uses (its ratio is exactly 1 there, before any update), instead of a separate "
+            "scoring pass: one policy and one critic forward fewer per buffer (all of them when the buffer is one "
+            "micro-batch). Off under DeepSpeed and FSDP. Results equal those with False up to float rounding."
+        },
+    )
     ds3_gather_for_generation: bool = field(
         default=True,
         metadata={

@@ -91,9 +91,14 @@ class PPOStepMixin:
         """
         args = self.args
         mask = inputs["response_mask"].float()
-        logprobs, values, entropy = self._policy_and_values(
-            model, inputs["query"], inputs["query_mask"], inputs["response"], inputs["response_mask"], True
-        )
+        if inputs.get("reuse_forward") and self._reused_forward is not None:
+            # The buffer's first micro-batch: the forward that gave its old log-probs and values (see
+            # `make_rollout_buffer`) is this loss's forward too.
+            (logprobs, values, entropy), self._reused_forward = self._reused_forward, None
+        else:
+            logprobs, values, entropy = self._policy_and_values(
+                model, inputs["query"], inputs["query_mask"], inputs["response"], inputs["response_mask"], True
+            )
         vf_loss, vf_stats = ppo_math.value_loss(
             values, inputs["values"], inputs["returns"], mask, args.cliprange_value
         )

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from .adapter_merge import lora_merged_for_generation
+
 
 logger = logging.getLogger(__name__)
 
@@ -198,14 +200,17 @@ class RolloutMixin:
             gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
             gradient_checkpointing_kwargs=_checkpointing_kwargs(self.args),
         ) as unwrapped:
-            response = sample_responses(
-                unwrapped.policy,
-                queries,
-                query_masks,
-                self.generation_config,
-                self.args.local_rollout_forward_batch_size,
-                self.processing_class.pad_token_id,
-            )
+            # A LoRA policy generates with its adapter folded into the base weights (restored exactly after).
+            merge = self.args.merge_adapters_for_generation and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+            with lora_merged_for_generation(unwrapped.policy, enabled=merge):
+                response = sample_responses(
+                    unwrapped.policy,
+                    queries,
+                    query_masks,
+                    self.generation_config,
+                    self.args.local_rollout_forward_batch_size,
+                    self.processing_class.pad_token_id,
+                )
         response_mask, has_stop = response_mask_after_stop(response, self.args.stop_token_id)
         return {
             "query": queries,

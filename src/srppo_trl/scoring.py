@@ -52,24 +52,34 @@ class ScoringMixin:
         return logprobs, values, entropy
 
     @torch.no_grad()
-    def score_rollouts(self, rollouts: dict) -> dict:
+    def score_rollouts(self, rollouts: dict, first_outputs: tuple | None = None) -> dict:
         """Policy log-probs, critic values, reference log-probs and the reward of each rollout.
 
         Adds 'logprobs', 'values', 'ref_logprobs', 'token_scores' [B, R] and 'scores' [B] (the sequence reward,
         after `reward_clip` and `missing_eos_penalty`). With a coherent reward and `ref_model` its SFT model, the
         SFT log-probs are computed once and serve both the KL reference and the reward.
+
+        `first_outputs`: (log-probs, values) of the first n rollouts, already computed (the loss forward of the
+        buffer's first micro-batch, see `SRPPOTrainer.make_rollout_buffer`, which sets `self._first_outputs`):
+        those rows skip the policy and critic.
         """
+        if first_outputs is None:
+            first_outputs = getattr(self, "_first_outputs", None)
         chunk = self.args.local_rollout_forward_batch_size
+        done = 0 if first_outputs is None else len(first_outputs[0])
         parts = defaultdict(list)
         for start in range(0, len(rollouts["query"]), chunk):
             piece = {k: v[start : start + chunk] for k, v in rollouts.items()}
-            for key, value in self._score_chunk(piece).items():
+            known = None
+            if start < done:  # the chunk's first rows already have their policy outputs
+                known = tuple(t[start : min(start + chunk, done)].detach() for t in first_outputs)
+            for key, value in self._score_chunk(piece, known).items():
                 parts[key].append(value)
         scored = dict(rollouts)
         scored.update({k: torch.cat(v) for k, v in parts.items()})
         return scored
 
-    def _score_chunk(self, piece: dict) -> dict:
+    def _score_chunk(self, piece: dict, known: tuple | None = None) -> dict:
         query, query_mask = piece["query"], piece["query_mask"]
         response, response_mask = piece["response"], piece["response_mask"]
         context = query.shape[1]
@@ -77,7 +87,17 @@ class ScoringMixin:
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
         full_response_mask = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)
 
-        logprobs, values = self._policy_and_values(self.model, query, query_mask, response, response_mask)
+        # Policy and critic, except for the first rows whose outputs are `known`.
+        skip = 0 if known is None else len(known[0])
+        logprobs, values = known if known is not None else (None, None)
+        if skip < len(query):
+            rest = self._policy_and_values(
+                self.model, query[skip:], query_mask[skip:], response[skip:], response_mask[skip:]
+            )
+            if known is None:
+                logprobs, values = rest
+            else:
+                logprobs, values = (torch.cat([a, b]) for a, b in zip(known, rest))
         mask = response_mask.float()
         out = {"logprobs": logprobs * mask, "values": values * mask}
 

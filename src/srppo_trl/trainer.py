@@ -218,6 +218,9 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         self._move_frozen_models()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffer = None  # the current rollout buffer: a dict of [B_local, ...] tensors
+        self._reused_forward = None  # (log-probs, values, entropy) with graph of the buffer's first micro-batch
+        self._first_outputs = None  # its detached (log-probs, values), read by `score_rollouts`
+        self._reuse_next_buffer = False  # set by `_prepare_inputs` for `make_rollout_buffer`
         self._step = None  # micro-steps done, set from `state.global_step` at the first training step (resume)
         self._clock = None  # (time, episode) at the start of `train()`, for the `eps` metric
         self.add_callback(_TRL112Callback(self))
@@ -433,17 +436,62 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
     def _in_critic_warmup(self) -> bool:
         return self.state.global_step // self.args.steps_per_rollout < self.args.critic_warmup_steps
 
-    def make_rollout_buffer(self, batch: dict) -> dict:
-        """Generate, score and compute advantages for one local rollout batch; log the rollout metrics."""
+    def make_rollout_buffer(self, batch: dict, reuse_first_forward: bool | None = None) -> dict:
+        """Generate, score and compute advantages for one local rollout batch; log the rollout metrics.
+
+        With `reuse_first_forward` (None: as `_prepare_inputs` decided for this buffer), the first micro-batch's policy and critic forward runs here with its graph kept:
+        its detached outputs are that micro-batch's old log-probs and values, and its PPO loss (the next
+        `compute_loss`) backpropagates through the same forward instead of running another one. Before the first
+        optimizer step of the buffer the two forwards are the same computation, so only a pass is saved.
+        """
+        if reuse_first_forward is None:
+            reuse_first_forward = self._reuse_next_buffer
         rollouts = self.generate_rollouts(batch)
-        scored = self.score_rollouts(rollouts)
+        size, micro = len(rollouts["query"]), self.args.per_device_train_batch_size
+        # One shuffle per PPO epoch, each split into micro-batches of per_device_train_batch_size rows.
+        orders = [torch.randperm(size) for _ in range(self.args.num_ppo_epochs)]
+        first_outputs = None
+        if reuse_first_forward:
+            # Put the rows in epoch 0's order, so that the first micro-batch is rows [0, micro); the later epochs'
+            # orders are mapped to the new row positions, so every micro-batch holds the same rollouts as without
+            # reuse.
+            first = orders[0]
+            position = torch.empty_like(first)
+            position[first] = torch.arange(size)
+            rollouts = {k: v[first] if isinstance(v, torch.Tensor) else v for k, v in rollouts.items()}
+            orders = [position[order] for order in orders]
+            self._reused_forward = self._loss_forward({k: v[:micro] for k, v in rollouts.items()})
+            first_outputs = self._reused_forward[:2]
+        # Handed over as an attribute, so that a `score_rollouts` overridden or wrapped with TRL 1.12's one-argument
+        # signature keeps working (it then scores every row itself).
+        self._first_outputs = first_outputs
+        try:
+            scored = self.score_rollouts(rollouts)
+        finally:
+            self._first_outputs = None
         buffer = self.compute_advantages(scored)
         buffer["warmup"] = self._in_critic_warmup()
         self._log_rollout_metrics(buffer)
-        size, micro = len(buffer["query"]), self.args.per_device_train_batch_size
-        # One shuffle per PPO epoch, each split into micro-batches of per_device_train_batch_size rows.
-        buffer["order"] = [torch.randperm(size).split(micro) for _ in range(self.args.num_ppo_epochs)]
+        buffer["order"] = [order.split(micro) for order in orders]
         return buffer
+
+    def _loss_forward(self, inputs: dict):
+        """The policy and critic forward of `compute_loss` on one micro-batch: (log-probs, values, entropy), with
+        the graph (the model the Trainer trains, in its autocast context)."""
+        with torch.enable_grad(), self.compute_loss_context_manager():
+            return self._policy_and_values(
+                self.model_wrapped,
+                inputs["query"],
+                inputs["query_mask"],
+                inputs["response"],
+                inputs["response_mask"],
+                True,
+            )
+
+    def _can_reuse_first_forward(self) -> bool:
+        # Under DeepSpeed and FSDP the forward of the wrapped engine is followed by its backward with no other pass
+        # of the same parameters in between; keeping a forward's graph across the scoring passes is not done there.
+        return self.args.reuse_first_forward and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
 
     def _prepare_inputs(self, batch: dict) -> dict:
         if not self.model.training:
@@ -454,6 +502,10 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         index = self._step % micro_steps
         if index == 0 or self._buffer is None:
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            self._reused_forward = None
+            # (A resume mid-buffer starts at index > 0.) Handed over as an attribute, so that an overridden or wrapped
+            # `make_rollout_buffer(batch)` keeps working.
+            self._reuse_next_buffer = index == 0 and self._can_reuse_first_forward()
             self._buffer = self.make_rollout_buffer(batch)
         per_epoch = micro_steps // self.args.num_ppo_epochs
         rows = self._buffer["order"][index // per_epoch][index % per_epoch]
@@ -461,6 +513,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         micro = {k: self._buffer[k][rows] for k in keys}
         micro["warmup"] = self._buffer["warmup"]
         micro["rows"] = rows  # for error messages
+        micro["reuse_forward"] = index == 0 and self._reused_forward is not None
         return micro
 
     def training_step(self, model, inputs, num_items_in_batch=None):

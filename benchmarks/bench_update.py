@@ -7,11 +7,14 @@ Every measurement runs in its own subprocess (so peak RSS is per mode), one afte
 - `floor`: `model.generate` on the same 8 prompts, same sampling settings, same length (plain SmolLM2);
 - `four_model`: SRPPOTrainer with four full models (policy and critic fully trained; SFT and PT frozen);
 - `single_base`: SRPPOTrainer on one copy of the base (SFT, policy, critic as LoRA adapters; PT = adapters off);
+- `four_model_baseline`, `single_base_baseline`: the same with `reuse_first_forward=False` and
+  `merge_adapters_for_generation=False`, i.e. the trainer before issue 15's pass removal and adapter merging;
 - `peer`: TRL 1.12 `trl.experimental.ppo.PPOTrainer` (separate venv, `setup_peer_env.sh`), same models, the coherent
   reward through a reward-model-shaped adapter (`peer_trl112_ppo.py`).
 
     python benchmarks/bench_update.py                      # all four, 3 timed updates each (+1 warm-up)
     python benchmarks/bench_update.py --modes floor,single_base --updates 5
+    python benchmarks/bench_update.py --shape large        # 32 prompts x 64 new tokens instead of 8 x 32
 
 Prints a table and, last, one JSON line with every number and the ratios. Timings use 1 torch thread by default:
 on a shared 2-core machine, 2 OpenMP threads spin-wait whenever another process holds a core, which made the same
@@ -38,7 +41,7 @@ sys.path.insert(0, str(HERE))
 import bench_common as bc  # noqa: E402
 
 
-OUR_MODES = ("four_model", "single_base")
+OUR_MODES = ("four_model", "single_base", "four_model_baseline", "single_base_baseline")
 ALL_MODES = ("floor", *OUR_MODES, "peer")
 
 
@@ -86,6 +89,8 @@ def _build_trainer(mode: str, args, output_dir: str):
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
+    baseline = mode.endswith("_baseline")
+    mode = mode.removesuffix("_baseline")
     if mode == "four_model":
         sft, pt, policy = load(paths["sft"]), load(paths["pt"]), load(paths["sft"])
         reward, value_model = CoherentRewardModel(sft, pt), None  # the trainer copies the SFT backbone for the critic
@@ -118,6 +123,8 @@ def _build_trainer(mode: str, args, output_dir: str):
         activation_checkpointing=False,
         num_sample_generations=0,
         disable_tqdm=True,
+        reuse_first_forward=not baseline,
+        merge_adapters_for_generation=not baseline,
     )
     trainer = SRPPOTrainer(
         args=config,
@@ -156,6 +163,7 @@ def _worker_ours(mode: str, args) -> dict:
         timer.wrap(trainer, "generate_rollouts", "generation")
         timer.wrap(trainer, "compute_advantages", "advantages")
         timer.wrap(trainer, "make_rollout_buffer", "rollout_buffer")
+        timer.wrap(trainer, "_loss_forward", "reused_forward")  # the first micro-batch's loss forward, in the buffer
         timer.wrap(trainer, "_policy_and_values", "score/policy+critic", when=in_scoring)
         timer.wrap(trainer.reward_model, "sft_log_probs", "score/sft (KL ref + reward)")
         timer.wrap(trainer.reward_model, "base_log_probs", "score/pt (reward)")
@@ -195,9 +203,11 @@ def _worker_ours(mode: str, args) -> dict:
     for key in timed[0]:
         result[key] = [u.get(key, 0.0) for u in timed]
     result["score/policy"] = [a - b for a, b in zip(result["score/policy+critic"], result["score/critic"])]
-    result["optimisation"] = [u["update"] - u["rollout_buffer"] for u in timed]
+    # The reused forward runs while the buffer is made but belongs to the optimisation (it is the loss's forward).
+    result["optimisation"] = [u["update"] - u["rollout_buffer"] + u.get("reused_forward", 0.0) for u in timed]
     result["other"] = [
-        u["rollout_buffer"] - u["generation"] - u["scoring"] - u["advantages"] for u in timed
+        u["rollout_buffer"] - u["generation"] - u["scoring"] - u["advantages"] - u.get("reused_forward", 0.0)
+        for u in timed
     ]  # rollout metrics, masks
     result["tokens"] = tokens[1:]
     result["peak_rss_mb"] = bc.peak_rss_mb()
@@ -233,6 +243,9 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated subset of {ALL_MODES}")
     parser.add_argument("--updates", type=int, default=3, help="timed updates per mode (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
+    parser.add_argument(
+        "--shape", choices=("small", "large"), default="small", help="8x32 or 32x64 (prompts x tokens)"
+    )
     parser.add_argument("--cache-dir", default=None, help="model cache (default: $SRPPO_CACHE or ~/.cache/srppo_trl)")
     parser.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", "/work/.venv-trl112/bin/python"))
     parser.add_argument("--worker", choices=("floor", *OUR_MODES), help=argparse.SUPPRESS)
@@ -253,6 +266,7 @@ def main(argv=None) -> None:
 
     bc.prepare_models(args.cache_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
+    env["SRPPO_BENCH_SHAPE"] = args.shape  # read by bench_common in every worker and in the peer
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), env.get("PYTHONPATH")]))
     modes = [m for m in args.modes.split(",") if m]
     common = ["--updates", str(args.updates), "--threads", str(args.threads), "--cache-dir", args.cache_dir]
@@ -322,7 +336,10 @@ def _report(results: dict, loads: dict, args) -> None:
     for mode in OUR_MODES:
         if mode in med and "peer" in med:
             ratios[f"{mode}_update_over_peer"] = med[mode]["update"] / med["peer"]["update"]
-    if all(m in results for m in OUR_MODES):
+    for mode in ("four_model", "single_base"):
+        if mode in med and f"{mode}_baseline" in med:
+            ratios[f"{mode}_update_over_baseline"] = med[mode]["update"] / med[f"{mode}_baseline"]["update"]
+    if all(m in results for m in ("four_model", "single_base")):
         ratios["single_base_over_four_model_peak_rss"] = (
             results["single_base"]["peak_rss_mb"] / results["four_model"]["peak_rss_mb"]
         )
@@ -336,15 +353,21 @@ def _report(results: dict, loads: dict, args) -> None:
         "python": platform.python_version(),
         "load_avg": loads,
     }
-    print(json.dumps({"config": _config(), "machine": machine, "median": med, "ratios": ratios, "raw": results}))
+    print(
+        json.dumps(
+            {"config": _config(args.shape), "machine": machine, "median": med, "ratios": ratios, "raw": results}
+        )
+    )
 
 
-def _config() -> dict:
+def _config(shape: str) -> dict:
+    prompts, tokens = bc.SHAPES[shape]
     return {
         "model": "SmolLM2-135M-Instruct (fp32)",
         "pt": f"rank-{bc.LORA_RANK} perturbation, rel. Frobenius {bc.PERTURB_REL}",
-        "prompts_per_update": bc.BATCH,
-        "new_tokens": bc.RESPONSE_LENGTH,
+        "shape": shape,
+        "prompts_per_update": prompts,
+        "new_tokens": tokens,
         "ppo_epochs": 1,
         "minibatches": 1,
     }

@@ -192,6 +192,8 @@ class RolloutMixin:
         from trl.models.utils import unwrap_model_for_generation
 
         queries, query_masks = batch["input_ids"], batch["attention_mask"]
+        if getattr(self, "vllm_generation", None) is not None:
+            return self._vllm_rollouts(queries, query_masks)
         # Under DeepSpeed ZeRO-3 the weights are gathered once for the whole generation (TRL 1.12's
         # `ds3_gather_for_generation`), instead of layer by layer at every decoding step.
         with unwrap_model_for_generation(
@@ -211,6 +213,9 @@ class RolloutMixin:
                     self.args.local_rollout_forward_batch_size,
                     self.processing_class.pad_token_id,
                 )
+        return self._rollouts(queries, query_masks, response)
+
+    def _rollouts(self, queries, query_masks, response, **extra) -> dict:
         response_mask, has_stop = response_mask_after_stop(response, self.args.stop_token_id)
         return {
             "query": queries,
@@ -218,7 +223,20 @@ class RolloutMixin:
             "response": response,
             "response_mask": response_mask,
             "has_stop": has_stop,
+            **extra,
         }
+
+    def _vllm_rollouts(self, queries, query_masks) -> dict:
+        """Phase 1 with vLLM: push the policy's weights if they changed since the last push, then sample. Adds
+        'sampling_logprobs' [B, R]: vLLM's log-probs of the sampled tokens (compared with the trainer's own in the
+        `rollout/sampling_logprob_diff` metric)."""
+        from .vllm_rollout import vllm_sample
+
+        if self._vllm_synced_step != self.state.global_step:
+            self.vllm_generation.sync_weights()
+            self._vllm_synced_step = self.state.global_step
+        response, sampled = vllm_sample(self.vllm_generation, queries, query_masks, self.processing_class.pad_token_id)
+        return self._rollouts(queries, query_masks, response, sampling_logprobs=sampled)
 
 
 __all__ = [

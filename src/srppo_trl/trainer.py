@@ -216,6 +216,11 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             stop_token_id=args.stop_token_id,
         )
         self._move_frozen_models()
+        self.vllm_generation, self._vllm_synced_step = None, None
+        if args.use_vllm:
+            from .vllm_rollout import build_vllm_generation
+
+            self.vllm_generation = build_vllm_generation(self)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffer = None  # the current rollout buffer: a dict of [B_local, ...] tensors
         self._reused_forward = None  # (log-probs, values, entropy) with graph of the buffer's first micro-batch
@@ -549,6 +554,10 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             metrics["objective/rlhf_reward"].append(mean(buffer["rewards"].sum(-1)))
             metrics["objective/entropy"].append(mean(-buffer["logprobs"].sum(-1)))
             metrics["val/mean"].append(mean(ppo_math.masked_mean(buffer["values"], mask).unsqueeze(0)))
+        if "sampling_logprobs" in buffer and "logprobs" in buffer:
+            # vLLM's log-probs of the sampled tokens against the trainer's (teacher-forced, the PPO ratio's old ones).
+            diff = (buffer["sampling_logprobs"] - buffer["logprobs"]).abs()
+            metrics["rollout/sampling_logprob_diff"].append(mean(ppo_math.masked_mean(diff, mask).unsqueeze(0)))
         eos = (buffer["response"] == self.processing_class.eos_token_id) & mask.bool()
         metrics["val/num_eos_tokens"].append(gather(eos.sum().reshape(1).float()).sum().item())
         metrics["completions/mean_length"].append(mean(mask.sum(-1)))

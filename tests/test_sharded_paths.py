@@ -121,3 +121,32 @@ def test_with_peft_the_built_critic_is_a_lora_adapter_with_a_trainable_head(toke
     resumed._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
     for (name, a), (_, b) in zip(critic.named_parameters(), resumed.model.value_model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_vocabulary_size_of_a_zero3_partitioned_model_is_its_full_size(tokenizer):
+    from srppo_trl.coherent_reward import _vocab_size
+
+    model = tiny_causal_lm(tokenizer)
+    weight = model.get_output_embeddings().weight
+    # What ZeRO-3 (`zero3_init_flag`) leaves in each process: an empty tensor, the full shape in `ds_shape`.
+    weight.ds_shape, weight.data = weight.shape, torch.empty(0)
+    assert _vocab_size(model) == len(tokenizer)
+
+
+def test_a_zero3_partitioned_critic_is_checked_without_a_forward(tokenizer, monkeypatch):
+    from transformers import AutoModelForTokenClassification
+
+    from srppo_trl.modeling import check_value_model
+
+    def partitioned(model):
+        for i, param in enumerate(model.parameters()):
+            param.ds_id = i
+        monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("forward on partitioned weights"))
+        return model
+
+    config = tiny_causal_lm(tokenizer).config
+    config.num_labels = 1
+    critic = AutoModelForTokenClassification.from_config(config)
+    check_value_model(partitioned(critic))
+    with pytest.raises(ValueError, match="must return one scalar per token, but it is a LlamaForCausalLM"):
+        check_value_model(partitioned(tiny_causal_lm(tokenizer)))

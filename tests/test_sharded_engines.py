@@ -88,6 +88,7 @@ def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     stdout = _launch(out, "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no")
     assert "engine=DistributedType.MULTI_CPU world_size=2" in stdout
+    assert "critic_copy_max_difference=0.0" in stdout, stdout[-2000:]
     return out
 
 
@@ -114,6 +115,9 @@ def test_deepspeed_zero3_matches_ddp(tmp_path, ddp_run):
     assert "engine=DistributedType.DEEPSPEED world_size=2" in stdout, stdout[-2000:]
     # The actor/critic parameter groups (and their learning rates) survive DeepSpeed's optimizer wrapping.
     assert "('actor', 0.05" in stdout and "('critic', 0.15" in stdout, stdout[-2000:]
+    # A critic built (value_model=None) from an in-memory policy whose weights ZeRO-3 partitioned as they loaded holds
+    # the full SFT weights, not the empty partitions.
+    assert "critic_copy_max_difference=0.0" in stdout, stdout[-2000:]
     # The checkpoint is DeepSpeed's own (sharded optimizer and weights per rank); resuming read it.
     assert sorted(p.name for p in (out / "run" / "checkpoint-2" / "global_step2").iterdir()) == [
         f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")

@@ -29,21 +29,46 @@ def build_value_model(source, model_init_kwargs: dict | None = None, trust_remot
         )
     config = source.config.__class__.from_dict(source.config.to_dict())
     config.num_labels = 1
+    # Under DeepSpeed ZeRO-3 (`zero3_init_flag`) the source holds one slice of each weight per process, and the critic
+    # is partitioned as `from_config` builds it: gather the source's weights to read them, and load them into the
+    # gathered critic on rank 0 (DeepSpeed broadcasts and re-partitions them on exit).
     critic = AutoModelForTokenClassification.from_config(config, trust_remote_code=trust_remote_code)
-    critic.to(dtype=next(source.parameters()).dtype, device=next(source.parameters()).device)
-    missing, _unexpected = critic.load_state_dict(source.state_dict(), strict=False)
-    head = {
+    if not is_zero3_partitioned(critic):
+        critic.to(dtype=next(source.parameters()).dtype, device=next(source.parameters()).device)
+    head_prefixes = _backbone_prefixes(critic)
+    source_names = set(source.state_dict().keys())
+    not_copied = [
         name
         for name, _ in critic.named_parameters()
-        if not any(name.startswith(p) for p in _backbone_prefixes(critic))
-    }
-    not_copied = [name for name in missing if name not in head]
-    if not_copied:
+        if any(name.startswith(p) for p in head_prefixes) and name not in source_names
+    ]
+    if not_copied:  # checked by name on every process, before any gathering
         raise ValueError(
             f"Could not copy the SFT model's backbone into the critic ({len(not_copied)} weights missing, e.g. "
             f"{not_copied[0]}): pass `value_model` explicitly."
         )
+    with _gathered(source), _gathered(critic, modifier_rank=0):
+        if _is_rank_zero(critic):
+            critic.load_state_dict(source.state_dict(), strict=False)  # copies values (into the critic's dtype)
     return critic
+
+
+def _gathered(module: nn.Module, modifier_rank: int | None = None):
+    """DeepSpeed's `GatheredParameters` over a ZeRO-3-partitioned module's weights; a no-op for any other module."""
+    from contextlib import nullcontext
+
+    if not is_zero3_partitioned(module):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank)
+
+
+def _is_rank_zero(module: nn.Module) -> bool:
+    """Where a gathered ZeRO-3 module may be modified (rank 0); always True when it is not partitioned."""
+    if not is_zero3_partitioned(module) or not torch.distributed.is_initialized():
+        return True
+    return torch.distributed.get_rank() == 0
 
 
 def _backbone_prefixes(model: nn.Module) -> tuple[str, ...]:

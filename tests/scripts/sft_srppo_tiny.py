@@ -128,6 +128,46 @@ def srppo(out: Path, output_dir: Path, tokenizer, max_steps: int, resume: str | 
     return trainer
 
 
+def critic_copy_difference(out: Path, tokenizer) -> float:
+    """Build the trainer with `value_model=None` from an in-memory SFT model loaded after the config (under ZeRO-3:
+    partitioned), and return the largest difference between the critic's backbone and the SFT file's weights."""
+    from safetensors.torch import load_file
+
+    from srppo_trl.modeling import _gathered
+
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(8)]})
+    args = SRPPOConfig(
+        output_dir=str(out / "critic-copy"),
+        per_device_train_batch_size=2,
+        response_length=6,
+        report_to="none",
+        use_cpu=USE_CPU,
+        bf16=False,
+        **accelerator_state(),
+        max_steps=2,
+        num_sample_generations=0,
+    )
+    sft_path = str(out / "sft")
+    reward = CoherentRewardModel(
+        AutoModelForCausalLM.from_pretrained(sft_path), AutoModelForCausalLM.from_pretrained(str(out / "base"))
+    )
+    trainer = SRPPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(sft_path),  # an object: the critic copies its weights
+        reward_model=reward,
+        value_model=None,
+        train_dataset=prompts,
+    )
+    critic = trainer.model.value_model
+    saved = load_file(out / "sft" / "model.safetensors")
+    prefix = critic.base_model_prefix + "."
+    with _gathered(critic):
+        state = {k: v.detach().clone() for k, v in critic.state_dict().items() if k.startswith(prefix)}
+    assert state and set(state) <= set(saved), sorted(set(state) - set(saved))[:3]
+    return max((state[k].float() - saved[k].float()).abs().max().item() for k in state)
+
+
 def prepare(out: Path) -> None:
     """The pretrained model, in one process before the launch (the launched processes only read it)."""
     tokenizer = tiny_tokenizer()
@@ -151,12 +191,14 @@ def main():
     out = Path(cli.output_dir)
     tokenizer = tiny_tokenizer()
     sft(out, tokenizer)
+    copy_difference = critic_copy_difference(out, tokenizer)
     trainer = srppo(out, out / "run", tokenizer, cli.max_steps)
     groups = [(g.get("srppo_role"), g.get("initial_lr"), len(g["params"])) for g in trainer.optimizer.param_groups]
     resumed = srppo(out, out / "resumed", tokenizer, cli.max_steps, resume=str(out / "run" / "checkpoint-2"))
     if trainer.accelerator.is_main_process:
         print(f"engine={trainer.accelerator.distributed_type} world_size={trainer.accelerator.num_processes}")
         print(f"param_groups={groups}")
+        print(f"critic_copy_max_difference={copy_difference}")
         print(f"global_step={trainer.state.global_step} resumed_global_step={resumed.state.global_step}")
 
 

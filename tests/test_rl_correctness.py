@@ -419,3 +419,59 @@ def test_max_steps_set_after_the_config_is_built_sets_the_training_length(tokeni
     assert trainer.args.num_total_batches == 2 and trainer.args.total_episodes == 8
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+# ---------------------------------------------------------------------------------------------- critic value head
+
+
+def _head(critic):
+    from srppo_trl.modeling import value_head_parameters
+
+    head = value_head_parameters(critic)
+    weight = next(p for n, p in head.items() if n.endswith("weight"))
+    bias = [p for n, p in head.items() if n.endswith("bias")]
+    return weight, bias
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fresh_value_head_has_openrlhfs_init_and_the_backbone_is_the_sft_models(tokenizer, tmp_path, kind):
+    """The critic's new head is N(0, 1/(hidden+1)) (OpenRLHF), not transformers' N(0, 0.02), from a path or a model."""
+    from srppo_trl.modeling import build_value_model
+
+    hidden = 512
+    sft = tiny_causal_lm(tokenizer, kind=kind, seed=1, hidden_size=hidden, num_layers=1)
+    sft.save_pretrained(tmp_path / "sft")
+    for source in (sft, str(tmp_path / "sft")):
+        torch.manual_seed(0)
+        critic = build_value_model(source)
+        weight, bias = _head(critic)
+        assert weight.numel() == hidden
+        # 512 draws: the sample std is within ~10% of 1/513 = 0.00195; the old init gave ~0.02
+        assert 0.8 / (hidden + 1) < weight.std().item() < 1.2 / (hidden + 1)
+        assert all(torch.count_nonzero(b) == 0 for b in bias)
+        backbone = {k: v for k, v in critic.state_dict().items() if k.startswith(critic.base_model_prefix + ".")}
+        assert backbone and all(torch.equal(v, sft.state_dict()[k]) for k, v in backbone.items())
+
+
+def test_a_saved_critic_keeps_its_trained_head(tokenizer, tmp_path):
+    from srppo_trl.modeling import build_value_model
+
+    tiny_causal_lm(tokenizer, seed=1).save_pretrained(tmp_path / "sft")
+    critic = build_value_model(str(tmp_path / "sft"))
+    weight, _ = _head(critic)
+    with torch.no_grad():
+        weight.fill_(0.5)
+    critic.save_pretrained(tmp_path / "critic")
+    reloaded, _ = _head(build_value_model(str(tmp_path / "critic")))
+    assert torch.all(reloaded == 0.5)
+
+
+def test_single_base_value_head_has_openrlhfs_init(tokenizer):
+    peft = pytest.importorskip("peft")
+    from srppo_trl.single_base import build_single_base
+
+    hidden = 512
+    base = tiny_causal_lm(tokenizer, seed=1, hidden_size=hidden, num_layers=1)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    _policy, _reward, critic = build_single_base(base, sft_adapter=peft.get_peft_model(base, config))
+    assert 0.8 / (hidden + 1) < critic.score.weight.std().item() < 1.2 / (hidden + 1)

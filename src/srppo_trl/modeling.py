@@ -24,9 +24,12 @@ def build_value_model(source, model_init_kwargs: dict | None = None, trust_remot
 
     kwargs = dict(model_init_kwargs or {})
     if isinstance(source, str):
-        return AutoModelForTokenClassification.from_pretrained(
-            source, num_labels=1, trust_remote_code=trust_remote_code, **kwargs
+        critic, info = AutoModelForTokenClassification.from_pretrained(
+            source, num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
         )
+        # A saved critic keeps its trained head; a causal LM's folder has none and gets a fresh one.
+        init_value_head(critic, only=set(info.get("missing_keys", ())))
+        return critic
     config = source.config.__class__.from_dict(source.config.to_dict())
     config.num_labels = 1
     # Under DeepSpeed ZeRO-3 (`zero3_init_flag`) the source holds one slice of each weight per process, and the critic
@@ -35,12 +38,12 @@ def build_value_model(source, model_init_kwargs: dict | None = None, trust_remot
     critic = AutoModelForTokenClassification.from_config(config, trust_remote_code=trust_remote_code)
     if not is_zero3_partitioned(critic):
         critic.to(dtype=next(source.parameters()).dtype, device=next(source.parameters()).device)
-    head_prefixes = _backbone_prefixes(critic)
+    backbone = _backbone_prefixes(critic)
     source_names = set(source.state_dict().keys())
     not_copied = [
         name
         for name, _ in critic.named_parameters()
-        if any(name.startswith(p) for p in head_prefixes) and name not in source_names
+        if any(name.startswith(p) for p in backbone) and name not in source_names
     ]
     if not_copied:  # checked by name on every process, before any gathering
         raise ValueError(
@@ -50,7 +53,36 @@ def build_value_model(source, model_init_kwargs: dict | None = None, trust_remot
     with _gathered(source), _gathered(critic, modifier_rank=0):
         if _is_rank_zero(critic):
             critic.load_state_dict(source.state_dict(), strict=False)  # copies values (into the critic's dtype)
+    init_value_head(critic)
     return critic
+
+
+def value_head_parameters(critic: nn.Module) -> dict[str, nn.Parameter]:
+    """The critic's weights outside its backbone: the scalar head (`score` / `classifier`)."""
+    prefixes = _backbone_prefixes(critic)
+    return {n: p for n, p in critic.named_parameters() if not any(n.startswith(prefix) for prefix in prefixes)}
+
+
+def init_value_head(critic: nn.Module, only: set[str] | None = None) -> None:
+    """OpenRLHF's initialisation of a critic's fresh value head (openrlhf/models/model.py,
+    `get_llm_for_sequence_regression(init_value_head=True)`): weight ~ N(0, 1 / (hidden_size + 1)), bias 0.
+
+    We deliberately differ from transformers' classifier init (N(0, initializer_range = 0.02)): on hidden states of norm
+    ~sqrt(hidden_size) that gives initial values of std ~0.02 * sqrt(hidden_size) (~0.5 at 576, ~1.3 at 4096), noise
+    as large as the rewards that the first advantages are built from; OpenRLHF's start is ~12-80x smaller. `only`:
+    the head weights to initialise (those a checkpoint did not hold); None initialises the whole head.
+    """
+    head = {n: p for n, p in value_head_parameters(critic).items() if only is None or n in only}
+    if not head:
+        return
+    hidden = getattr(critic.config, "hidden_size", None) or next(iter(head.values())).shape[-1]
+    with _gathered(critic, modifier_rank=0), torch.no_grad():
+        if _is_rank_zero(critic):
+            for name, param in head.items():
+                if name.endswith("bias"):
+                    param.zero_()
+                else:
+                    param.normal_(mean=0.0, std=1.0 / (hidden + 1))
 
 
 def _gathered(module: nn.Module, modifier_rank: int | None = None):

@@ -178,7 +178,8 @@ class SharedBaseValueModel(nn.Module):
         base = peft_model.get_base_model()
         self.config = base.config
         self.score = nn.Linear(self.config.hidden_size, 1)
-        nn.init.normal_(self.score.weight, std=getattr(self.config, "initializer_range", 0.02))
+        # OpenRLHF's value-head init, as `modeling.init_value_head` (see there why not initializer_range).
+        nn.init.normal_(self.score.weight, std=1.0 / (self.config.hidden_size + 1))
         nn.init.zeros_(self.score.bias)
         self.score.to(device=next(base.parameters()).device, dtype=next(base.parameters()).dtype)
 

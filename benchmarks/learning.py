@@ -94,6 +94,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sft-max-steps", type=int, default=None, help="SFT steps when training it (-1 demo; quick 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--cliprange-value",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=0.2,
+        help="SRPPO's value clip ('none': no clip; SRPPOConfig/TRL 1.12 default 0.2, caps a value's move per buffer)",
+    )
+    p.add_argument(
+        "--lam",
+        type=float,
+        default=None,
+        help="SRPPO's GAE lambda (default: SRPPOConfig's, TRL 1.12's 0.95; paper 1.0)",
+    )
+    p.add_argument(
         "--label", default=None, help="suffix of the trainers' names in the results, e.g. 'warm-up 0' (for --report)"
     )
     args = p.parse_args(argv)
@@ -382,6 +394,8 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
             kl_coef=args.kl_coef,
             critic_learning_rate=args.learning_rate,
             critic_warmup_steps=args.critic_warmup,
+            cliprange_value=args.cliprange_value,
+            **({} if args.lam is None else {"lam": args.lam}),
             missing_eos_penalty=None,
             stop_token="eos",  # responses end at EOS, as GRPO/RLOO's do (SRPPOConfig's TRL 1.12 default: no stop)
             local_rollout_forward_batch_size=args.samples_per_step,

@@ -8,6 +8,8 @@ are its `score` head applied to every hidden state of its backbone (`getattr(mod
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -53,7 +55,8 @@ def build_value_model(source, model_init_kwargs: dict | None = None, trust_remot
     with _gathered(source), _gathered(critic, modifier_rank=0):
         if _is_rank_zero(critic):
             critic.load_state_dict(source.state_dict(), strict=False)  # copies values (into the critic's dtype)
-    init_value_head(critic)
+    # Only weights the source did not have (a backbone whose names miss `base_model_prefix` is never re-randomised).
+    init_value_head(critic, only={n for n in value_head_parameters(critic) if n not in source_names})
     return critic
 
 
@@ -75,8 +78,14 @@ def init_value_head(critic: nn.Module, only: set[str] | None = None) -> None:
     head = {n: p for n, p in value_head_parameters(critic).items() if only is None or n in only}
     if not head:
         return
-    hidden = getattr(critic.config, "hidden_size", None) or next(iter(head.values())).shape[-1]
-    with _gathered(critic, modifier_rank=0), torch.no_grad():
+    weight = next(iter(head.values()))
+    hidden = getattr(critic.config, "hidden_size", None) or getattr(weight, "ds_shape", weight.shape)[-1]
+    gathered = nullcontext()
+    if is_zero3_partitioned(critic):  # the head only, not the whole critic
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(head.values()), modifier_rank=0)
+    with gathered, torch.no_grad():
         if _is_rank_zero(critic):
             for name, param in head.items():
                 if name.endswith("bias"):

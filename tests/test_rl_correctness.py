@@ -475,3 +475,34 @@ def test_single_base_value_head_has_openrlhfs_init(tokenizer):
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     _policy, _reward, critic = build_single_base(base, sft_adapter=peft.get_peft_model(base, config))
     assert 0.8 / (hidden + 1) < critic.score.weight.std().item() < 1.2 / (hidden + 1)
+
+
+# ---------------------------------------------------------------------------------------------- 7. value clip
+
+
+def _fake_buffer(values, returns):
+    rows, length = values.shape
+    mask = torch.ones(rows, length)
+    return {
+        "response_mask": mask,
+        "response": torch.zeros(rows, length, dtype=torch.long),
+        "scores": torch.zeros(rows),
+        "kl": torch.zeros(rows, length),
+        "rewards": torch.zeros(rows, length),
+        "logprobs": torch.zeros(rows, length),
+        "values": values,
+        "returns": returns,
+        "has_stop": torch.ones(rows),
+    }
+
+
+@pytest.mark.parametrize("clip, warns", [(0.2, True), (None, False), (5.0, False)])
+def test_a_value_clip_far_below_the_value_error_is_warned_about_once(tokenizer, tmp_path, caplog, clip, warns):
+    trainer = _trainer(tokenizer, tmp_path, cliprange_value=clip)
+    buffer = _fake_buffer(values=torch.zeros(2, 3), returns=torch.full((2, 3), 15.0))  # 15 nats off, as measured
+    with caplog.at_level("WARNING", logger="srppo_trl.trainer"):
+        trainer._log_rollout_metrics(buffer)
+        trainer._log_rollout_metrics(buffer)
+    warnings = [r for r in caplog.records if "cliprange_value" in r.getMessage()]
+    assert len(warnings) == (1 if warns else 0)
+    assert trainer._metrics["train"]["val/abs_error"] == [pytest.approx(15.0)] * 2

@@ -222,6 +222,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
 
             self.vllm_generation = build_vllm_generation(self)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._warned_value_clip = False
         self._buffer = None  # the current rollout buffer: a dict of [B_local, ...] tensors
         self._reused_forward = None  # (log-probs, values, entropy) with graph of the buffer's first micro-batch
         self._first_outputs = None  # its detached (log-probs, values), read by `score_rollouts`
@@ -554,6 +555,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             metrics["objective/rlhf_reward"].append(mean(buffer["rewards"].sum(-1)))
             metrics["objective/entropy"].append(mean(-buffer["logprobs"].sum(-1)))
             metrics["val/mean"].append(mean(ppo_math.masked_mean(buffer["values"], mask).unsqueeze(0)))
+            if mode == "train" and "returns" in buffer:
+                self._warn_if_value_clip_too_tight(buffer, mask, mean)
         if "sampling_logprobs" in buffer and "logprobs" in buffer:
             # vLLM's log-probs of the sampled tokens against the trainer's (teacher-forced, the PPO ratio's old ones).
             diff = (buffer["sampling_logprobs"] - buffer["logprobs"]).abs()
@@ -563,6 +566,23 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         metrics["completions/mean_length"].append(mean(mask.sum(-1)))
         metrics["completions/eos_rate"].append(mean(buffer["has_stop"]))
         metrics["critic_warmup"].append(float(buffer.get("warmup", False)))
+
+    def _warn_if_value_clip_too_tight(self, buffer: dict, mask: torch.Tensor, mean) -> None:
+        """Once per run: the clipped value loss has no gradient once a value is `cliprange_value` from its rollout
+        value, so a critic whose values are far from the returns can close at most that much of the gap per buffer."""
+        clip = self.args.cliprange_value
+        gap = mean(ppo_math.masked_mean((buffer["returns"] - buffer["values"]).abs(), mask).unsqueeze(0))
+        metrics = self._metrics["train"]
+        metrics["val/abs_error"].append(gap)
+        if clip is None or self._warned_value_clip or gap <= 10 * clip:
+            return
+        self._warned_value_clip = True
+        logger.warning(
+            f"The critic's values are on average {gap:.3g} from the returns, over 10x cliprange_value={clip}: the "
+            "clipped value loss lets a value move at most cliprange_value per rollout buffer, so the critic cannot "
+            "catch up. Set cliprange_value=None (or raise it; OpenRLHF uses 0.5 with rewards clipped to +-10), "
+            "or scale the reward."
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

@@ -177,9 +177,13 @@ class SharedBaseValueModel(nn.Module):
         self.adapter_weights = nn.ParameterDict({name.replace(".", "__"): params[name] for name in names})
         base = peft_model.get_base_model()
         self.config = base.config
-        self.score = nn.Linear(self.config.hidden_size, 1)
+        # The width of the last hidden state: the text config's hidden_size (multimodal configs nest it), else the
+        # embedding width (a config that names it otherwise).
+        hidden = getattr(self.config.get_text_config(), "hidden_size", None)
+        hidden = hidden or base.get_input_embeddings().embedding_dim
+        self.score = nn.Linear(hidden, 1)
         # OpenRLHF's value-head init, as `modeling.init_value_head` (see there why not initializer_range).
-        nn.init.normal_(self.score.weight, std=1.0 / (self.config.hidden_size + 1))
+        nn.init.normal_(self.score.weight, std=1.0 / (hidden + 1))
         nn.init.zeros_(self.score.bias)
         self.score.to(device=next(base.parameters()).device, dtype=next(base.parameters()).dtype)
 
@@ -230,7 +234,7 @@ class SharedBaseValueModel(nn.Module):
             state_dict = {k: v for k, v in state_dict.items() if k in own}
         save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, folder / "model.safetensors")
         (folder / "critic_config.json").write_text(
-            json.dumps({"adapter_name": self.adapter_name, "hidden_size": self.config.hidden_size})
+            json.dumps({"adapter_name": self.adapter_name, "hidden_size": self.score.in_features})
         )
 
 

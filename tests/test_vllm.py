@@ -50,6 +50,21 @@ def test_use_vllm_without_vllm_says_how_to_install_it(tmp_path):
         )
 
 
+def test_server_mode_on_a_cpu_trainer_is_refused_before_vllm_is_needed(tmp_path):
+    # TRL's VLLMClient syncs weights over NCCL only: on CPU the server would sample from the initial policy forever.
+    from srppo_trl import CoherentRewardModel, SRPPOTrainer
+
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(ValueError, match="vllm_mode='server' needs a CUDA device"):
+        SRPPOTrainer(
+            args=tiny_srppo_config(tmp_path, use_vllm=True, vllm_mode="server", use_cpu=True),
+            processing_class=tokenizer,
+            model=tiny_causal_lm(tokenizer, seed=1),
+            reward_model=CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)),
+            train_dataset=tiny_prompts(),
+        )
+
+
 def _run(which: str) -> dict:
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""

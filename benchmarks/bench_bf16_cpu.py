@@ -52,7 +52,8 @@ def _cpu_flags() -> list[str]:
     except OSError:
         return []
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return [f for f in wanted if f" {f}" in text]
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return [f for f in wanted if f in flags]
 
 
 def main(argv=None) -> None:

@@ -480,9 +480,12 @@ def test_single_base_value_head_has_openrlhfs_init(tokenizer):
 # ---------------------------------------------------------------------------------------------- 7. value clip
 
 
-def _fake_buffer(values, returns):
+def _fake_buffer(values, returns, warmup=False):
     rows, length = values.shape
     mask = torch.ones(rows, length)
+    mask[:, -1] = 0  # padding: its (huge, opposite) errors must not count
+    returns = returns.clone()
+    returns[:, -1] = -1000.0
     return {
         "response_mask": mask,
         "response": torch.zeros(rows, length, dtype=torch.long),
@@ -493,16 +496,34 @@ def _fake_buffer(values, returns):
         "values": values,
         "returns": returns,
         "has_stop": torch.ones(rows),
+        "warmup": warmup,
     }
 
 
 @pytest.mark.parametrize("clip, warns", [(0.2, True), (None, False), (5.0, False)])
-def test_a_value_clip_far_below_the_value_error_is_warned_about_once(tokenizer, tmp_path, caplog, clip, warns):
+def test_a_value_clip_far_below_the_critics_bias_is_warned_about_once(tokenizer, tmp_path, caplog, clip, warns):
     trainer = _trainer(tokenizer, tmp_path, cliprange_value=clip)
-    buffer = _fake_buffer(values=torch.zeros(2, 3), returns=torch.full((2, 3), 15.0))  # 15 nats off, as measured
+    biased = _fake_buffer(values=torch.zeros(2, 4), returns=torch.full((2, 4), 15.0))  # 15 nats off, as measured
     with caplog.at_level("WARNING", logger="srppo_trl.trainer"):
-        trainer._log_rollout_metrics(buffer)
-        trainer._log_rollout_metrics(buffer)
+        for _ in range(3):  # critic warm-up buffers never count
+            trainer._log_rollout_metrics(_fake_buffer(torch.zeros(2, 4), torch.full((2, 4), 15.0), warmup=True))
+        for _ in range(2):
+            trainer._log_rollout_metrics(biased)
+        assert not [r for r in caplog.records if "cliprange_value" in r.getMessage()]  # 2 buffers: not yet
+        for _ in range(3):
+            trainer._log_rollout_metrics(biased)
     warnings = [r for r in caplog.records if "cliprange_value" in r.getMessage()]
     assert len(warnings) == (1 if warns else 0)
-    assert trainer._metrics["train"]["val/abs_error"] == [pytest.approx(15.0)] * 2
+    assert trainer._metrics["train"]["val/bias"] == [pytest.approx(15.0)] * 8
+    assert trainer._metrics["train"]["val/abs_error"] == [pytest.approx(15.0)] * 8
+
+
+def test_a_critic_with_no_bias_is_not_warned_about(tokenizer, tmp_path, caplog):
+    # lam=1 and a fitted critic: returns spread +-15 around the values, no bias.
+    trainer = _trainer(tokenizer, tmp_path, cliprange_value=0.2)
+    returns = torch.tensor([[15.0, 15.0, 15.0, 0.0], [-15.0, -15.0, -15.0, 0.0]])
+    with caplog.at_level("WARNING", logger="srppo_trl.trainer"):
+        for _ in range(5):
+            trainer._log_rollout_metrics(_fake_buffer(torch.zeros(2, 4), returns))
+    assert not [r for r in caplog.records if "cliprange_value" in r.getMessage()]
+    assert trainer._metrics["train"]["val/abs_error"][-1] == pytest.approx(15.0)

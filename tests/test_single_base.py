@@ -276,3 +276,24 @@ def test_critic_gradients_are_right_with_activation_checkpointing(tokenizer):
     assert any(".critic." in n for n in plain) and plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_critic_head_width_is_the_lm_heads_input_not_hidden_size(tokenizer):
+    # OPT-350m projects its 1024-wide hidden states to 512 before the LM head: the value head must read 512.
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=64, word_embed_proj_dim=32, num_hidden_layers=1,
+        num_attention_heads=2, ffn_dim=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = OPTForCausalLM(config)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    _policy, _reward, critic = build_single_base(base, sft_adapter=get_peft_model(base, lora))
+    assert critic.score.in_features == 32
+    ids, attention, _ = _batch(tokenizer)
+    from srppo_trl.modeling import token_values
+
+    with torch.no_grad():
+        values = token_values(critic, ids, attention)
+    assert values.shape[:2] == ids.shape

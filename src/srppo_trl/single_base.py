@@ -177,10 +177,10 @@ class SharedBaseValueModel(nn.Module):
         self.adapter_weights = nn.ParameterDict({name.replace(".", "__"): params[name] for name in names})
         base = peft_model.get_base_model()
         self.config = base.config
-        # The width of the last hidden state: the text config's hidden_size (multimodal configs nest it), else the
-        # embedding width (a config that names it otherwise).
-        hidden = getattr(self.config.get_text_config(), "hidden_size", None)
-        hidden = hidden or base.get_input_embeddings().embedding_dim
+        # The width of the last hidden state: the LM head's input (OPT-350m projects 1024 -> 512 before it, so
+        # hidden_size is not always it), else the text config's hidden_size (multimodal configs nest it).
+        head = base.get_output_embeddings()
+        hidden = getattr(head, "in_features", None) or self.config.get_text_config().hidden_size
         self.score = nn.Linear(hidden, 1)
         # OpenRLHF's value-head init, as `modeling.init_value_head` (see there why not initializer_range).
         nn.init.normal_(self.score.weight, std=1.0 / (hidden + 1))

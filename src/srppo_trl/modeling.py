@@ -34,12 +34,9 @@ def build_value_model(source, model_init_kwargs: dict | None = None, trust_remot
         return critic
     config = source.config.__class__.from_dict(source.config.to_dict())
     config.num_labels = 1
-    # Under DeepSpeed ZeRO-3 (`zero3_init_flag`) the source holds one slice of each weight per process, and the critic
-    # is partitioned as `from_config` builds it: gather the source's weights to read them, and load them into the
-    # gathered critic on rank 0 (DeepSpeed broadcasts and re-partitions them on exit).
     critic = AutoModelForTokenClassification.from_config(config, trust_remote_code=trust_remote_code)
     if not is_zero3_partitioned(critic):
-        critic.to(dtype=next(source.parameters()).dtype, device=next(source.parameters()).device)
+        critic.to(dtype=next(source.parameters()).dtype, device=materialised_device(source))
     backbone = _backbone_prefixes(critic)
     source_names = set(source.state_dict().keys())
     not_copied = [
@@ -52,12 +49,45 @@ def build_value_model(source, model_init_kwargs: dict | None = None, trust_remot
             f"Could not copy the SFT model's backbone into the critic ({len(not_copied)} weights missing, e.g. "
             f"{not_copied[0]}): pass `value_model` explicitly."
         )
-    with _gathered(source), _gathered(critic, modifier_rank=0):
-        if _is_rank_zero(critic):
-            critic.load_state_dict(source.state_dict(), strict=False)  # copies values (into the critic's dtype)
+    _copy_backbone(source, critic)
     # Only weights the source did not have (a backbone whose names miss `base_model_prefix` is never re-randomised).
     init_value_head(critic, only={n for n in value_head_parameters(critic) if n not in source_names})
     return critic
+
+
+def _copy_backbone(source: nn.Module, critic: nn.Module) -> None:
+    """Copy every weight and persistent buffer of `source` that `critic` has under the same name (into the critic's
+    dtype).
+
+    Under DeepSpeed ZeRO-3 (`zero3_init_flag`) both models hold one slice of each weight per process: each pair of
+    weights is gathered, copied on rank 0, and DeepSpeed broadcasts and re-partitions the critic's on exit. One pair
+    at a time, so the extra memory is one weight of each model, not two whole models (a 7B pair in bf16 would need
+    28 GB on every GPU at once). Buffers are never partitioned, so every process copies its own.
+    """
+    source_params = dict(source.named_parameters())
+    source_state = source.state_dict()  # under ZeRO-3 its parameters are empty slices; only its buffers are read
+    with torch.no_grad():
+        for name, param in critic.named_parameters():
+            src = source_params.get(name)
+            if src is None:
+                if name in source_state and not is_zero3_partitioned(source):
+                    param.copy_(source_state[name])  # e.g. a tied weight that named_parameters lists once
+                continue
+            with _gathered_params([src]), _gathered_params([param], modifier_rank=0):
+                if _is_rank_zero(critic):
+                    param.copy_(src)
+        for name, buffer in critic.named_buffers():
+            if name in source_state and name not in source_params:
+                buffer.copy_(source_state[name])
+
+
+def materialised_device(module: nn.Module) -> torch.device:
+    """The device of `module`'s first weight that is not on the meta device (weights offloaded by accelerate's
+    `device_map` sit on `meta` outside their forward); CPU if all are."""
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
 
 
 def value_head_parameters(critic: nn.Module) -> dict[str, nn.Parameter]:
@@ -98,12 +128,16 @@ def init_value_head(critic: nn.Module, only: set[str] | None = None) -> None:
 
 def _gathered(module: nn.Module, modifier_rank: int | None = None):
     """DeepSpeed's `GatheredParameters` over a ZeRO-3-partitioned module's weights; a no-op for any other module."""
+    return _gathered_params(list(module.parameters()), modifier_rank)
 
-    if not is_zero3_partitioned(module):
+
+def _gathered_params(params: list, modifier_rank: int | None = None):
+    """DeepSpeed's `GatheredParameters` over ZeRO-3-partitioned weights; a no-op when none is partitioned."""
+    if not any(hasattr(p, "ds_id") for p in params):
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def _is_rank_zero(module: nn.Module) -> bool:

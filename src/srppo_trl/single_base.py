@@ -34,10 +34,12 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers.modeling_outputs import TokenClassifierOutput
 
 from .coherent_reward import CoherentRewardModel, _is_peft_model
+from .modeling import materialised_device
 
 
 POLICY_ADAPTER = "default"
@@ -185,7 +187,7 @@ class SharedBaseValueModel(nn.Module):
         # OpenRLHF's value-head init, as `modeling.init_value_head` (see there why not initializer_range).
         nn.init.normal_(self.score.weight, std=1.0 / (hidden + 1))
         nn.init.zeros_(self.score.bias)
-        self.score.to(device=next(base.parameters()).device, dtype=next(base.parameters()).dtype)
+        self.score.to(device=_head_device(base), dtype=next(base.parameters()).dtype)
 
     @property
     def peft_model(self):
@@ -212,7 +214,9 @@ class SharedBaseValueModel(nn.Module):
                 hidden = backbone(
                     input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
                 ).last_hidden_state
-        return TokenClassifierOutput(logits=self.score(hidden))
+        # With a `device_map` the last hidden state is where the last layer ran, which the head follows (a no-op
+        # otherwise).
+        return TokenClassifierOutput(logits=self.score(hidden.to(self.score.weight.device)))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         self._peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
@@ -236,6 +240,16 @@ class SharedBaseValueModel(nn.Module):
         (folder / "critic_config.json").write_text(
             json.dumps({"adapter_name": self.adapter_name, "hidden_size": self.score.in_features})
         )
+
+
+def _head_device(base: nn.Module):
+    """Where the value head lives: where the LM head runs (its accelerate hook's execution device when the model is
+    dispatched with a `device_map`, whose offloaded weights sit on `meta`), else the first materialised weight's."""
+    lm_head = base.get_output_embeddings()
+    device = getattr(getattr(lm_head, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return materialised_device(lm_head if lm_head is not None else base)
 
 
 def build_single_base(base_model: nn.Module, sft_adapter=None):

@@ -175,6 +175,26 @@ def prepare(out: Path) -> None:
     tokenizer.save_pretrained(out / "base")
 
 
+def force_fsdp_on_cpu() -> None:
+    """`SRPPO_FORCE_FSDP_ON_CPU=1`: an experiment, not a supported mode (docs/troubleshooting.md). accelerate 1.15 turns
+    FSDP on only for GPU-like distributed types, so on CPU it silently runs DDP; this patch makes its state report
+    FSDP with the launch config's plugin on a gloo `MULTI_CPU` group, so that accelerate shards with FSDP2 (which
+    torch runs on CPU: tests/scripts/fsdp2_cpu_probe.py)."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    original = accelerate.state.AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+
+    accelerate.state.AcceleratorState.__init__ = init
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
@@ -184,6 +204,8 @@ def main():
     if cli.prepare:
         return prepare(Path(cli.output_dir))
     torch.set_num_threads(1)
+    if os.environ.get("SRPPO_FORCE_FSDP_ON_CPU") == "1":
+        force_fsdp_on_cpu()
     if DEEPSPEED:
         from accelerate import PartialState
 

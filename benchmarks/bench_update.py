@@ -231,11 +231,15 @@ def _worker_ours(mode: str, args) -> dict:
 # ---------------------------------------------------------------------------------------------------- parent
 
 
-def _run(cmd: list[str], env: dict) -> dict:
+def _run(cmd: list[str], env: dict) -> dict | None:
+    """One worker's JSON line, or None when it failed (its error is printed; the other modes still run and report:
+    e.g. a mode killed for memory at `--shape large` must not lose the minutes spent on the others)."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+        killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+        print(f"{' '.join(cmd)} failed with exit code {proc.returncode}{killed}; left out", file=sys.stderr)
+        return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -284,7 +288,7 @@ def main(argv=None) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), env.get("PYTHONPATH")]))
     modes = [m for m in args.modes.split(",") if m]
     common = ["--updates", str(args.updates), "--threads", str(args.threads), "--cache-dir", args.cache_dir]
-    results, loads = {}, {}
+    results, loads, failed = {}, {}, []
     for mode in modes:
         if mode not in ALL_MODES:
             raise ValueError(f"Unknown mode {mode!r}: choose from {ALL_MODES}.")
@@ -304,7 +308,11 @@ def main(argv=None) -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, *common]
         before = _load()
         start = time.perf_counter()
-        results[mode] = _run(cmd, env)
+        result = _run(cmd, env)
+        if result is None:
+            failed.append(mode)
+            continue
+        results[mode] = result
         results[mode]["wall_s"] = time.perf_counter() - start
         loads[mode] = {"before": before, "after": _load()}
         print(
@@ -313,6 +321,9 @@ def main(argv=None) -> None:
         )
 
     _report(results, loads, args)
+    if failed:
+        print(f"failed modes (left out above): {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _report(results: dict, loads: dict, args) -> None:

@@ -64,14 +64,13 @@ def _copy_backbone(source: nn.Module, critic: nn.Module) -> None:
     at a time, so the extra memory is one weight of each model, not two whole models (a 7B pair in bf16 would need
     28 GB on every GPU at once). Buffers are never partitioned, so every process copies its own.
     """
-    source_params = dict(source.named_parameters())
+    # Every name of a tied weight too (`remove_duplicate=False`): the critic may list it under the other name.
+    source_params = dict(source.named_parameters(remove_duplicate=False))
     source_state = source.state_dict()  # under ZeRO-3 its parameters are empty slices; only its buffers are read
     with torch.no_grad():
         for name, param in critic.named_parameters():
             src = source_params.get(name)
             if src is None:
-                if name in source_state and not is_zero3_partitioned(source):
-                    param.copy_(source_state[name])  # e.g. a tied weight that named_parameters lists once
                 continue
             with _gathered_params([src]), _gathered_params([param], modifier_rank=0):
                 if _is_rank_zero(critic):

@@ -1,6 +1,6 @@
 """The small default: SFT -> SRPPO on SmolLM2-135M-Instruct with the shipped demo data, offline, on CPU.
 
-Usage (single device, ~20-25 minutes on 2 CPU cores; this is what `make demo` runs):
+Usage (single device, ~36 minutes on 2 idle CPU cores; this is what `make demo` runs):
 
     python recipes/smollm2_demo.py --config recipes/configs/smollm2_demo.yaml
 

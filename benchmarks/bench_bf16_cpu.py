@@ -56,6 +56,34 @@ def _cpu_flags() -> list[str]:
     return [f for f in wanted if f in flags]
 
 
+def _coherent_reward_errors(paths, sft32, sft16, sequences, attention, response_mask, autocast) -> dict:
+    """The coherent reward of each response from the frozen SFT and PT passes, in fp32, under bf16 autocast (fp32
+    weights) and with bf16 weights: per-response and batch-mean errors against fp32 (what whitening and the
+    advantages see), and the fp32 rewards' spread for scale."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from srppo_trl.logprobs import sequence_logprobs
+
+    pt32 = AutoModelForCausalLM.from_pretrained(paths["pt"], dtype=torch.float32).eval()
+    pt16 = AutoModelForCausalLM.from_pretrained(paths["pt"], dtype=torch.bfloat16).eval()
+
+    def reward(sft, pt, ctx):
+        with torch.no_grad(), ctx():
+            sums = [sequence_logprobs(m, sequences, attention, response_mask).sum(1) for m in (sft, pt)]
+        return (sums[0] - sums[1]).double()
+
+    reference = reward(sft32, pt32, nullcontext)
+    errors = {}
+    for name, (sft, pt, ctx) in {
+        "autocast bf16": (sft32, pt32, autocast),
+        "bf16 weights": (sft16, pt16, nullcontext),
+    }.items():
+        diff = reward(sft, pt, ctx) - reference
+        errors[name] = {"max_abs_err": float(diff.abs().max()), "batch_mean_abs_err": float(diff.mean().abs())}
+    return {"fp32_mean": float(reference.mean()), "fp32_std": float(reference.std()), "errors": errors}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=("small", "large"), default="small", help="8x32 or 32x64")
@@ -143,15 +171,21 @@ def main(argv=None) -> None:
     results["train step autocast bf16"]["grad_cosine"] = float(ref @ other / (ref.norm() * other.norm()))
     fp32.eval()
 
-    for name, model in (("generation fp32", fp32), ("generation bf16 weights", bf16)):
+    for name, model, ctx in (
+        ("generation fp32", fp32, nullcontext),
+        ("generation autocast bf16", fp32, autocast),
+        ("generation bf16 weights", bf16, nullcontext),
+    ):
 
-        def run(model=model):
-            with torch.no_grad():
+        def run(model=model, ctx=ctx):
+            with torch.no_grad(), ctx():
                 return model.generate(**batch, generation_config=gen_config)
 
         times, _ = _time(run, args.reps)
         results[name] = {"s": times}
         print(f"[{name}] {statistics.median(times):.3f} s", file=sys.stderr)
+
+    reward = _coherent_reward_errors(paths, fp32, bf16, sequences, attention, response_mask, autocast)
 
     base = {"scoring": "scoring fp32", "train step": "train step fp32", "generation": "generation fp32"}
     print("| pass | median s | / fp32 | max abs log-prob err | mean abs err | max err of a response's sum |")
@@ -166,6 +200,12 @@ def main(argv=None) -> None:
     step = results["train step autocast bf16"]
     print(f"\ngradient of the bf16 train step vs fp32: relative error {step['grad_rel_err']:.4f}, cosine "
           f"{step['grad_cosine']:.5f}")  # fmt: skip
+    print("\ncoherent reward (sum log p_SFT - sum log p_PT over a response) against fp32, nats:")
+    print("| passes | max abs err of a response's reward | abs err of the batch mean | fp32 rewards' std |")
+    print("|---|---|---|---|")
+    for name, row in reward["errors"].items():
+        print(f"| {name} | {row['max_abs_err']:.4f} | {row['batch_mean_abs_err']:.4f} | {reward['fp32_std']:.4f} |")
+    results["coherent reward"] = reward
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),

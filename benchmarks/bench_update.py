@@ -20,6 +20,11 @@ Every measurement runs in its own subprocess (so peak RSS is per mode), one afte
     python benchmarks/bench_update.py                      # all four, 3 timed updates each (+1 warm-up)
     python benchmarks/bench_update.py --modes floor,single_base --updates 5
     python benchmarks/bench_update.py --shape large        # 32 prompts x 64 new tokens instead of 8 x 32
+    python benchmarks/bench_update.py --modes floor,single_base,peer --precision fp32,bf16   # every mode in both
+
+`--precision bf16` runs our trainer and the peer with `bf16=True` (bf16 autocast over fp32 weights, as the Trainer
+does on a GPU; fp32 log-prob math) and the floor under the same autocast; rows and ratios of bf16 runs carry the
+suffix `@bf16`. On a CPU, bf16 needs AVX-512 BF16 or AMX (SRPPOConfig refuses it elsewhere).
 
 Prints a table and, last, one JSON line with every number and the ratios. Timings use 1 torch thread by default:
 on a shared 2-core machine, 2 OpenMP threads spin-wait whenever another process holds a core, which made the same
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 
@@ -56,6 +62,7 @@ OUR_MODES = (
     *VLLM_MODES,
 )
 ALL_MODES = ("floor", *OUR_MODES, "peer")
+PRECISIONS = ("fp32", "bf16")
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -73,7 +80,7 @@ def _worker_floor(args) -> dict:
     config = GenerationConfig(**bc.generation_kwargs(tokenizer))
     times, tokens = [], []
     torch.manual_seed(bc.SEED)
-    with torch.no_grad():
+    with torch.no_grad(), _precision_context(args.precision):
         for i in range(args.updates + 1):
             start = time.perf_counter()
             out = model.generate(**batch, generation_config=config)
@@ -87,6 +94,13 @@ def _worker_floor(args) -> dict:
         "peak_rss_mb": bc.peak_rss_mb(),
         "cuda_peak_mb": bc.cuda_peak_mb(),
     }
+
+
+def _precision_context(precision: str):
+    """The floor's counterpart of `bf16=True`: bf16 autocast over the fp32 weights."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def _build_trainer(mode: str, args, output_dir: str):
@@ -133,7 +147,7 @@ def _build_trainer(mode: str, args, output_dir: str):
         logging_steps=1,
         report_to="none",
         save_strategy="no",
-        bf16=False,
+        bf16=args.precision == "bf16",
         seed=bc.SEED,
         # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so timings stay comparable.
         temperature=1.0,
@@ -264,6 +278,16 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
+def _cpu_flags() -> list[str]:
+    """The instruction sets that decide fp32/bf16 speed on a CPU (empty where /proc/cpuinfo is missing)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -286,6 +310,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--critic-top-layers", type=int, default=8, help="trainable critic layers of the single_base_topk mode"
     )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32, bf16, or fp32,bf16 to run every mode in both (bf16: `bf16=True`, the floor under bf16 autocast)",
+    )
     parser.add_argument("--worker", choices=("floor", *OUR_MODES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -307,39 +336,19 @@ def main(argv=None) -> None:
     env["SRPPO_BENCH_SHAPE"] = args.shape  # read by bench_common in every worker and in the peer
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), env.get("PYTHONPATH")]))
     modes = [m for m in args.modes.split(",") if m]
-    common = ["--updates", str(args.updates), "--threads", str(args.threads), "--cache-dir", args.cache_dir]
-    ours = [*common, "--critic-top-layers", str(args.critic_top_layers)]
-    results, loads, failed = {}, {}, []
+    precisions = [p for p in args.precision.split(",") if p]
     for mode in modes:
         if mode not in ALL_MODES:
             raise ValueError(f"Unknown mode {mode!r}: choose from {ALL_MODES}.")
-        if mode == "peer":
-            if not Path(args.peer_python).exists():
-                print(
-                    f"skipping peer: {args.peer_python} not found (run benchmarks/setup_peer_env.sh)", file=sys.stderr
-                )
-                continue
-            cmd = [args.peer_python, str(HERE / "peer_trl112_ppo.py"), *common]
-        elif mode in VLLM_MODES:
-            if not Path(args.vllm_python).exists():
-                print(f"skipping {mode}: {args.vllm_python} not found (`make test-vllm` builds it)", file=sys.stderr)
-                continue
-            cmd = [args.vllm_python, str(Path(__file__).resolve()), "--worker", mode, *ours]
-        else:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, *ours]
-        before = _load()
-        start = time.perf_counter()
-        result = _run(cmd, env)
-        if result is None:
-            failed.append(mode)
-            continue
-        results[mode] = result
-        results[mode]["wall_s"] = time.perf_counter() - start
-        loads[mode] = {"before": before, "after": _load()}
-        print(
-            f"[{mode}] done in {results[mode]['wall_s']:.0f} s (load avg before {before}, after {_load()})",
-            file=sys.stderr,
-        )
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision {precision!r}: choose from {PRECISIONS}.")
+    results, loads, failed = {}, {}, []
+    for precision in precisions:
+        common = ["--updates", str(args.updates), "--threads", str(args.threads), "--cache-dir", args.cache_dir]
+        common += ["--precision", precision]
+        for mode in modes:
+            _run_mode(mode, precision, common, args, env, results, loads, failed)
 
     _report(results, loads, args)
     if failed:
@@ -347,16 +356,52 @@ def main(argv=None) -> None:
         sys.exit(1)
 
 
+def _label(mode: str, precision: str) -> str:
+    return mode if precision == "fp32" else f"{mode}@{precision}"
+
+
+def _run_mode(mode, precision, common, args, env, results, loads, failed) -> None:
+    """Runs one mode in one precision in its own subprocess; records its result (or its failure) by label."""
+    label = _label(mode, precision)
+    ours = [*common, "--critic-top-layers", str(args.critic_top_layers)]
+    if mode == "peer":
+        if not Path(args.peer_python).exists():
+            print(f"skipping peer: {args.peer_python} not found (run benchmarks/setup_peer_env.sh)", file=sys.stderr)
+            return
+        cmd = [args.peer_python, str(HERE / "peer_trl112_ppo.py"), *common]
+    elif mode in VLLM_MODES:
+        if not Path(args.vllm_python).exists():
+            print(f"skipping {mode}: {args.vllm_python} not found (`make test-vllm` builds it)", file=sys.stderr)
+            return
+        cmd = [args.vllm_python, str(Path(__file__).resolve()), "--worker", mode, *ours]
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, *ours]
+    before = _load()
+    start = time.perf_counter()
+    result = _run(cmd, env)
+    if result is None:
+        failed.append(label)
+        return
+    results[label] = result
+    results[label]["wall_s"] = time.perf_counter() - start
+    loads[label] = {"before": before, "after": _load()}
+    print(
+        f"[{label}] done in {results[label]['wall_s']:.0f} s (load avg before {before}, after {_load()})",
+        file=sys.stderr,
+    )
+
+
 def _report(results: dict, loads: dict, args) -> None:
-    med = {mode: {k: _median(v) for k, v in r.items() if isinstance(v, list)} for mode, r in results.items()}
+    med = {label: {k: _median(v) for k, v in r.items() if isinstance(v, list)} for label, r in results.items()}
+    suffixes = [""] + [f"@{p}" for p in PRECISIONS if p != "fp32"]
+    labelled = lambda modes: [m + s for s in suffixes for m in modes if m + s in med]  # noqa: E731
     rows = []
-    if "floor" in med:
-        f = med["floor"]
-        rows.append(("floor: model.generate", f["generation_s"], f["generation_s"], None, None, None, f["tokens"] / f["generation_s"], results["floor"]["peak_rss_mb"]))  # fmt: skip
-    for mode in (*OUR_MODES, "peer"):
-        if mode in med:
-            m = med[mode]
-            rows.append((mode, m["update"], m["generation"], m["scoring"], m.get("advantages"), m["optimisation"], m["tokens"] / m["generation"], results[mode]["peak_rss_mb"]))  # fmt: skip
+    for label in labelled(["floor"]):
+        f = med[label]
+        rows.append((f"{label}: model.generate", f["generation_s"], f["generation_s"], None, None, None, f["tokens"] / f["generation_s"], results[label]["peak_rss_mb"]))  # fmt: skip
+    for label in labelled([*OUR_MODES, "peer"]):
+        m = med[label]
+        rows.append((label, m["update"], m["generation"], m["scoring"], m.get("advantages"), m["optimisation"], m["tokens"] / m["generation"], results[label]["peak_rss_mb"]))  # fmt: skip
     header = (
         "run",
         "update s",
@@ -375,27 +420,30 @@ def _report(results: dict, loads: dict, args) -> None:
         ]
         print("| " + " | ".join(cells) + " |")
     print()
-    for mode in (*OUR_MODES, "peer"):
-        if mode in med:
-            passes = {k: v for k, v in med[mode].items() if k.startswith("score/")}
-            reused = med[mode].get("reused_forward")
-            extra = "" if reused is None else f"; first micro-batch's loss forward (reused for scoring) {reused:.3f}"
-            print(f"{mode} scoring passes (s): " + ", ".join(f"{k[6:]} {v:.3f}" for k, v in passes.items()) + extra)
+    for label in labelled([*OUR_MODES, "peer"]):
+        passes = {k: v for k, v in med[label].items() if k.startswith("score/")}
+        reused = med[label].get("reused_forward")
+        extra = "" if reused is None else f"; first micro-batch's loss forward (reused for scoring) {reused:.3f}"
+        print(f"{label} scoring passes (s): " + ", ".join(f"{k[6:]} {v:.3f}" for k, v in passes.items()) + extra)
     ratios = {}
-    if "floor" in med:
-        for mode in (*OUR_MODES, "peer"):
-            if mode in med:
-                ratios[f"{mode}_generation_over_floor"] = med[mode]["generation"] / med["floor"]["generation_s"]
-    for mode in OUR_MODES:
-        if mode in med and "peer" in med:
-            ratios[f"{mode}_update_over_peer"] = med[mode]["update"] / med["peer"]["update"]
-    if "single_base_topk" in med and "single_base" in med:
-        ratios["single_base_topk_update_over_single_base"] = (
-            med["single_base_topk"]["update"] / med["single_base"]["update"]
-        )
-    for mode in ("four_model", "single_base"):
-        if mode in med and f"{mode}_baseline" in med:
-            ratios[f"{mode}_update_over_baseline"] = med[mode]["update"] / med[f"{mode}_baseline"]["update"]
+    for suffix in suffixes:  # generation against the floor of the same precision
+        floor = med.get("floor" + suffix)
+        for label in labelled([*OUR_MODES, "peer"]):
+            if floor is not None and label.endswith(suffix) and (suffix or "@" not in label):
+                ratios[f"{label}_generation_over_floor"] = med[label]["generation"] / floor["generation_s"]
+    for label in labelled(OUR_MODES):  # every run of ours against the peer in every precision
+        for peer in labelled(["peer"]):
+            name = "peer" if peer == "peer" else peer
+            ratios[f"{label}_update_over_{name}"] = med[label]["update"] / med[peer]["update"]
+    for suffix in suffixes:
+        topk, single = med.get("single_base_topk" + suffix), med.get("single_base" + suffix)
+        if topk and single:
+            ratios[f"single_base_topk{suffix}_update_over_single_base{suffix}"] = topk["update"] / single["update"]
+        for mode in ("four_model", "single_base"):
+            if mode + suffix in med and f"{mode}_baseline{suffix}" in med:
+                ratios[f"{mode}{suffix}_update_over_baseline{suffix}"] = (
+                    med[mode + suffix]["update"] / med[f"{mode}_baseline{suffix}"]["update"]
+                )
     if all(m in results for m in ("four_model", "single_base")):
         ratios["single_base_over_four_model_peak_rss"] = (
             results["single_base"]["peak_rss_mb"] / results["four_model"]["peak_rss_mb"]
@@ -408,19 +456,27 @@ def _report(results: dict, loads: dict, args) -> None:
         "cores": os.cpu_count(),
         "threads": args.threads,
         "python": platform.python_version(),
+        "cpu_flags": _cpu_flags(),
         "load_avg": loads,
     }
     print(
         json.dumps(
-            {"config": _config(args.shape), "machine": machine, "median": med, "ratios": ratios, "raw": results}
+            {
+                "config": _config(args.shape, args.precision),
+                "machine": machine,
+                "median": med,
+                "ratios": ratios,
+                "raw": results,
+            }
         )
     )
 
 
-def _config(shape: str) -> dict:
+def _config(shape: str, precision: str) -> dict:
     prompts, tokens = bc.SHAPES[shape]
     return {
-        "model": "SmolLM2-135M-Instruct (fp32)",
+        "model": "SmolLM2-135M-Instruct (fp32 weights)",
+        "precision": precision,
         "pt": f"rank-{bc.LORA_RANK} perturbation, rel. Frobenius {bc.PERTURB_REL}",
         "shape": shape,
         "prompts_per_update": prompts,

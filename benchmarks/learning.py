@@ -94,6 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sft-max-steps", type=int, default=None, help="SFT steps when training it (-1 demo; quick 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="training precision of every trainer (bf16: `bf16=True`, needs AVX-512 BF16/AMX on a CPU); "
+        "evaluation runs in fp32 either way",
+    )
+    p.add_argument(
         "--cliprange-value",
         type=lambda v: None if v.lower() == "none" else float(v),
         default=0.2,
@@ -377,7 +384,7 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
         report_to="none",
         save_strategy="no",
         logging_steps=5,
-        bf16=False,
+        bf16=args.precision == "bf16",  # training passes only: evaluation always runs in fp32, the same for both
         disable_tqdm=True,
         gradient_checkpointing=False,  # every trainer without activation checkpointing (TRL configs default to it)
     )

@@ -81,6 +81,7 @@ def main(argv=None) -> None:
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", required=True)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: PPOConfig(bf16=True)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -121,7 +122,8 @@ def main(argv=None) -> None:
             vf_coef=bc.VF_COEF,
             report_to="none",
             save_strategy="no",
-            bf16=False,
+            bf16=args.precision == "bf16",
+            use_cpu=not torch.cuda.is_available(),  # TrainingArguments refuses bf16 on a CPU without it
             seed=bc.SEED,
             num_sample_generations=0,
             disable_tqdm=True,

@@ -33,6 +33,7 @@ from transformers import TrainingArguments
 from trl.trainer.base_config import _BaseConfig
 
 from . import ppo_math
+from .precision import check_cpu_bf16, training_on_cpu
 
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,11 @@ class SRPPOConfig(_BaseConfig):
         )
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "Train in bf16 mixed precision. Defaults to True on a bf16-capable GPU, False otherwise."},
+        metadata={
+            "help": "Train in bf16 mixed precision (every forward of an update under bf16 autocast; log-probs, "
+            "advantages and losses in fp32). Defaults to True on a bf16-capable GPU, False otherwise; on a CPU it is "
+            "allowed only with AVX-512 BF16 or AMX (Arm: BF16) instructions."
+        },
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
     remove_unused_columns: bool = field(
@@ -342,6 +347,12 @@ class SRPPOConfig(_BaseConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        on_cpu = training_on_cpu(self.use_cpu)
+        check_cpu_bf16(bool(self.bf16), on_cpu)
+        if self.bf16 and on_cpu:
+            # TrainingArguments accepts bf16 without a GPU only with `use_cpu=True` ("Your setup doesn't support
+            # bf16/gpu"); on a machine without an accelerator that is where the models are anyway.
+            self.use_cpu = True
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL 1.12's default (`gradient_checkpointing=True`)
         if not _TRAINER_HAS_ACTIVATION_CHECKPOINTING:

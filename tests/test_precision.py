@@ -1,0 +1,65 @@
+"""CPU bf16: detected from the CPU's flags; `bf16=True` refused with one sentence on a CPU without them."""
+
+import platform
+
+import pytest
+
+from srppo_trl import SRPPOConfig, precision
+
+
+X86_AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+X86_AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+X86_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize(
+    "machine,cpuinfo,expected",
+    [
+        ("x86_64", X86_AMX, ["avx512_bf16", "amx_bf16"]),
+        ("x86_64", X86_AVX512_BF16, ["avx512_bf16"]),
+        ("x86_64", X86_AVX2, []),
+        ("x86_64", ARM_BF16, []),  # an Arm word on x86 is not an x86 flag
+        ("aarch64", ARM_BF16, ["bf16"]),
+        ("aarch64", X86_AVX2, []),
+    ],
+)
+def test_bf16_cpu_flags(monkeypatch, machine, cpuinfo, expected):
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    assert precision.bf16_cpu_flags(cpuinfo) == expected
+
+
+def _cpu_without_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+
+
+def test_bf16_refused_on_a_cpu_without_bf16_instructions(monkeypatch, tmp_path):
+    _cpu_without_bf16(monkeypatch)
+    with pytest.raises(ValueError, match=r"bf16=True on a CPU without bf16 instructions \(no avx512_bf16 or amx_bf16"):
+        SRPPOConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to="none")
+
+
+def test_bf16_allowed_on_a_cpu_with_bf16_instructions(monkeypatch, tmp_path):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    config = SRPPOConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to="none")
+    assert config.bf16
+
+
+def test_fp32_never_refused_and_cpu_default_stays_fp32(monkeypatch, tmp_path):
+    _cpu_without_bf16(monkeypatch)
+    assert not SRPPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none").bf16
+    assert not SRPPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none").bf16
+
+
+def test_gpu_runs_are_not_judged_by_the_cpu(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    precision.check_cpu_bf16(True, on_cpu=False)  # a GPU run: the CPU's flags do not matter
+
+
+def test_bf16_on_a_cpu_with_bf16_runs_on_the_cpu(monkeypatch, tmp_path):
+    """TrainingArguments refuses bf16 without a GPU unless `use_cpu`: SRPPOConfig sets it for a CPU run."""
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    config = SRPPOConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
+    assert config.bf16 and config.use_cpu
+    assert config.device.type == "cpu"

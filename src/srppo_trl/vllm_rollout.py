@@ -283,11 +283,39 @@ def _eval_mode(module):
         module.train(was_training)
 
 
-def vllm_sample(generation, queries: torch.Tensor, query_masks: torch.Tensor, pad_token_id: int):
+@contextmanager
+def _sampling_as(generation, generation_config):
+    """vLLM samples with `generation_config`'s temperature, top-k, top-p and length while inside (the settings
+    TRL's `VLLMGeneration` reads at each `generate`); None: its own, from the config."""
+    if generation_config is None:
+        yield
+        return
+    top_p = generation_config.top_p
+    fields = {
+        "temperature": generation_config.temperature,
+        "top_k": generation_config.top_k or 0,
+        "top_p": 1.0 if top_p is None else top_p,
+        "max_completion_length": generation_config.max_new_tokens,
+    }
+    saved = {name: getattr(generation, name) for name in fields}
+    try:
+        for name, value in fields.items():
+            setattr(generation, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(generation, name, value)
+
+
+def vllm_sample(
+    generation, queries: torch.Tensor, query_masks: torch.Tensor, pad_token_id: int, generation_config=None
+):
     """Sample one response per left-padded prompt with vLLM -> (responses [B, R] right-padded with `pad_token_id`,
-    the sampling log-probs of the sampled tokens [B, R], 0 on padding)."""
+    the sampling log-probs of the sampled tokens [B, R], 0 on padding). With `generation_config` (the trainer's),
+    vLLM samples with its temperature, top-k, top-p and `max_new_tokens` (e.g. `generate_completions`' near-greedy
+    samples)."""
     prompts = [q[m.bool()].tolist() for q, m in zip(queries, query_masks)]
-    with _eval_mode(generation.model):
+    with _eval_mode(generation.model), _sampling_as(generation, generation_config):
         _, completions, logprobs, _ = generation.generate(prompts, None, num_generations=1)
     width = max(1, max(len(c) for c in completions))
     response = torch.full((len(prompts), width), pad_token_id, dtype=queries.dtype, device=queries.device)

@@ -143,3 +143,45 @@ def test_single_base_vllm_with_a_quantized_base_is_refused_at_trainer_init(token
 def test_single_base_vllm_with_an_exactly_mergeable_adapter_passes_the_check(tokenizer):
     trainer = _single_base_trainer(tokenizer)
     check_exact_weight_push(trainer, trainer.model)  # no error: the push takes the exact merge
+
+
+class _RecordingGeneration:
+    """Stands in for the trainer's `VLLMGeneration`: records the sampling settings of each `generate` call."""
+
+    def __init__(self, model, temperature, top_k, top_p, max_completion_length):
+        self.model, self.calls = model, []
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.max_completion_length = max_completion_length
+
+    def generate(self, prompts, images, num_generations):
+        self.calls.append((self.temperature, self.top_k, self.top_p, self.max_completion_length))
+        completions = [[5] * self.max_completion_length for _ in prompts]
+        return prompts, completions, [[[-1.0]] * len(c) for c in completions], None
+
+    def sync_weights(self):
+        pass
+
+
+def test_generate_completions_samples_near_greedy_through_vllm_too(tokenizer, tmp_path):
+    from srppo_trl import CoherentRewardModel, SRPPOTrainer
+    from srppo_trl.testing import tiny_prompts, tiny_srppo_config
+
+    args = tiny_srppo_config(tmp_path, temperature=0.7, per_device_eval_batch_size=4)
+    trainer = SRPPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=tiny_causal_lm(tokenizer, seed=1),
+        reward_model=CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)),
+        train_dataset=tiny_prompts(),
+        eval_dataset=tiny_prompts(4),
+    )
+    fake = _RecordingGeneration(trainer.model.policy, args.temperature, args.top_k, args.top_p, args.response_length)
+    trainer.vllm_generation = fake
+
+    trainer.generate_completions()
+    trainer.generate_rollouts(next(iter(trainer.get_train_dataloader())))
+
+    (table_temperature, *_), (rollout_temperature, *rollout_rest) = fake.calls
+    assert table_temperature == pytest.approx(0.01, abs=1e-6)  # TRL 1.12's near-greedy table, as without vLLM
+    assert (rollout_temperature, *rollout_rest) == (0.7, 0, 1.0, args.response_length)  # the rollouts' own settings
+    assert (fake.temperature, fake.max_completion_length) == (0.7, args.response_length)  # restored

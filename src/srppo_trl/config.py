@@ -425,7 +425,6 @@ class SRPPOConfig(_BaseConfig):
                     f"per_device_train_batch_size * gradient_accumulation_steps ({local_batch}) must be a multiple of "
                     f"num_mini_batches ({mini_batches}): change one of them."
                 )
-            self.micro_batch_size = per_device * world
             local_mini = local_batch // mini_batches
             if mini_batches > 1:
                 # One optimizer step per mini batch: the Trainer accumulates that mini batch's micro-batches.
@@ -439,6 +438,7 @@ class SRPPOConfig(_BaseConfig):
                     )
                 else:
                     self.gradient_accumulation_steps = local_mini // per_device
+            self.micro_batch_size = self.per_device_train_batch_size * world  # after the shrink above
             self.num_mini_batches = mini_batches
             self.rollout_batch_size = local_batch * world
         else:

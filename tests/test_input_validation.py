@@ -200,7 +200,7 @@ def test_the_command_line_refuses_an_out_of_range_value_before_anything_is_loade
         monkeypatch.setattr(pipeline, name, nothing_may_load)
     with pytest.raises(ValueError, match=message):
         main(
-            ["--output_dir", str(tmp_path), "--report_to", "none", *override],
+            ["--output_dir", str(tmp_path), "--report_to", "none", "--bf16", "false", *override],
             default_config=str(ROOT / "recipes" / "configs" / "mistral_min_overlap.yaml"),
         )
     assert not (tmp_path / "sft").exists()

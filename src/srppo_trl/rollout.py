@@ -235,7 +235,9 @@ class RolloutMixin:
         if self._vllm_synced_step != self.state.global_step:
             self.vllm_generation.sync_weights()
             self._vllm_synced_step = self.state.global_step
-        response, sampled = vllm_sample(self.vllm_generation, queries, query_masks, self.processing_class.pad_token_id)
+        response, sampled = vllm_sample(
+            self.vllm_generation, queries, query_masks, self.processing_class.pad_token_id, self.generation_config
+        )
         return self._rollouts(queries, query_masks, response, sampling_logprobs=sampled)
 
 

@@ -14,7 +14,11 @@ weight push under DeepSpeed/FSDP. Where we deliberately differ (`SRPPOVLLMGenera
 - **LoRA policies are merged exactly.** TRL pushes PEFT weights through `merge_adapter()` / `unmerge_adapter()`,
   which leaves the base weights off by rounding after each push; in single-base mode those base weights are also the
   frozen SFT and pretrained models. We push through `adapter_merge.lora_merged_for_generation` (base restored bit for
-  bit) where the model allows it, and through TRL's path otherwise (sharded or quantized models).
+  bit) where the model allows it, and through TRL's path otherwise (a PEFT policy under DeepSpeed/FSDP or on a
+  quantized base); a single-base policy that would need TRL's path is refused at trainer init.
+- **Copies, not views.** Each pushed tensor is a copy taken while the merged weights are in place: TRL's server push
+  packs the tensors only once the iterator has ended, when views would show the restored (unmerged) weights.
+- **`modules_to_save`.** Only the active adapter's copy of such a layer is pushed, under the plain layer's name.
 - **CPU colocate.** vLLM's CPU backend repacks linear weights, so TRL's `load_weights` push fails there
   (`'Parameter' object has no attribute 'weight_loader'`); on CPU we push through the worker's `reload_weights`
   with the weights as an iterator, then reset the prefix cache, and start the engine with `enforce_eager=True`.
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter_merge import lora_merged_for_generation
+from .adapter_merge import lora_merged_for_generation, mergeable_lora_layers
 
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,31 @@ def _is_peft(model) -> bool:
 def _vllm_name(name: str) -> str:
     """A PEFT-wrapped parameter name as vLLM knows it (TRL's renaming)."""
     return name.removeprefix("base_model.model.").replace(".base_layer", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def _vllm_weight_name(name: str, active_adapter: str, lora_prefix: str = "lora_") -> str | None:
+    """The name vLLM knows for the weight `name` of a PEFT model whose `active_adapter` runs, or None when vLLM has
+    no such weight: LoRA weights (pushed merged), and of a `modules_to_save` layer, which holds one full copy per
+    adapter (in single-base mode the SFT's, the policy's and the critic's) next to the original, every copy but the
+    active adapter's, which takes the plain layer's name. (TRL renames only a "default" copy and pushes the others
+    under names vLLM does not have.)"""
+    if lora_prefix in name or ".original_module." in name:
+        return None
+    if ".modules_to_save." in name:
+        if f".modules_to_save.{active_adapter}." not in name:
+            return None
+        name = name.replace(f".modules_to_save.{active_adapter}.", ".")
+    return _vllm_name(name)
+
+
+def policy_weights_for_vllm(model):
+    """(name vLLM knows, parameter) of every weight of the PEFT `model` as its active adapter runs it (call it with
+    the adapter merged: LoRA weights are left out)."""
+    prefix = getattr(model, "prefix", "lora_")
+    for name, param in model.named_parameters():
+        vllm_name = _vllm_weight_name(name, model.active_adapter, prefix)
+        if vllm_name is not None:
+            yield vllm_name, param
 
 
 def _generation_class():
@@ -88,17 +117,18 @@ def _generation_class():
                 vllm_generation.LLM = original
 
         def _iter_named_params(self):
+            # Every tensor is yielded as a copy: TRL's server push (vLLM's packed NCCL broadcast) keeps the tensors
+            # until the iterator ends and packs them only then, after the merge below (or TRL's `unmerge_adapter`)
+            # has put the unmerged weights back; views would send the unmerged policy.
             model = self.model
             if _is_peft(model) and not self._dist.is_fsdp and not getattr(self, "_sharded", False):
                 with lora_merged_for_generation(model) as merged:
                     if merged:
-                        prefix = getattr(model, "prefix", "lora_")
-                        for name, param in model.named_parameters():
-                            if prefix in name or "original_module" in name:
-                                continue
-                            yield _vllm_name(name).replace("modules_to_save.default.", ""), param.data
+                        for name, tensor in policy_weights_for_vllm(model):
+                            yield name, tensor.detach().clone()
                         return
-            yield from super()._iter_named_params()
+            for name, tensor in super()._iter_named_params():
+                yield name, tensor.detach().clone()
 
         def sync_weights(self):
             if self.mode == "colocate" and self.accelerator.device.type == "cpu":
@@ -134,8 +164,12 @@ def _engine_path(policy, output_dir: str, tokenizer, is_main_process: bool) -> s
                     "use_vllm with an in-memory PEFT policy whose adapter cannot be merged exactly (quantized base or "
                     "a LoRA variant): save the base model to a folder and load the policy from it."
                 )
-            state = {k: v for k, v in base.state_dict().items() if "lora_" not in k}
-            state = {k.replace(".base_layer", ""): v for k, v in state.items()}
+            state = base.state_dict()
+            if _is_peft(policy):
+                names = {
+                    k: _vllm_weight_name(k, policy.active_adapter, getattr(policy, "prefix", "lora_")) for k in state
+                }
+                state = {names[k]: v for k, v in state.items() if names[k] is not None}
             base.save_pretrained(folder, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(folder)
     return str(folder)
@@ -153,8 +187,33 @@ def vllm_dtype(args, policy) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_exact_weight_push(trainer, policy) -> None:
+    """Refuse vLLM for a single-base policy whose weights cannot be pushed through the exact merge
+    (`adapter_merge.lora_merged_for_generation`): the fallback, PEFT's merge_adapter/unmerge_adapter, rounds the
+    shared base weights, i.e. the frozen SFT and pretrained models of the reward, at every push."""
+    from .modeling import is_kbit
+    from .single_base import is_single_base
+
+    if not is_single_base(policy, trainer.reward_model):
+        return
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        reason = "under DeepSpeed or FSDP"
+    elif is_kbit(policy):
+        reason = "with a quantized (4/8-bit) base"
+    elif mergeable_lora_layers(policy) is None:
+        reason = "with an adapter that cannot be merged exactly (a LoRA variant such as DoRA, or a LoRA bias)"
+    else:
+        return
+    raise ValueError(
+        f"use_vllm with a single-base policy {reason} is not supported: its weight push would go through PEFT's "
+        "merge/unmerge, which rounds the shared base (the frozen SFT and pretrained models) at every push; train "
+        "on one process or with DDP, with a plain LoRA adapter on a bf16/fp32 base, or set use_vllm=False."
+    )
+
+
 def build_vllm_generation(trainer):
     """The trainer's `VLLMGeneration`, from its config (TRL GRPO's `vllm_*` names)."""
+    check_exact_weight_push(trainer, trainer.accelerator.unwrap_model(trainer.model).policy)
     if trainer.args.vllm_mode == "server" and trainer.accelerator.device.type != "cuda":
         # TRL's VLLMClient would fail too, but on the main process only and after connecting to the server.
         raise ValueError(
@@ -224,11 +283,39 @@ def _eval_mode(module):
         module.train(was_training)
 
 
-def vllm_sample(generation, queries: torch.Tensor, query_masks: torch.Tensor, pad_token_id: int):
+@contextmanager
+def _sampling_as(generation, generation_config):
+    """vLLM samples with `generation_config`'s temperature, top-k, top-p and length while inside (the settings
+    TRL's `VLLMGeneration` reads at each `generate`); None: its own, from the config."""
+    if generation_config is None:
+        yield
+        return
+    top_p = generation_config.top_p
+    fields = {
+        "temperature": generation_config.temperature,
+        "top_k": generation_config.top_k or 0,
+        "top_p": 1.0 if top_p is None else top_p,
+        "max_completion_length": generation_config.max_new_tokens,
+    }
+    saved = {name: getattr(generation, name) for name in fields}
+    try:
+        for name, value in fields.items():
+            setattr(generation, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(generation, name, value)
+
+
+def vllm_sample(
+    generation, queries: torch.Tensor, query_masks: torch.Tensor, pad_token_id: int, generation_config=None
+):
     """Sample one response per left-padded prompt with vLLM -> (responses [B, R] right-padded with `pad_token_id`,
-    the sampling log-probs of the sampled tokens [B, R], 0 on padding)."""
+    the sampling log-probs of the sampled tokens [B, R], 0 on padding). With `generation_config` (the trainer's),
+    vLLM samples with its temperature, top-k, top-p and `max_new_tokens` (e.g. `generate_completions`' near-greedy
+    samples)."""
     prompts = [q[m.bool()].tolist() for q, m in zip(queries, query_masks)]
-    with _eval_mode(generation.model):
+    with _eval_mode(generation.model), _sampling_as(generation, generation_config):
         _, completions, logprobs, _ = generation.generate(prompts, None, num_generations=1)
     width = max(1, max(len(c) for c in completions))
     response = torch.full((len(prompts), width), pad_token_id, dtype=queries.dtype, device=queries.device)
@@ -244,6 +331,8 @@ def vllm_sample(generation, queries: torch.Tensor, query_masks: torch.Tensor, pa
 __all__ = [
     "INITIAL_WEIGHTS_DIR",
     "build_vllm_generation",
+    "check_exact_weight_push",
+    "policy_weights_for_vllm",
     "stop_kwargs",
     "vllm_available",
     "vllm_dtype",

@@ -150,7 +150,11 @@ def generate_responses(model: nn.Module, tokenizer, prompts: list, generation: S
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     texts: list[str | None] = [None] * len(prompts)
+    next_report, report_every = 0, max(1, len(order) // 10)  # about ten progress lines per generation
     for start in range(0, len(order), generation.batch_size):
+        if start >= next_report:
+            logger.info("SPIN generation: %d / %d prompts done.", start, len(order))
+            next_report = start + report_every
         chunk = order[start : start + generation.batch_size]
         ids, mask = _left_pad([token_ids[i] for i in chunk], tokenizer.pad_token_id)
         responses = sample_responses(
@@ -268,6 +272,8 @@ def _iteration_pairs(iteration, opponent, examples, tokenizer, generation, model
             model, tokenizer, list(examples["prompt"]), generation, generation.seed + iteration
         )
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the generation copy of the opponent leaves room for DPO's policy and reference
         pairs, dropped = build_spin_pairs(examples, responses)
         if state.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)

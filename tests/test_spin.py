@@ -318,7 +318,7 @@ def test_spin_pipeline_runs_end_to_end_on_tiny_models(tiny_base, tmp_path):
     argv = [
         "--model_name_or_path", str(tiny_base), "--output_dir", str(tmp_path),
         "--tulu_source", str(FIXTURES / "tulu_v2_sample.jsonl"), "--tulu_num_samples", "6",
-        "--ultrafeedback_source", str(FIXTURES / "ultrafeedback_sample.jsonl"), "--eval_num_prompts", "2",
+        "--ultrafeedback_source", str(tmp_path / "absent.jsonl"),  # SPIN needs no prompt set: never read
         "--sft_max_steps", "1", "--sft_per_device_train_batch_size", "2", "--sft_gradient_accumulation_steps", "1",
         "--sft_max_length", "128", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
         "--max_steps", "1", "--spin_iterations", "2", "--spin_generation_max_new_tokens", "8",

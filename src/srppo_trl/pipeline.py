@@ -254,6 +254,8 @@ def build_stage_data(pipe: PipelineArguments):
         extra_tulu_num_samples=pipe.extra_tulu_num_samples,
         seed=pipe.dataset_seed,
     )
+    if pipe.algorithm == "spin":  # SPIN trains on the demonstrations only: no prompt set to download
+        return [(s.name, s.dataset) for s in stages], None, None
     prompts = build_ppo_prompts(pipe.ultrafeedback_source, seed=pipe.dataset_seed)
     n_eval = min(pipe.eval_num_prompts, len(prompts) // 4)
     eval_prompts = prompts.select(range(n_eval))

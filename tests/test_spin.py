@@ -269,6 +269,9 @@ def test_resume_mid_iteration_gives_the_weights_of_an_uninterrupted_run(tokenize
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
     sft = _weights(sft_folder)
     assert any(not torch.equal(sft[name], got[name]) for name in sft)
+    # spin.json of the resumed run keeps iteration 1's record (trained in the crashed run) whole.
+    summary = json.loads((tmp_path / "b" / "spin.json").read_text())
+    assert summary[0]["metrics"]["train_loss"] == uninterrupted[0].metrics["train_loss"]
 
 
 # ---------------------------------------------------------------------------------------------- refusals

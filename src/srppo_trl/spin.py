@@ -15,6 +15,7 @@ Layout under `output_dir` (every iteration resumable):
     iter-<t>/generation.json    counts: demonstrations, pairs, dropped (response equal to the demonstration)
     iter-<t>/checkpoint-<step>  DPOTrainer checkpoints (`save_strategy`): a crash resumes from the last one
     iter-<t>/model              opponent_t, full weights (a LoRA adapter is merged): the next iteration's start
+    iter-<t>/iteration.json     the iteration's record, written last: the iteration is done
     spin.json                   one record per iteration
 
 Where we differ from the SPIN repository (see docs/spin.md): the rejected response is generated from the very token
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 PAIRS_FILE = "pairs.jsonl"
 GENERATION_FILE = "generation.json"
 MODEL_DIR = "model"
+RECORD_FILE = "iteration.json"
 SUMMARY_FILE = "spin.json"
 
 
@@ -339,10 +341,9 @@ def run_spin(
     for iteration in range(1, iterations + 1):
         folder = output_dir / f"iter-{iteration}"
         model_dir = folder / MODEL_DIR
-        if _is_saved_model(model_dir):
+        if _is_saved_model(model_dir) and (folder / RECORD_FILE).exists():
             logger.info("SPIN iteration %d already done in %s: reusing it.", iteration, model_dir)
-            counts = json.loads((folder / GENERATION_FILE).read_text())
-            records.append(SPINIteration(iteration, opponent, str(model_dir), **counts))
+            records.append(SPINIteration(**json.loads((folder / RECORD_FILE).read_text())))
             opponent = str(model_dir)
             continue
         pairs, counts = _iteration_pairs(iteration, opponent, examples, tokenizer, generation, model_kwargs, folder)
@@ -357,6 +358,8 @@ def run_spin(
         logged = [entry for entry in trainer.state.log_history if "rewards/margins" in entry]
         metrics = {"train_loss": result.training_loss, **({k: logged[-1][k] for k in logged[-1]} if logged else {})}
         records.append(SPINIteration(iteration, opponent, str(model_dir), metrics=metrics, **counts))
+        if _is_main_process():
+            _write_json_atomically(folder / RECORD_FILE, asdict(records[-1]))
         opponent = str(model_dir)
         del trainer
     if _is_main_process():

@@ -22,3 +22,9 @@ def tiny_base(tmp_path_factory):
     tiny_causal_lm(tokenizer, seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """bf16=True allowed on this CPU whatever its instructions (tiny models: software bf16 is slow but fine)."""
+    monkeypatch.setenv("SRPPO_ALLOW_SLOW_CPU_BF16", "1")

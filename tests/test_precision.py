@@ -32,6 +32,7 @@ def test_bf16_cpu_flags(monkeypatch, machine, cpuinfo, expected):
 def _cpu_without_bf16(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("SRPPO_ALLOW_SLOW_CPU_BF16", raising=False)
 
 
 def test_bf16_refused_on_a_cpu_without_bf16_instructions(monkeypatch, tmp_path):
@@ -63,3 +64,33 @@ def test_bf16_on_a_cpu_with_bf16_runs_on_the_cpu(monkeypatch, tmp_path):
     config = SRPPOConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
     assert config.bf16 and config.use_cpu
     assert config.device.type == "cpu"
+
+
+def test_the_environment_can_allow_bf16_on_any_cpu(monkeypatch, tmp_path):
+    _cpu_without_bf16(monkeypatch)
+    monkeypatch.setenv("SRPPO_ALLOW_SLOW_CPU_BF16", "1")
+    assert SRPPOConfig(output_dir=str(tmp_path), bf16=True, report_to="none").bf16
+
+
+def test_rollouts_are_sampled_under_the_autocast_of_the_trained_passes(cpu_bf16, tmp_path):
+    """With bf16=True every forward of an update, generation included, runs under bf16 autocast (the policy's own
+    forward is not the one accelerate wraps): the rollouts come from the distribution whose log-probs are trained."""
+    import torch
+
+    from srppo_trl import CoherentRewardModel, SRPPOTrainer
+    from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    policy = tiny_causal_lm(tokenizer, seed=1)
+    trainer = SRPPOTrainer(
+        args=tiny_srppo_config(tmp_path, bf16=True, max_steps=1),
+        processing_class=tokenizer,
+        model=policy,
+        reward_model=CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)),
+        train_dataset=tiny_prompts(),
+    )
+    seen = []
+    policy.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.generate_rollouts(batch)
+    assert seen and all(seen)

@@ -8,6 +8,7 @@ bf16 in software, which is several times slower than fp32 (docs/performance.md h
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -45,9 +46,13 @@ def cpu_has_fast_bf16() -> bool:
     return bool(bf16_cpu_flags())
 
 
+ALLOW_SLOW_CPU_BF16 = "SRPPO_ALLOW_SLOW_CPU_BF16"  # "1": run bf16 on such a CPU anyway (tests, experiments)
+
+
 def check_cpu_bf16(bf16: bool, on_cpu: bool) -> None:
-    """Refuse `bf16=True` for a CPU run on a CPU without bf16 instructions, in one sentence."""
-    if bf16 and on_cpu and not cpu_has_fast_bf16():
+    """Refuse `bf16=True` for a CPU run on a CPU without bf16 instructions, in one sentence (unless the environment
+    variable `SRPPO_ALLOW_SLOW_CPU_BF16=1` asks for it anyway)."""
+    if bf16 and on_cpu and not cpu_has_fast_bf16() and os.environ.get(ALLOW_SLOW_CPU_BF16) != "1":
         wanted = " or ".join(ARM_BF16_FLAGS if platform.machine().lower() in ("aarch64", "arm64") else X86_BF16_FLAGS)
         raise ValueError(
             f"bf16=True on a CPU without bf16 instructions (no {wanted} in /proc/cpuinfo) runs several times slower "

@@ -204,7 +204,10 @@ class RolloutMixin:
         ) as unwrapped:
             # A LoRA policy generates with its adapter folded into the base weights (restored exactly after).
             merge = self.args.merge_adapters_for_generation and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-            with lora_merged_for_generation(unwrapped.policy, enabled=merge):
+            # Generation in the autocast of the trained passes (bf16/fp16: accelerate's), so the rollouts are sampled
+            # in the precision their log-probs are scored and trained in. The unwrapped policy's own forward is not
+            # the prepared model's, which accelerate wraps in autocast: without this it would sample in fp32.
+            with lora_merged_for_generation(unwrapped.policy, enabled=merge), self.accelerator.autocast():
                 response = sample_responses(
                     unwrapped.policy,
                     queries,

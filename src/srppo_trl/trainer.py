@@ -657,8 +657,19 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             )
         model_was_training = self.model.training
         self.model.eval()
-        loader = self.get_eval_dataloader(dataset)
-        for batch in loader:
+        try:
+            metrics = self._evaluate_prompts(dataset, metric_key_prefix)
+            # Logged in eval mode: `log` picks the metrics of the mode the model is in, so a log in train mode would
+            # take (and clear) the training metrics gathered since the last training log.
+            self.log(dict(metrics))
+        finally:
+            self.model.train(model_was_training)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _evaluate_prompts(self, dataset, metric_key_prefix: str) -> dict[str, float]:
+        """Sample and score one response per prompt of `dataset`; the mean of each eval metric, prefixed."""
+        for batch in self.get_eval_dataloader(dataset):
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             shared = self._shared_lower_layers()
             try:
@@ -674,9 +685,6 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             self._log_rollout_metrics(scored, mode="eval")
         metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
         self._metrics["eval"].clear()
-        self.model.train(model_was_training)
-        self.log(dict(metrics))
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
 

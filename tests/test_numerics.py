@@ -1,0 +1,45 @@
+"""Numerics of the trainer: the actor's optimizer state after the critic warm-up, mixed precision of the frozen
+passes, the value head's precision, dropout in the scoring passes, and the metrics logged around an evaluation.
+
+Shrunk as in test_trainer.py: tiny models, 8-token responses, rollout batches of 4 prompts.
+"""
+
+import pytest
+
+from srppo_trl import CoherentRewardModel, SRPPOTrainer
+from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _trainer(tokenizer, tmp_path, policy=None, reward=None, **overrides):
+    sft, pt = tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)
+    return SRPPOTrainer(
+        args=tiny_srppo_config(tmp_path, **overrides),
+        processing_class=tokenizer,
+        model=policy if policy is not None else tiny_causal_lm(tokenizer, seed=1),
+        reward_model=reward if reward is not None else CoherentRewardModel(sft, pt),
+        train_dataset=tiny_prompts(),
+        eval_dataset=overrides.get("eval_strategy") and tiny_prompts(4),
+    )
+
+
+# ---------------------------------------------------------------------- evaluation during training
+
+
+def test_evaluation_during_training_leaves_the_pending_train_metrics_to_the_train_row(tokenizer, tmp_path):
+    # 2 optimizer steps per buffer, a train row every 2 steps, an evaluation after step 1: the buffer's rollout
+    # metrics (gathered at step 1) are still pending when the evaluation logs.
+    trainer = _trainer(
+        tokenizer, tmp_path, num_ppo_epochs=2, logging_steps=2, eval_strategy="steps", eval_steps=1, max_steps=2
+    )
+    trainer.train()
+    eval_rows = [row for row in trainer.state.log_history if "eval_objective/scores" in row]
+    train_rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(eval_rows) == 2 and len(train_rows) == 1
+    assert all(key.startswith("eval_") for row in eval_rows for key in row if key not in ("epoch", "step")), eval_rows
+    for key in ("objective/scores", "objective/kl", "completions/mean_length", "loss/policy_avg", "val/ratio"):
+        assert key in train_rows[0], key

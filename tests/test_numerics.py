@@ -5,6 +5,8 @@ Shrunk as in test_trainer.py: tiny models, 8-token responses, rollout batches of
 """
 
 import pytest
+import torch
+from transformers import TrainerCallback
 
 from srppo_trl import CoherentRewardModel, SRPPOTrainer
 from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
@@ -43,3 +45,43 @@ def test_evaluation_during_training_leaves_the_pending_train_metrics_to_the_trai
     assert all(key.startswith("eval_") for row in eval_rows for key in row if key not in ("epoch", "step")), eval_rows
     for key in ("objective/scores", "objective/kl", "completions/mean_length", "loss/policy_avg", "val/ratio"):
         assert key in train_rows[0], key
+
+
+# ---------------------------------------------------------------------- the actor's optimizer state after the warm-up
+
+
+class _ZeroGradsDuringWarmup(TrainerCallback):
+    """What DeepSpeed's flat partitions do during the critic warm-up: the actor's parameters hold zero gradients
+    (under DDP or one process they hold none, and AdamW skips them)."""
+
+    def __init__(self):
+        self.trainer = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer._in_critic_warmup():
+            for param in self.trainer.model.policy.parameters():
+                if param.requires_grad and param.grad is None:
+                    param.grad = torch.zeros_like(param)
+
+
+@pytest.mark.parametrize("zero_grads", [False, True])
+def test_first_actor_step_after_the_warmup_is_a_fresh_adam_step(tokenizer, tmp_path, zero_grads):
+    # 1 warm-up buffer of 2 optimizer steps, then the first actor step; a constant learning rate, so a fresh Adam
+    # step moves each weight by lr (its first update is lr * g / (|g| + eps)).
+    callback = _ZeroGradsDuringWarmup()
+    trainer = _trainer(
+        tokenizer, tmp_path, critic_warmup_steps=1, num_ppo_epochs=2, max_steps=3, lr_scheduler_type="constant"
+    )
+    callback.trainer = trainer
+    if zero_grads:
+        trainer.add_callback(callback)
+    before = {n: p.detach().clone() for n, p in trainer.model.policy.named_parameters()}
+    trainer.train()
+    steps, moved = set(), []
+    for name, param in trainer.model.policy.named_parameters():
+        steps.add(int(trainer.optimizer.state[param]["step"]))
+        change = (param.detach() - before[name]).abs()
+        moved.append(change[change > 0])
+    assert steps == {1}  # one actor step, whatever the warm-up did
+    ratio = torch.cat(moved).median().item() / trainer.args.learning_rate
+    assert ratio == pytest.approx(1.0, abs=0.01)  # a stale step count of 3 with zero moments would give 0.64

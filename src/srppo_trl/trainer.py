@@ -230,6 +230,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         self._reused_forward = None  # (log-probs, values, entropy) with graph of the buffer's first micro-batch
         self._first_outputs = None  # its detached (log-probs, values), read by `score_rollouts`
         self._reuse_next_buffer = False  # set by `_prepare_inputs` for `make_rollout_buffer`
+        self._actor_state_reset_at = None  # the global step at which the actor's optimizer state was last reset
         self._step = None  # micro-steps done, set from `state.global_step` at the first training step (resume)
         self._clock = None  # (time, episode) at the start of `train()`, for the `eps` metric
         self.add_callback(_TRL112Callback(self))
@@ -557,6 +558,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             yield
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._reset_actor_optimizer_state_at_first_actor_step()
         try:
             with self._forward_hooks():
                 loss = super().training_step(model, inputs, num_items_in_batch)

@@ -6,9 +6,11 @@ Shrunk as in test_trainer.py: tiny models, 8-token responses, rollout batches of
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
 from srppo_trl import CoherentRewardModel, SRPPOTrainer
+from srppo_trl.single_base import build_single_base
 from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
 
 
@@ -85,3 +87,52 @@ def test_first_actor_step_after_the_warmup_is_a_fresh_adam_step(tokenizer, tmp_p
     assert steps == {1}  # one actor step, whatever the warm-up did
     ratio = torch.cat(moved).median().item() / trainer.args.learning_rate
     assert ratio == pytest.approx(1.0, abs=0.01)  # a stale step count of 3 with zero moments would give 0.64
+
+
+# ---------------------------------------------------------------------- the value head's precision
+
+
+def _lora():
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def _single_base_roles(tokenizer, base):
+    """`build_single_base` over `base` with a non-zero SFT adapter (a trained adapter's stand-in)."""
+    sft = get_peft_model(base, _lora())
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    return build_single_base(sft)
+
+
+def _bf16_trainer(tokenizer, tmp_path, mode, **overrides):
+    def bf16(seed):
+        return tiny_causal_lm(tokenizer, seed=seed).to(torch.bfloat16)
+
+    if mode == "four_model":
+        return _trainer(tokenizer, tmp_path, bf16(1), CoherentRewardModel(bf16(1), bf16(2)), **overrides)
+    policy, reward, critic = _single_base_roles(tokenizer, bf16(2))
+    return SRPPOTrainer(
+        args=tiny_srppo_config(tmp_path, **overrides),
+        processing_class=tokenizer,
+        model=policy,
+        reward_model=reward,
+        value_model=critic,
+        train_dataset=tiny_prompts(),
+    )
+
+
+@pytest.mark.parametrize("mode", ["four_model", "single_base"])
+def test_a_small_critic_update_of_a_bf16_model_moves_its_value_head(tokenizer, tmp_path, mode):
+    # One critic step at lr 1e-5 (the paper's critic lr is 9e-6): Adam moves each head weight by ~1e-5, below half a
+    # bf16 ulp of weights of |w| ~ 1/33 (6e-5).
+    trainer = _bf16_trainer(tokenizer, tmp_path, mode, critic_learning_rate=1e-5, critic_warmup_steps=1, max_steps=1)
+    head = trainer.model.value_model.score  # the Llama token classifier's head and the single-base head alike
+    before = head.weight.detach().clone()
+    trainer.train()
+    assert (head.weight.detach() != before.to(head.weight.dtype)).all()
+    assert head.weight.dtype == torch.float32
+    values = trainer.model.value_model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert values.dtype == torch.float32

@@ -9,6 +9,7 @@ are its `score` head applied to every hidden state of its backbone (`getattr(mod
 from __future__ import annotations
 
 from contextlib import nullcontext
+from types import MethodType
 
 import torch
 from torch import nn
@@ -123,6 +124,38 @@ def init_value_head(critic: nn.Module, only: set[str] | None = None) -> None:
                     param.zero_()
                 else:
                     param.normal_(mean=0.0, std=1.0 / (hidden + 1))
+
+
+VALUE_HEAD_NAMES = ("score", "classifier")
+
+
+def value_head_linears(critic: nn.Module) -> list[nn.Linear]:
+    """The linear layers of the critic's scalar head: the `score` / `classifier` modules (with PEFT's
+    `modules_to_save` copies of them)."""
+    heads = [m for name, m in critic.named_modules() if name.rsplit(".", 1)[-1] in VALUE_HEAD_NAMES]
+    return list({id(m): m for head in heads for m in head.modules() if isinstance(m, nn.Linear)}.values())
+
+
+def _linear_in_own_dtype(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` in the layer's own dtype, outside autocast: the hidden state is cast to the weight's dtype."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
+
+
+def keep_value_head_in_fp32(critic: nn.Module, upcast_weights: bool = True) -> None:
+    """Run the critic's scalar head in fp32: its weights (with `upcast_weights`) and the hidden state it reads, also
+    under bf16/fp16 autocast. The values are regressed on returns of ~10-20, and a bf16 head loses small updates:
+    at the paper's critic lr (9e-6) an Adam step is below half a bf16 ulp once |w| > ~3e-3, so the head would stop
+    learning. The head is one vector, so the fp32 copy costs nothing.
+
+    `upcast_weights=False` (DeepSpeed, FSDP) leaves the weights to the engine, which keeps fp32 master weights (FSDP2
+    also requires one dtype per trainable parameter group): the head then runs in the weights' dtype, still outside
+    autocast.
+    """
+    for linear in value_head_linears(critic):
+        if upcast_weights:
+            linear.float()
+        linear.forward = MethodType(_linear_in_own_dtype, linear)
 
 
 def _gathered(module: nn.Module, modifier_rank: int | None = None):

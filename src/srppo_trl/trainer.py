@@ -40,6 +40,7 @@ from .modeling import (
     check_value_model,
     critic_peft_config,
     is_kbit,
+    keep_value_head_in_fp32,
     prepare_kbit,
 )
 from .ppo_step import PPOStepMixin
@@ -218,6 +219,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             stop_token_id=args.stop_token_id,
         )
         self._move_frozen_models()
+        # Under DeepSpeed and FSDP the engine owns the weights' dtypes (and keeps fp32 master weights itself).
+        keep_value_head_in_fp32(value_model, upcast_weights=not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
         self.vllm_generation, self._vllm_synced_step = None, None
         if args.use_vllm:
             from .vllm_rollout import build_vllm_generation

@@ -19,7 +19,7 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-def _trainer(tokenizer, tmp_path, policy=None, reward=None, **overrides):
+def _trainer(tokenizer, tmp_path, policy=None, reward=None, value_model=None, **overrides):
     sft, pt = tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)
     return SRPPOTrainer(
         args=tiny_srppo_config(tmp_path, **overrides),
@@ -27,6 +27,7 @@ def _trainer(tokenizer, tmp_path, policy=None, reward=None, **overrides):
         model=policy if policy is not None else tiny_causal_lm(tokenizer, seed=1),
         reward_model=reward if reward is not None else CoherentRewardModel(sft, pt),
         train_dataset=tiny_prompts(),
+        value_model=value_model,
         eval_dataset=overrides.get("eval_strategy") and tiny_prompts(4),
     )
 
@@ -96,7 +97,7 @@ def _lora():
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
 
-def _single_base_roles(tokenizer, base):
+def _single_base_roles(tokenizer, base, critic_top_layers=None):
     """`build_single_base` over `base` with a non-zero SFT adapter (a trained adapter's stand-in)."""
     sft = get_peft_model(base, _lora())
     torch.manual_seed(3)
@@ -104,7 +105,7 @@ def _single_base_roles(tokenizer, base):
         for name, param in sft.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.5)
-    return build_single_base(sft)
+    return build_single_base(sft, critic_top_layers=critic_top_layers)
 
 
 def _bf16_trainer(tokenizer, tmp_path, mode, **overrides):
@@ -136,3 +137,83 @@ def test_a_small_critic_update_of_a_bf16_model_moves_its_value_head(tokenizer, t
     assert head.weight.dtype == torch.float32
     values = trainer.model.value_model(input_ids=torch.tensor([[5, 6, 7]])).logits
     assert values.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------- dropout configured by floats
+
+
+def _tiny_opt(tokenizer, seed, dropout=0.5, attention_dropout=0.5):
+    """A tiny OPT whose dropout is configured by floats and applied functionally (`config.dropout`,
+    `attention_dropout`), not by `nn.Dropout` modules."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        activation_dropout=dropout,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return OPTForCausalLM(config)
+
+
+def _opt_trainer(tokenizer, tmp_path, mode):
+    if mode == "four_model":
+        from transformers import OPTForSequenceClassification
+
+        reward = CoherentRewardModel(_tiny_opt(tokenizer, 1), _tiny_opt(tokenizer, 2))
+        config = _tiny_opt(tokenizer, 1).config
+        config.num_labels = 1
+        critic = OPTForSequenceClassification(config)  # OPT has no token classifier: TRL 1.12's critic
+        return _trainer(tokenizer, tmp_path, _tiny_opt(tokenizer, 1), reward, critic)
+    policy, reward, critic = _single_base_roles(tokenizer, _tiny_opt(tokenizer, 2))
+    return SRPPOTrainer(
+        args=tiny_srppo_config(tmp_path),
+        processing_class=tokenizer,
+        model=policy,
+        reward_model=reward,
+        value_model=critic,
+        train_dataset=tiny_prompts(),
+    )
+
+
+@pytest.mark.parametrize("mode", ["four_model", "single_base"])
+def test_scoring_and_frozen_passes_are_deterministic_with_float_configured_dropout(tokenizer, tmp_path, mode):
+    trainer = _opt_trainer(tokenizer, tmp_path, mode)
+    trainer.model.train()  # as in a training step
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        rollouts = trainer.generate_rollouts(batch)
+        first, second = trainer.score_rollouts(rollouts), trainer.score_rollouts(rollouts)
+    for key in ("logprobs", "values", "ref_logprobs", "scores"):
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_shared_lower_layers_are_not_eligible_under_float_configured_dropout(tokenizer):
+    from srppo_trl.modeling import disable_dropout
+
+    # `config.dropout` alone (residual dropout, applied functionally): the attention dropout, all that was checked, is 0.
+    base = _tiny_opt(tokenizer, 2, attention_dropout=0.0)
+    policy, reward, critic = _single_base_roles(tokenizer, base, critic_top_layers=1)
+    shared = critic.shared_lower_layers
+
+    def eligible():
+        with reward.sft_context():
+            return shared._lower_layers_run_only_the_adapter()
+
+    policy.train()
+    assert not eligible()
+    policy.eval()
+    assert eligible()
+    policy.train()
+    disable_dropout(policy)
+    assert eligible()

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .modeling import dropout_settings, has_active_dropout
+
 
 def decoder_layers(backbone: nn.Module, num_layers: int) -> nn.ModuleList:
     """The backbone's list of decoder layers: its `nn.ModuleList` child of `num_layers` modules."""
@@ -52,7 +54,11 @@ class SharedLowerLayers:
         from peft.tuners.lora import LoraLayer
 
         self._lora_layers = [m for layer in self.lower for m in layer.modules() if isinstance(m, LoraLayer)]
-        self._dropouts = [m for layer in self.lower for m in layer.modules() if isinstance(m, nn.Dropout)]
+        # Every dropout below the critic's layers, `nn.Dropout` or a float applied functionally (OPT's `dropout`),
+        # with the backbone's own (embedding dropout, `layerdrop`): the cached rows must be what those layers compute.
+        top = {id(m) for layer in layers[split:] for m in layer.modules()}
+        settings = ((m, dropout_settings(m)) for m in backbone.modules() if id(m) not in top)
+        self._dropouts = [(m, names) for m, names in settings if names]
         self._rows: dict[bytes, torch.Tensor] = {}
         self._unsupported = False  # a decoder layer returned something other than a tensor
         self.hits = 0  # forwards that ran only the top layers (for tests and benchmarks)
@@ -78,10 +84,8 @@ class SharedLowerLayers:
                 return False
         if not self._lora_layers:
             return False
-        if any(m.training and m.p > 0 for m in self._dropouts):
-            return False
         config = getattr(self.backbone, "config", None)
-        return not (self.backbone.training and (getattr(config, "attention_dropout", 0.0) or 0.0) > 0)
+        return not has_active_dropout(self._dropouts, config, training=self.backbone.training)
 
     def _keys(self, kwargs: dict) -> list[bytes] | None:
         if self._unsupported or kwargs.get("inputs_embeds") is not None:

@@ -26,7 +26,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from trl.trainer.base_trainer import _BaseTrainer
-from trl.trainer.utils import RepeatSampler, create_model_from_path, disable_dropout_in_model
+from trl.trainer.utils import RepeatSampler, create_model_from_path
 
 from . import ppo_math
 from .checkpointing import VALUE_MODEL_DIR, CheckpointMixin, last_complete_checkpoint
@@ -39,6 +39,7 @@ from .modeling import (
     build_value_model,
     check_value_model,
     critic_peft_config,
+    disable_dropout,
     is_kbit,
     keep_value_head_in_fp32,
     prepare_kbit,
@@ -175,7 +176,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             logger.warning("No parameter of the policy requires grad (a copy of a frozen model?): unfreezing it.")
             model.requires_grad_(True)
         for module in (model, value_model):
-            disable_dropout_in_model(module)
+            disable_dropout(module)
         if args.activation_checkpointing:
             model.config.use_cache = False
 

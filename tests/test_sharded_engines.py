@@ -49,13 +49,13 @@ def _local_config(name: str, tmp_path: Path) -> Path:
     return path
 
 
-def _launch(out: Path, *launch_args: str) -> str:
+def _launch(out: Path, *launch_args: str, script_args: tuple[str, ...] = ()) -> str:
     """`accelerate launch` the script with two processes; returns its stdout, or fails with the end of its output."""
     subprocess.run([sys.executable, str(SCRIPT), str(out), "--prepare"], check=True, timeout=120)
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [
         str(accelerate), "launch", *launch_args, "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(_free_port()), str(SCRIPT), str(out),
+        "--main_process_port", str(_free_port()), str(SCRIPT), str(out), *script_args,
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
@@ -133,6 +133,27 @@ def test_deepspeed_zero3_matches_ddp(tmp_path, ddp_run):
         _weights(out / "run/checkpoint-4/value_model"), _weights(out / "run/checkpoint-2/value_model")
     )
     assert critic_moved > 100 * TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed: `pip install -e '.[deepspeed]'` (CPU accelerator, ~4 min) to run ZeRO-3",
+)
+def test_deepspeed_zero3_first_actor_step_after_the_warmup_is_a_fresh_adam_step(tmp_path):
+    # During the critic warm-up ZeRO-3's flat actor partitions hold zero gradients and AdamW steps their state (2
+    # warm-up steps here); the trainer drops that state at the first actor step, so after it every actor partition's
+    # Adam step count is 1, on both processes.
+    out = tmp_path / "zero3-adam"
+    stdout = _launch(
+        out,
+        "--config_file",
+        str(_local_config("deepspeed_zero3.yaml", tmp_path)),
+        script_args=("--adam_after_warmup",),
+    )
+    lines = [line for line in stdout.splitlines() if "actor_adam_steps=" in line]
+    assert len(lines) == 2 and all("engine=true" in line for line in lines), stdout[-2000:]
+    assert all(line.endswith("actor_adam_steps=[1]") for line in lines), lines
 
 
 def test_fsdp_config_parses_and_builds_the_trainer(tmp_path, monkeypatch):

@@ -217,3 +217,48 @@ def test_shared_lower_layers_are_not_eligible_under_float_configured_dropout(tok
     policy.train()
     disable_dropout(policy)
     assert eligible()
+
+
+# ---------------------------------------------------------------------- one precision for trained and frozen passes
+
+
+def test_kl_to_sft_is_zero_at_the_start_under_bf16_autocast(tokenizer, tmp_path):
+    # Single-base: the policy adapter starts as a copy of the SFT adapter, so the policy IS the SFT model at step 0.
+    # bf16=True runs the prepared policy/critic forward under CPU bf16 autocast; the SFT pass must run under it too.
+    policy, reward, critic = _single_base_roles(tokenizer, tiny_causal_lm(tokenizer, seed=2))
+    trainer = SRPPOTrainer(
+        args=tiny_srppo_config(tmp_path, bf16=True, use_cpu=True, max_steps=1),
+        processing_class=tokenizer,
+        model=policy,
+        reward_model=reward,
+        value_model=critic,
+        train_dataset=tiny_prompts(),
+    )
+    assert trainer.accelerator.native_amp and trainer.accelerator.mixed_precision == "bf16"
+    buffers = []
+    original = trainer.make_rollout_buffer
+    trainer.make_rollout_buffer = lambda batch: buffers.append(original(batch)) or buffers[-1]
+    trainer.train()
+    buffer = buffers[0]
+    assert buffer["response_mask"].sum() > 0
+    assert torch.equal(buffer["logprobs"], buffer["ref_logprobs"])
+    assert trainer.state.log_history[0]["objective/kl"] == 0.0
+    for key in ("logprobs", "ref_logprobs", "advantages", "returns", "values"):
+        assert buffer[key].dtype == torch.float32, key
+
+
+def test_shared_lower_layers_cache_keeps_autocast_and_full_precision_rows_apart(tokenizer):
+    policy, reward, critic = _single_base_roles(tokenizer, tiny_causal_lm(tokenizer, seed=2), critic_top_layers=1)
+    shared = critic.shared_lower_layers
+    ids = torch.randint(5, len(tokenizer), (2, 10))
+    mask = torch.ones_like(ids)
+    response = torch.zeros_like(ids)
+    response[:, 5:] = 1
+    with torch.no_grad(), shared.installed():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reward.sft_log_probs(ids, mask, response)  # fills the cache from a bf16 pass
+        assert (shared.misses, shared.hits) == (1, 0)
+        full = reward.sft_log_probs(ids, mask, response)  # fp32: must not read the bf16 rows
+        assert (shared.misses, shared.hits) == (2, 0)
+        assert torch.equal(full, reward.sft_log_probs(ids, mask, response))  # its own rows hit
+        assert shared.hits == 1

@@ -74,7 +74,13 @@ class ScoringMixin:
             known = None
             if start < done:  # the chunk's first rows already have their policy outputs
                 known = tuple(t[start : min(start + chunk, done)].detach() for t in first_outputs)
-            for key, value in self._score_chunk(piece, known).items():
+            # Every pass in the autocast of the trained ones (accelerate's, with bf16/fp16: the prepared model's
+            # forward runs in it), the frozen SFT/PT/reference passes included: in one precision the KL to the SFT
+            # model is exactly 0 at the start, and the SFT pass of single-base mode is the policy's own computation.
+            # Log-softmax, rewards and advantages stay fp32.
+            with self.accelerator.autocast():
+                scored = self._score_chunk(piece, known)
+            for key, value in scored.items():
                 parts[key].append(value)
         scored = dict(rollouts)
         scored.update({k: torch.cat(v) for k, v in parts.items()})

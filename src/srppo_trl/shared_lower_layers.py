@@ -8,8 +8,8 @@ and lets the later passes run only the top `k` layers:
 
 - while installed (`with shared.installed():`), every forward of the shared backbone whose lower layers run exactly
   the "sft" adapter (no other adapter active there, none merged, no active dropout) is *eligible*;
-- an eligible forward whose rows (input ids, attention mask and position ids, compared exactly) are all cached runs
-  its lower layers as stubs that return the cached hidden state (the embedding, rotary and mask code still run);
+- an eligible forward whose rows (input ids, attention mask, position ids and the autocast state, compared exactly) are
+  all cached runs its lower layers as stubs that return the cached hidden state (the embedding, rotary and mask code still run);
 - any other eligible forward runs in full and stores the hidden state leaving layer `L - k - 1` for its rows.
 
 A partial hit runs in full (no mixing within a batch). The cache holds `[T, H]` per row in the model's dtype until
@@ -38,6 +38,14 @@ def decoder_layers(backbone: nn.Module, num_layers: int) -> nn.ModuleList:
         f"Could not find the {num_layers} decoder layers of {type(backbone).__name__} (an nn.ModuleList of that "
         "length): critic_top_layers needs a backbone that holds its layers in one list."
     )
+
+
+def _autocast_tag(device_type: str) -> bytes:
+    """The autocast state of `device_type` as part of a cache key: a row computed under bf16 autocast is not the row
+    an fp32 pass would compute."""
+    if not torch.is_autocast_enabled(device_type):
+        return b"-"
+    return str(torch.get_autocast_dtype(device_type)).encode()
 
 
 class SharedLowerLayers:
@@ -108,7 +116,7 @@ class SharedLowerLayers:
                 return None
             parts.append(positions.long())
         rows = torch.cat(parts, dim=1).cpu().numpy()
-        tag = b"p" if positions is not None else b"n"
+        tag = (b"p" if positions is not None else b"n") + _autocast_tag(input_ids.device.type)
         return [tag + row.tobytes() for row in rows]
 
     # ------------------------------------------------------------------ installation

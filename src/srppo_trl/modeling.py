@@ -211,7 +211,8 @@ def value_head_linears(critic: nn.Module) -> list[nn.Linear]:
     """The linear layers of the critic's scalar head: the `score` / `classifier` modules (with PEFT's
     `modules_to_save` copies of them)."""
     heads = [m for name, m in critic.named_modules() if name.rsplit(".", 1)[-1] in VALUE_HEAD_NAMES]
-    return list({id(m): m for head in heads for m in head.modules() if isinstance(m, nn.Linear)}.values())
+    # Plain `nn.Linear` only: a quantized layer (a subclass) keeps its own forward.
+    return list({id(m): m for head in heads for m in head.modules() if type(m) is nn.Linear}.values())
 
 
 def _linear_in_own_dtype(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:

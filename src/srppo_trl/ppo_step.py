@@ -204,9 +204,9 @@ class PPOStepMixin:
         Under DDP the actor's parameters get no gradient during the warm-up and AdamW skips them, so its first update
         is a fresh Adam step. DeepSpeed's (and FSDP's) flat partitions hold zero gradients instead: AdamW steps the
         actor's state, its step count grows while its moments stay 0, and the bias correction would then scale the
-        actor's first updates by 0.6-3x a fresh step (more with longer warm-ups). Forgetting that state makes the
-        first actor update a fresh Adam step on every engine. Called at every micro-step of that optimizer step (a
-        resume may start there); the state is only rebuilt by the optimizer step itself.
+        actor's first updates by 0.6x (2 warm-up steps) to 1.6-3.3x (the paper's 35 buffers of 8 steps) a fresh step.
+        Forgetting that state makes the first actor update a fresh Adam step on every engine. Done once, at the first
+        micro-step of that optimizer step, also when a resume starts there (the checkpoint holds the warm-up's state).
         """
         warmup = self.args.critic_warmup_steps * self.args.steps_per_rollout
         if warmup == 0 or self.state.global_step != warmup or self._actor_state_reset_at == warmup:
@@ -215,9 +215,10 @@ class PPOStepMixin:
         if self.optimizer is None or not reset_optimizer_state(self.optimizer, role="actor"):
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 logger.warning(
-                    "Could not reset the actor's optimizer state after the critic warm-up (its parameter groups are "
-                    "not split into actor and critic: an optimizer from the DeepSpeed config or passed in): the "
-                    "actor's first updates are scaled by Adam's bias correction of the warm-up steps."
+                    "Could not reset the actor's optimizer state after the critic warm-up (an optimizer from the "
+                    "DeepSpeed config or passed in, without actor and critic parameter groups, or DeepSpeed's "
+                    "optimizer state swapped to NVMe): the actor's first updates are scaled by Adam's bias correction "
+                    "of the warm-up steps. Leave the optimizer to SRPPOTrainer to avoid it."
                 )
 
     def _critic_parameters(self) -> list[nn.Parameter]:
@@ -274,7 +275,8 @@ def _params_holding_state(chain: list) -> list[tuple[dict, object]]:
 
 def reset_optimizer_state(optimizer, role: str) -> bool:
     """Forget the optimizer state (step counts and moments) of the parameter groups whose `"srppo_role"` is `role`, so
-    that their next update is the optimizer's first. Returns False when no group carries that role.
+    that their next update is the optimizer's first. Returns False when it cannot: no group carries that role, or
+    DeepSpeed keeps the state on NVMe.
 
     The state entries are dropped, as if the parameters had never been stepped: torch optimizers and DeepSpeed's CPU
     Adam build them again at the next step. A step count kept in the group (DeepSpeed's FusedAdam) is dropped too.
@@ -284,10 +286,7 @@ def reset_optimizer_state(optimizer, role: str) -> bool:
     if not any(group.get("srppo_role") == role for group in inner.param_groups):
         return False
     if any(getattr(o, "swap_optimizer", False) for o in chain):
-        raise ValueError(
-            "The actor's optimizer state cannot be reset after the critic warm-up while DeepSpeed swaps it to NVMe: "
-            "set critic_warmup_steps=0 or offload the optimizer to the CPU instead."
-        )
+        return False  # DeepSpeed swaps the state to NVMe: it is not in `state` to drop
     stateful = [inner] + [o.backup_optimizer for o in chain if getattr(o, "backup_optimizer", None) is not None]
     for group, param in _params_holding_state(chain):
         if group.get("srppo_role") == role:

@@ -202,11 +202,12 @@ class PPOStepMixin:
         """At the first actor update after a critic warm-up, start the actor's optimizer state afresh.
 
         Under DDP the actor's parameters get no gradient during the warm-up and AdamW skips them, so its first update
-        is a fresh Adam step. DeepSpeed's (and FSDP's) flat partitions hold zero gradients instead: AdamW steps the
-        actor's state, its step count grows while its moments stay 0, and the bias correction would then scale the
-        actor's first updates by 0.6x (2 warm-up steps) to 1.6-3.3x (the paper's 35 buffers of 8 steps) a fresh step.
-        Forgetting that state makes the first actor update a fresh Adam step on every engine. Done once, at the first
-        micro-step of that optimizer step, also when a resume starts there (the checkpoint holds the warm-up's state).
+        is a fresh Adam step. DeepSpeed's flat partitions (and FSDP1's flat parameters) hold zero gradients instead:
+        AdamW steps the actor's state, its step count grows while its moments stay 0, and the bias correction would
+        then scale the actor's first updates by 0.6x (2 warm-up steps) to 1.6-3.3x (the paper's 35 buffers of 8 steps)
+        a fresh step. Forgetting that state makes the first actor update a fresh Adam step on every engine. Done once,
+        at the first micro-step of that optimizer step, also when a resume starts there (the checkpoint holds the
+        warm-up's state).
         """
         warmup = self.args.critic_warmup_steps * self.args.steps_per_rollout
         if warmup == 0 or self.state.global_step != warmup or self._actor_state_reset_at == warmup:

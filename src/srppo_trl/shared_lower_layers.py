@@ -9,7 +9,8 @@ and lets the later passes run only the top `k` layers:
 - while installed (`with shared.installed():`), every forward of the shared backbone whose lower layers run exactly
   the "sft" adapter (no other adapter active there, none merged, no active dropout) is *eligible*;
 - an eligible forward whose rows (input ids, attention mask, position ids and the autocast state, compared exactly) are
-  all cached runs its lower layers as stubs that return the cached hidden state (the embedding, rotary and mask code still run);
+  all cached runs its lower layers as stubs that return the cached hidden state (the embedding, rotary and mask code
+  still run);
 - any other eligible forward runs in full and stores the hidden state leaving layer `L - k - 1` for its rows.
 
 A partial hit runs in full (no mixing within a batch). The cache holds `[T, H]` per row in the model's dtype until

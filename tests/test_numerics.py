@@ -201,7 +201,8 @@ def test_scoring_and_frozen_passes_are_deterministic_with_float_configured_dropo
 def test_shared_lower_layers_are_not_eligible_under_float_configured_dropout(tokenizer):
     from srppo_trl.modeling import disable_dropout
 
-    # `config.dropout` alone (residual dropout, applied functionally): the attention dropout, all that was checked, is 0.
+    # `config.dropout` alone (residual dropout, applied functionally); the attention dropout, all that was checked,
+    # is 0.
     base = _tiny_opt(tokenizer, 2, attention_dropout=0.0)
     policy, reward, critic = _single_base_roles(tokenizer, base, critic_top_layers=1)
     shared = critic.shared_lower_layers

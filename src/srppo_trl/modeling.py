@@ -216,7 +216,8 @@ def value_head_linears(critic: nn.Module) -> list[nn.Linear]:
 
 
 def _linear_in_own_dtype(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """`nn.Linear.forward` in the layer's own dtype, outside autocast: the hidden state is cast to the weight's dtype."""
+    """`nn.Linear.forward` in the layer's own dtype, outside autocast (the hidden state is cast to the weight's
+    dtype)."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
 

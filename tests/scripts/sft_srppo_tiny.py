@@ -168,10 +168,10 @@ def critic_copy_difference(out: Path, tokenizer) -> float:
     return max((state[k].float() - saved[k].float()).abs().max().item() for k in state)
 
 
-def adam_after_warmup(out: Path, tokenizer) -> list[int]:
+def adam_after_warmup(out: Path, tokenizer) -> tuple[list[int], str]:
     """`--adam_after_warmup`: SRPPO with AdamW, one critic warm-up buffer of 2 optimizer steps, then one actor step;
     returns the step counts held in the actor's Adam state on this process (1: the actor's first update was a fresh
-    Adam step, whatever the warm-up's zero gradients did to its state)."""
+    Adam step, whatever the warm-up's zero gradients did to its state) and the class of the optimizer holding it."""
     from srppo_trl.ppo_step import _optimizer_chain, _params_holding_state
 
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(8)]})
@@ -208,13 +208,12 @@ def adam_after_warmup(out: Path, tokenizer) -> list[int]:
     trainer.train()
     chain = _optimizer_chain(trainer.optimizer)
     states = chain[-1].state
-    return sorted(
-        {
-            int(states[param]["step"])
-            for group, param in _params_holding_state(chain)
-            if group.get("srppo_role") == "actor" and param in states
-        }
-    )
+    steps = {
+        int(states[param]["step"])
+        for group, param in _params_holding_state(chain)
+        if group.get("srppo_role") == "actor" and param in states
+    }
+    return sorted(steps), type(chain[-1]).__name__
 
 
 def prepare(out: Path) -> None:
@@ -267,10 +266,13 @@ def main():
     out = Path(cli.output_dir)
     tokenizer = tiny_tokenizer()
     if cli.adam_after_warmup:
-        steps = adam_after_warmup(out, tokenizer)
-        print(
-            f"engine={os.environ.get('ACCELERATE_USE_DEEPSPEED')} rank={os.environ.get('RANK')} actor_adam_steps={steps}"
-        )
+        steps, optimizer = adam_after_warmup(out, tokenizer)
+        deepspeed, rank = os.environ.get("ACCELERATE_USE_DEEPSPEED"), os.environ.get("RANK")
+        print(f"engine={deepspeed} rank={rank} optimizer={optimizer} actor_adam_steps={steps}", flush=True)
+        # Leave the process group before exiting: one exit of 2 aborted in a C++ destructor ("terminate called without
+        # an active exception") with DeepSpeed's CPU Adam and the group still up.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
         return
     sft(out, tokenizer)
     copy_difference = critic_copy_difference(out, tokenizer)

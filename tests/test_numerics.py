@@ -223,10 +223,13 @@ def test_shared_lower_layers_are_not_eligible_under_float_configured_dropout(tok
 # ---------------------------------------------------------------------- one precision for trained and frozen passes
 
 
-def test_kl_to_sft_is_zero_at_the_start_under_bf16_autocast(tokenizer, tmp_path):
+@pytest.mark.parametrize("critic_top_layers", [None, 1])
+def test_kl_to_sft_is_zero_at_the_start_under_bf16_autocast(tokenizer, tmp_path, critic_top_layers):
     # Single-base: the policy adapter starts as a copy of the SFT adapter, so the policy IS the SFT model at step 0.
     # bf16=True runs the prepared policy/critic forward under CPU bf16 autocast; the SFT pass must run under it too.
-    policy, reward, critic = _single_base_roles(tokenizer, tiny_causal_lm(tokenizer, seed=2))
+    # With a top-layer critic the SFT pass fills the shared lower layers that the critic passes read.
+    base = tiny_causal_lm(tokenizer, seed=2)
+    policy, reward, critic = _single_base_roles(tokenizer, base, critic_top_layers=critic_top_layers)
     trainer = SRPPOTrainer(
         args=tiny_srppo_config(tmp_path, bf16=True, use_cpu=True, max_steps=1),
         processing_class=tokenizer,
@@ -246,6 +249,8 @@ def test_kl_to_sft_is_zero_at_the_start_under_bf16_autocast(tokenizer, tmp_path)
     assert trainer.state.log_history[0]["objective/kl"] == 0.0
     for key in ("logprobs", "ref_logprobs", "advantages", "returns", "values"):
         assert buffer[key].dtype == torch.float32, key
+    if critic_top_layers is not None:
+        assert critic.shared_lower_layers.hits > 0  # the critic read rows the autocast SFT pass cached
 
 
 def test_shared_lower_layers_cache_keeps_autocast_and_full_precision_rows_apart(tokenizer):

@@ -15,6 +15,7 @@ buffer, then a PPO buffer), a checkpoint every buffer, a second run resumed from
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,23 +40,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _local_config(name: str, tmp_path: Path) -> Path:
+def _local_config(name: str, tmp_path: Path, **deepspeed_config) -> Path:
     """The repo's accelerate config for 8 GPUs in bf16, shrunk to this machine: 2 processes, fp32 (the weights are
-    compared with the DDP run's to float32 tolerance; bf16 would compare bf16 rounding). Every other key is kept."""
+    compared with the DDP run's to float32 tolerance; bf16 would compare bf16 rounding). Every other key is kept,
+    except the `deepspeed_config` keys given."""
     config = yaml.safe_load((CONFIGS / name).read_text())
     config.update(num_processes=2, mixed_precision="no")
+    config.get("deepspeed_config", {}).update(deepspeed_config)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def _launch(out: Path, *launch_args: str) -> str:
+def _launch(out: Path, *launch_args: str, script_args: tuple[str, ...] = ()) -> str:
     """`accelerate launch` the script with two processes; returns its stdout, or fails with the end of its output."""
     subprocess.run([sys.executable, str(SCRIPT), str(out), "--prepare"], check=True, timeout=120)
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [
         str(accelerate), "launch", *launch_args, "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(_free_port()), str(SCRIPT), str(out),
+        "--main_process_port", str(_free_port()), str(SCRIPT), str(out), *script_args,
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
@@ -133,6 +136,39 @@ def test_deepspeed_zero3_matches_ddp(tmp_path, ddp_run):
         _weights(out / "run/checkpoint-4/value_model"), _weights(out / "run/checkpoint-2/value_model")
     )
     assert critic_moved > 100 * TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed: `pip install -e '.[deepspeed]'` (CPU accelerator, ~4 min) to run ZeRO-3",
+)
+@pytest.mark.parametrize(
+    "config, deepspeed_config, inner",
+    [
+        ("deepspeed_zero2.yaml", {}, "AdamW"),
+        ("deepspeed_zero3.yaml", {}, "AdamW"),
+        # accelerate swaps AdamW for DeepSpeed's CPU Adam (its C++ op keeps its own step count) with the offload
+        ("deepspeed_zero3.yaml", {"offload_optimizer_device": "cpu"}, "DeepSpeedCPUAdam"),
+    ],
+    ids=["zero2", "zero3", "zero3_cpu_adam"],
+)
+def test_deepspeed_first_actor_step_after_the_warmup_is_a_fresh_adam_step(tmp_path, config, deepspeed_config, inner):
+    # During the critic warm-up DeepSpeed's flat actor partitions hold zero gradients and Adam steps their state (2
+    # warm-up steps here); the trainer drops that state at the first actor step, so after it every actor partition's
+    # Adam step count is 1, on both processes (3 without the reset).
+    out = tmp_path / "adam"
+    stdout = _launch(
+        out,
+        "--config_file",
+        str(_local_config(config, tmp_path, **deepspeed_config)),
+        script_args=("--adam_after_warmup",),
+    )
+    # The two processes' prints may share a line of the captured output: read every report wherever it is.
+    reports = re.findall(r"engine=(\w+) rank=(\d) optimizer=(\w+) actor_adam_steps=\[([^\]]*)\]", stdout)
+    assert sorted(rank for _, rank, _, _ in reports) == ["0", "1"], stdout[-2000:]
+    assert all(engine == "true" and optimizer == inner for engine, _, optimizer, _ in reports), reports
+    assert all(steps == "1" for *_, steps in reports), reports
 
 
 def test_fsdp_config_parses_and_builds_the_trainer(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .logprobs import sequence_logprobs
+from .modeling import eval_mode
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -135,14 +136,15 @@ class CoherentRewardModel(nn.Module):
 
     @torch.no_grad()
     def sft_log_probs(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
-        """`log p_SFT(y_t | x, y_<t)` at each response token, fp32 [B, T], 0 elsewhere."""
-        with self.sft_context() as model:
+        """`log p_SFT(y_t | x, y_<t)` at each response token, fp32 [B, T], 0 elsewhere. Runs in eval mode (in
+        single-base mode the SFT model is the policy's modules, which may be training)."""
+        with self.sft_context() as model, eval_mode(model):
             return sequence_logprobs(model, input_ids, attention_mask, response_mask)
 
     @torch.no_grad()
     def base_log_probs(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
-        """`log p_PT(y_t | x, y_<t)` at each response token, fp32 [B, T], 0 elsewhere."""
-        with self.base_context() as model:
+        """`log p_PT(y_t | x, y_<t)` at each response token, fp32 [B, T], 0 elsewhere. Runs in eval mode."""
+        with self.base_context() as model, eval_mode(model):
             return sequence_logprobs(model, input_ids, attention_mask, response_mask)
 
     def token_log_ratios(self, input_ids, attention_mask, response_mask) -> torch.Tensor:

@@ -8,7 +8,8 @@ are its `score` head applied to every hidden state of its backbone (`getattr(mod
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from types import MethodType
 
 import torch
 from torch import nn
@@ -123,6 +124,118 @@ def init_value_head(critic: nn.Module, only: set[str] | None = None) -> None:
                     param.zero_()
                 else:
                     param.normal_(mean=0.0, std=1.0 / (hidden + 1))
+
+
+# Names of the floats that models apply as dropout probabilities in training mode (`nn.functional.dropout(x, p=...)`):
+# OPT's `dropout` / `attention_dropout` / `layerdrop`, Llama's `attention_dropout`, GPT-2's `*_pdrop` config fields.
+_DROPOUT_WORDS = ("dropout", "pdrop", "layerdrop")
+
+
+def _is_dropout_float(name: str, value) -> bool:
+    return isinstance(value, float) and not isinstance(value, bool) and any(w in name for w in _DROPOUT_WORDS)
+
+
+def dropout_settings(module: nn.Module) -> list[str]:
+    """The names of `module`'s own dropout probabilities: `p` of an `nn.Dropout`, and float attributes named like a
+    dropout probability (functional dropout, e.g. OPT's `self.dropout = config.dropout`)."""
+    names = [name for name, value in vars(module).items() if _is_dropout_float(name, value)]
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        names.append("p")
+    return names
+
+
+def _config_dropout_fields(config) -> list[tuple[object, str]]:
+    """(config, field) for every dropout-probability field of a transformers config and of its sub-configs."""
+    from transformers import PretrainedConfig
+
+    fields = []
+    for name, value in vars(config).items():
+        if _is_dropout_float(name, value):
+            fields.append((config, name))
+        elif isinstance(value, PretrainedConfig):
+            fields.extend(_config_dropout_fields(value))
+    return fields
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout of `model` off, also in training mode: TRL's `disable_dropout_in_model` (each `nn.Dropout` to
+    p=0), plus the dropout that models configure by floats and apply functionally (OPT's `config.dropout`,
+    `attention_dropout`, `layerdrop`), which TRL's leaves on: the module attributes read at forward time and the
+    config fields (read by some models at forward time; a saved config then says 0 too). PPO's old log-probs and
+    values must be the same function as the loss's, and the frozen passes of single-base mode run the policy's
+    modules."""
+    from transformers import PretrainedConfig
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
+    configs = {}
+    for module in model.modules():
+        for name in dropout_settings(module):
+            setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            configs[id(config)] = config
+    for config in configs.values():
+        for owner, name in _config_dropout_fields(config):
+            setattr(owner, name, 0.0)
+
+
+def has_active_dropout(settings: list[tuple[nn.Module, list[str]]], config=None, training: bool = False) -> bool:
+    """True when a module in training mode holds a dropout probability > 0 (`settings`: modules and the names from
+    `dropout_settings`), or, with `training`, a dropout field of `config` is > 0."""
+    for module, names in settings:
+        if module.training and any(getattr(module, name, 0.0) > 0 for name in names):
+            return True
+    if training and config is not None:
+        return any(getattr(owner, name) > 0 for owner, name in _config_dropout_fields(config))
+    return False
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """`module.eval()` inside; every submodule's training flag restored on exit. The frozen passes (SFT, PT,
+    reference) run this way: in single-base mode they run the policy's modules, which train."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+VALUE_HEAD_NAMES = ("score", "classifier")
+
+
+def value_head_linears(critic: nn.Module) -> list[nn.Linear]:
+    """The linear layers of the critic's scalar head: the `score` / `classifier` modules (with PEFT's
+    `modules_to_save` copies of them)."""
+    heads = [m for name, m in critic.named_modules() if name.rsplit(".", 1)[-1] in VALUE_HEAD_NAMES]
+    # Plain `nn.Linear` only: a quantized layer (a subclass) keeps its own forward.
+    return list({id(m): m for head in heads for m in head.modules() if type(m) is nn.Linear}.values())
+
+
+def _linear_in_own_dtype(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` in the layer's own dtype, outside autocast (the hidden state is cast to the weight's
+    dtype)."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
+
+
+def keep_value_head_in_fp32(critic: nn.Module, upcast_weights: bool = True) -> None:
+    """Run the critic's scalar head in fp32: its weights (with `upcast_weights`) and the hidden state it reads, also
+    under bf16/fp16 autocast. The values are regressed on returns of ~10-20, and a bf16 head loses small updates:
+    at the paper's critic lr (9e-6) an Adam step is below half a bf16 ulp once |w| > ~3e-3, so the head would stop
+    learning. The head is one vector, so the fp32 copy costs nothing.
+
+    `upcast_weights=False` (DeepSpeed, FSDP) leaves the weights to the engine, which keeps fp32 master weights (FSDP2
+    also requires one dtype per trainable parameter group): the head then runs in the weights' dtype, still outside
+    autocast.
+    """
+    for linear in value_head_linears(critic):
+        if upcast_weights:
+            linear.float()
+        linear.forward = MethodType(_linear_in_own_dtype, linear)
 
 
 def _gathered(module: nn.Module, modifier_rank: int | None = None):

@@ -198,6 +198,30 @@ class PPOStepMixin:
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def _reset_actor_optimizer_state_at_first_actor_step(self) -> None:
+        """At the first actor update after a critic warm-up, start the actor's optimizer state afresh.
+
+        Under DDP the actor's parameters get no gradient during the warm-up and AdamW skips them, so its first update
+        is a fresh Adam step. DeepSpeed's flat partitions (and FSDP1's flat parameters) hold zero gradients instead:
+        AdamW steps the actor's state, its step count grows while its moments stay 0, and the bias correction would
+        then scale the actor's first updates by 0.6x (2 warm-up steps) to 1.6-3.3x (the paper's 35 buffers of 8 steps)
+        a fresh step. Forgetting that state makes the first actor update a fresh Adam step on every engine. Done once,
+        at the first micro-step of that optimizer step, also when a resume starts there (the checkpoint holds the
+        warm-up's state).
+        """
+        warmup = self.args.critic_warmup_steps * self.args.steps_per_rollout
+        if warmup == 0 or self.state.global_step != warmup or self._actor_state_reset_at == warmup:
+            return
+        self._actor_state_reset_at = warmup
+        if self.optimizer is None or not reset_optimizer_state(self.optimizer, role="actor"):
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                logger.warning(
+                    "Could not reset the actor's optimizer state after the critic warm-up (an optimizer from the "
+                    "DeepSpeed config or passed in, without actor and critic parameter groups, or DeepSpeed's "
+                    "optimizer state swapped to NVMe): the actor's first updates are scaled by Adam's bias correction "
+                    "of the warm-up steps. Leave the optimizer to SRPPOTrainer to avoid it."
+                )
+
     def _critic_parameters(self) -> list[nn.Parameter]:
         return list(self.accelerator.unwrap_model(self.model).value_model.parameters())
 
@@ -221,6 +245,59 @@ class PPOStepMixin:
         critic_norm = nn.utils.clip_grad_norm_(critic, max_norm) if critic else zero
         self._metrics["train"]["critic/grad_norm"].append(float(critic_norm))
         return actor_norm
+
+
+def _optimizer_chain(optimizer) -> list:
+    """`optimizer` and the optimizers it wraps (accelerate's wrapper, DeepSpeed's ZeRO optimizer), outermost first; the
+    last one is the optimizer holding the state (`torch.optim.Optimizer`, DeepSpeed's CPU Adam, ...)."""
+    chain = [optimizer]
+    while getattr(chain[-1], "optimizer", None) is not None and chain[-1].optimizer not in chain:
+        chain.append(chain[-1].optimizer)
+    return chain
+
+
+def _params_holding_state(chain: list) -> list[tuple[dict, object]]:
+    """(parameter group of the innermost optimizer, tensor its state is keyed by) for every stateful tensor.
+
+    A torch optimizer (DDP, FSDP, one process) and DeepSpeed ZeRO-1/2 (one flat fp32 partition per group, kept in the
+    group) key their state by the tensors of each group. ZeRO-3 empties the groups between steps and keys the state
+    by its flat fp32 sub-groups, each of one parameter group (`sub_group_to_group_id`).
+    """
+    inner = chain[-1]
+    zero3 = next((o for o in chain if hasattr(o, "fp32_partitioned_groups_flat")), None)
+    if zero3 is None:
+        return [(group, param) for group in inner.param_groups for param in group["params"]]
+    groups = inner.param_groups
+    return [
+        (groups[zero3.sub_group_to_group_id[index]], flat)
+        for index, flat in enumerate(zero3.fp32_partitioned_groups_flat)
+    ]
+
+
+def reset_optimizer_state(optimizer, role: str) -> bool:
+    """Forget the optimizer state (step counts and moments) of the parameter groups whose `"srppo_role"` is `role`, so
+    that their next update is the optimizer's first. Returns False when it cannot: no group carries that role, or
+    DeepSpeed keeps the state on NVMe.
+
+    The state entries are dropped, as if the parameters had never been stepped: torch optimizers and DeepSpeed's CPU
+    Adam build them again at the next step. A step count kept in the group (DeepSpeed's FusedAdam) is dropped too.
+    """
+    chain = _optimizer_chain(optimizer)
+    inner = chain[-1]
+    if not any(group.get("srppo_role") == role for group in inner.param_groups):
+        return False
+    if any(getattr(o, "swap_optimizer", False) for o in chain):
+        return False  # DeepSpeed swaps the state to NVMe: it is not in `state` to drop
+    stateful = [inner] + [o.backup_optimizer for o in chain if getattr(o, "backup_optimizer", None) is not None]
+    for group, param in _params_holding_state(chain):
+        if group.get("srppo_role") == role:
+            for opt in stateful:
+                opt.state.pop(param, None)
+    for opt in stateful:
+        for group in opt.param_groups:
+            if group.get("srppo_role") == role:
+                group.pop("step", None)
+    return True
 
 
 def _schedule_lambda(args, num_training_steps: int):

@@ -16,6 +16,7 @@ from torch import nn
 from . import ppo_math
 from .coherent_reward import CoherentRewardModel
 from .logprobs import gather_logprobs, position_ids_from_attention_mask, sequence_logprobs
+from .modeling import eval_mode
 
 
 def _is_sequence_classifier(model: nn.Module) -> bool:
@@ -73,7 +74,13 @@ class ScoringMixin:
             known = None
             if start < done:  # the chunk's first rows already have their policy outputs
                 known = tuple(t[start : min(start + chunk, done)].detach() for t in first_outputs)
-            for key, value in self._score_chunk(piece, known).items():
+            # Every pass in the autocast of the trained ones (accelerate's, with bf16/fp16: the prepared model's
+            # forward runs in it), the frozen SFT/PT/reference passes included: in one precision the KL to the SFT
+            # model is exactly 0 at the start, and the SFT pass of single-base mode is the policy's own computation.
+            # Log-softmax, rewards and advantages stay fp32.
+            with self.accelerator.autocast():
+                scored = self._score_chunk(piece, known)
+            for key, value in scored.items():
                 parts[key].append(value)
         scored = dict(rollouts)
         scored.update({k: torch.cat(v) for k, v in parts.items()})
@@ -140,15 +147,17 @@ class ScoringMixin:
         return out
 
     def _reference_logprobs(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+        """The KL reference's log-probs, in eval mode (the policy with its adapter disabled trains otherwise)."""
         temperature = self.args.temperature
         if self.ref_is_reward_sft:
-            with self.reward_model.sft_context() as sft_model:
+            with self.reward_model.sft_context() as sft_model, eval_mode(sft_model):
                 return sequence_logprobs(sft_model, input_ids, attention_mask, response_mask, temperature)
         if self.ref_model is None:
             policy = self.accelerator.unwrap_model(self.model).policy
-            with self.null_ref_context():
+            with self.null_ref_context(), eval_mode(policy):
                 return sequence_logprobs(policy, input_ids, attention_mask, response_mask, temperature)
-        return sequence_logprobs(self.ref_model, input_ids, attention_mask, response_mask, temperature)
+        with eval_mode(self.ref_model):
+            return sequence_logprobs(self.ref_model, input_ids, attention_mask, response_mask, temperature)
 
     def _reward_function_scores(self, query, query_mask, response, response_mask) -> torch.Tensor:
         """Scores [B] from a reward function called as TRL's GRPO/RLOO trainers call theirs.

@@ -8,8 +8,9 @@ and lets the later passes run only the top `k` layers:
 
 - while installed (`with shared.installed():`), every forward of the shared backbone whose lower layers run exactly
   the "sft" adapter (no other adapter active there, none merged, no active dropout) is *eligible*;
-- an eligible forward whose rows (input ids, attention mask and position ids, compared exactly) are all cached runs
-  its lower layers as stubs that return the cached hidden state (the embedding, rotary and mask code still run);
+- an eligible forward whose rows (input ids, attention mask, position ids and the autocast state, compared exactly) are
+  all cached runs its lower layers as stubs that return the cached hidden state (the embedding, rotary and mask code
+  still run);
 - any other eligible forward runs in full and stores the hidden state leaving layer `L - k - 1` for its rows.
 
 A partial hit runs in full (no mixing within a batch). The cache holds `[T, H]` per row in the model's dtype until
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .modeling import dropout_settings, has_active_dropout
+
 
 def decoder_layers(backbone: nn.Module, num_layers: int) -> nn.ModuleList:
     """The backbone's list of decoder layers: its `nn.ModuleList` child of `num_layers` modules."""
@@ -36,6 +39,14 @@ def decoder_layers(backbone: nn.Module, num_layers: int) -> nn.ModuleList:
         f"Could not find the {num_layers} decoder layers of {type(backbone).__name__} (an nn.ModuleList of that "
         "length): critic_top_layers needs a backbone that holds its layers in one list."
     )
+
+
+def _autocast_tag(device_type: str) -> bytes:
+    """The autocast state of `device_type` as part of a cache key: a row computed under bf16 autocast is not the row
+    an fp32 pass would compute."""
+    if not torch.is_autocast_enabled(device_type):
+        return b"-"
+    return str(torch.get_autocast_dtype(device_type)).encode()
 
 
 class SharedLowerLayers:
@@ -52,7 +63,11 @@ class SharedLowerLayers:
         from peft.tuners.lora import LoraLayer
 
         self._lora_layers = [m for layer in self.lower for m in layer.modules() if isinstance(m, LoraLayer)]
-        self._dropouts = [m for layer in self.lower for m in layer.modules() if isinstance(m, nn.Dropout)]
+        # Every dropout below the critic's layers, `nn.Dropout` or a float applied functionally (OPT's `dropout`),
+        # with the backbone's own (embedding dropout, `layerdrop`): the cached rows must be what those layers compute.
+        top = {id(m) for layer in layers[split:] for m in layer.modules()}
+        settings = ((m, dropout_settings(m)) for m in backbone.modules() if id(m) not in top)
+        self._dropouts = [(m, names) for m, names in settings if names]
         self._rows: dict[bytes, torch.Tensor] = {}
         self._unsupported = False  # a decoder layer returned something other than a tensor
         self.hits = 0  # forwards that ran only the top layers (for tests and benchmarks)
@@ -78,10 +93,8 @@ class SharedLowerLayers:
                 return False
         if not self._lora_layers:
             return False
-        if any(m.training and m.p > 0 for m in self._dropouts):
-            return False
         config = getattr(self.backbone, "config", None)
-        return not (self.backbone.training and (getattr(config, "attention_dropout", 0.0) or 0.0) > 0)
+        return not has_active_dropout(self._dropouts, config, training=self.backbone.training)
 
     def _keys(self, kwargs: dict) -> list[bytes] | None:
         if self._unsupported or kwargs.get("inputs_embeds") is not None:
@@ -104,7 +117,7 @@ class SharedLowerLayers:
                 return None
             parts.append(positions.long())
         rows = torch.cat(parts, dim=1).cpu().numpy()
-        tag = b"p" if positions is not None else b"n"
+        tag = (b"p" if positions is not None else b"n") + _autocast_tag(input_ids.device.type)
         return [tag + row.tobytes() for row in rows]
 
     # ------------------------------------------------------------------ installation

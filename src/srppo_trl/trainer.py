@@ -26,7 +26,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from trl.trainer.base_trainer import _BaseTrainer
-from trl.trainer.utils import RepeatSampler, create_model_from_path, disable_dropout_in_model
+from trl.trainer.utils import RepeatSampler, create_model_from_path
 
 from . import ppo_math
 from .checkpointing import VALUE_MODEL_DIR, CheckpointMixin, last_complete_checkpoint
@@ -39,7 +39,9 @@ from .modeling import (
     build_value_model,
     check_value_model,
     critic_peft_config,
+    disable_dropout,
     is_kbit,
+    keep_value_head_in_fp32,
     prepare_kbit,
 )
 from .ppo_step import PPOStepMixin
@@ -174,7 +176,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             logger.warning("No parameter of the policy requires grad (a copy of a frozen model?): unfreezing it.")
             model.requires_grad_(True)
         for module in (model, value_model):
-            disable_dropout_in_model(module)
+            disable_dropout(module)
         if args.activation_checkpointing:
             model.config.use_cache = False
 
@@ -218,6 +220,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             stop_token_id=args.stop_token_id,
         )
         self._move_frozen_models()
+        # Under DeepSpeed and FSDP the engine owns the weights' dtypes (and keeps fp32 master weights itself).
+        keep_value_head_in_fp32(value_model, upcast_weights=not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
         self.vllm_generation, self._vllm_synced_step = None, None
         if args.use_vllm:
             from .vllm_rollout import build_vllm_generation
@@ -230,6 +234,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         self._reused_forward = None  # (log-probs, values, entropy) with graph of the buffer's first micro-batch
         self._first_outputs = None  # its detached (log-probs, values), read by `score_rollouts`
         self._reuse_next_buffer = False  # set by `_prepare_inputs` for `make_rollout_buffer`
+        self._actor_state_reset_at = None  # the global step at which the actor's optimizer state was last reset
         self._step = None  # micro-steps done, set from `state.global_step` at the first training step (resume)
         self._clock = None  # (time, episode) at the start of `train()`, for the `eps` metric
         self.add_callback(_TRL112Callback(self))
@@ -557,6 +562,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             yield
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._reset_actor_optimizer_state_at_first_actor_step()
         try:
             with self._forward_hooks():
                 loss = super().training_step(model, inputs, num_items_in_batch)
@@ -657,8 +663,19 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             )
         model_was_training = self.model.training
         self.model.eval()
-        loader = self.get_eval_dataloader(dataset)
-        for batch in loader:
+        try:
+            metrics = self._evaluate_prompts(dataset, metric_key_prefix)
+            # Logged in eval mode: `log` picks the metrics of the mode the model is in, so a log in train mode would
+            # take (and clear) the training metrics gathered since the last training log.
+            self.log(dict(metrics))
+        finally:
+            self.model.train(model_was_training)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _evaluate_prompts(self, dataset, metric_key_prefix: str) -> dict[str, float]:
+        """Sample and score one response per prompt of `dataset`; the mean of each eval metric, prefixed."""
+        for batch in self.get_eval_dataloader(dataset):
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             shared = self._shared_lower_layers()
             try:
@@ -674,9 +691,6 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             self._log_rollout_metrics(scored, mode="eval")
         metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
         self._metrics["eval"].clear()
-        self.model.train(model_was_training)
-        self.log(dict(metrics))
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
 

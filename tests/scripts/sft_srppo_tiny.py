@@ -168,11 +168,61 @@ def critic_copy_difference(out: Path, tokenizer) -> float:
     return max((state[k].float() - saved[k].float()).abs().max().item() for k in state)
 
 
+def adam_after_warmup(out: Path, tokenizer) -> tuple[list[int], str]:
+    """`--adam_after_warmup`: SRPPO with AdamW, one critic warm-up buffer of 2 optimizer steps, then one actor step;
+    returns the step counts held in the actor's Adam state on this process (1: the actor's first update was a fresh
+    Adam step, whatever the warm-up's zero gradients did to its state) and the class of the optimizer holding it."""
+    from srppo_trl.ppo_step import _optimizer_chain, _params_holding_state
+
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(8)]})
+    args = SRPPOConfig(
+        output_dir=str(out / "adam-run"),
+        per_device_train_batch_size=2,
+        num_ppo_epochs=2,
+        response_length=6,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        critic_warmup_steps=1,
+        max_steps=3,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        use_cpu=USE_CPU,
+        bf16=False,
+        **accelerator_state(),
+        activation_checkpointing=False,
+        num_sample_generations=0,
+    )
+    base = str(out / "base")
+    reward = CoherentRewardModel(
+        AutoModelForCausalLM.from_pretrained(str(out / "policy_init")), AutoModelForCausalLM.from_pretrained(base)
+    )
+    trainer = SRPPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(str(out / "policy_init")),
+        reward_model=reward,
+        value_model=str(out / "policy_init"),
+        train_dataset=prompts,
+    )
+    trainer.train()
+    chain = _optimizer_chain(trainer.optimizer)
+    states = chain[-1].state
+    steps = {
+        int(states[param]["step"])
+        for group, param in _params_holding_state(chain)
+        if group.get("srppo_role") == "actor" and param in states
+    }
+    return sorted(steps), type(chain[-1]).__name__
+
+
 def prepare(out: Path) -> None:
-    """The pretrained model, in one process before the launch (the launched processes only read it)."""
+    """The pretrained model (and an initial policy for `--adam_after_warmup`), in one process before the launch (the
+    launched processes only read them)."""
     tokenizer = tiny_tokenizer()
     tiny_causal_lm(tokenizer, seed=2).save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
+    tiny_causal_lm(tokenizer, seed=1).save_pretrained(out / "policy_init")
 
 
 def force_fsdp_on_cpu() -> None:
@@ -200,6 +250,9 @@ def main():
     parser.add_argument("output_dir")
     parser.add_argument("--max_steps", type=int, default=4)
     parser.add_argument("--prepare", action="store_true", help="only write OUTPUT_DIR/base (run it once, unlaunched)")
+    parser.add_argument(
+        "--adam_after_warmup", action="store_true", help="only the AdamW run: print the actor's Adam step counts"
+    )
     cli = parser.parse_args()
     if cli.prepare:
         return prepare(Path(cli.output_dir))
@@ -212,6 +265,15 @@ def main():
         PartialState(backend="gloo")
     out = Path(cli.output_dir)
     tokenizer = tiny_tokenizer()
+    if cli.adam_after_warmup:
+        steps, optimizer = adam_after_warmup(out, tokenizer)
+        deepspeed, rank = os.environ.get("ACCELERATE_USE_DEEPSPEED"), os.environ.get("RANK")
+        print(f"engine={deepspeed} rank={rank} optimizer={optimizer} actor_adam_steps={steps}", flush=True)
+        # Leave the process group before exiting: one exit of 2 aborted in a C++ destructor ("terminate called without
+        # an active exception") with DeepSpeed's CPU Adam and the group still up.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return
     sft(out, tokenizer)
     copy_difference = critic_copy_difference(out, tokenizer)
     trainer = srppo(out, out / "run", tokenizer, cli.max_steps)

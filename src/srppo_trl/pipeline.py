@@ -130,10 +130,6 @@ class PipelineArguments:
             self.group_trainer_extra = json.loads(self.group_trainer_extra)
         if isinstance(self.spin_trainer_extra, str):
             self.spin_trainer_extra = json.loads(self.spin_trainer_extra)
-        if self.algorithm == "spin" and self.spin_iterations < 1:
-            raise ValueError(
-                f"spin_iterations must be at least 1 (SPIN's self-play rounds), got {self.spin_iterations}."
-            )
 
 
 # The valid range of every numeric field of PipelineArguments, checked first in its `__post_init__` (before SFT).
@@ -152,6 +148,12 @@ PIPELINE_FIELD_RANGES = {
     "sft_gradient_accumulation_steps": at_least(1),
     "sft_max_length": at_least(1),
     "sft_max_steps": at_least(1, also=(-1,), also_means="by epochs"),
+    "spin_iterations": at_least(1),
+    "spin_generation_max_new_tokens": at_least(1),
+    "spin_generation_temperature": positive(),
+    "spin_generation_top_p": between(0, 1, low_open=True),
+    "spin_generation_top_k": at_least(0),
+    "spin_generation_batch_size": at_least(1),
 }
 
 

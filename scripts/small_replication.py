@@ -92,7 +92,7 @@ def parse(argv=None):
     add("--dataset-seed", type=int, default=42, help="the held-out / PPO prompt split (fixed across seeds)")
     add("--eval-n", type=int, default=150, help="offline benchmark prompts per instruction split")
     add("--eval-arithmetic", type=int, default=60, help="arithmetic problems")
-    add("--eval-max-new-tokens", type=int, default=320, help="greedy response budget (the report gives truncation)")
+    add("--eval-max-new-tokens", type=int, default=256, help="greedy response budget (the report gives truncation)")
     add("--eval-batch-size", type=int, default=16)
     add("--sample-prompts", type=int, default=64, help="held-out PPO prompts for the sample metrics")
     add("--sample-n", type=int, default=4, help="sampled responses per held-out PPO prompt")
@@ -102,7 +102,12 @@ def parse(argv=None):
     add("--sft-batch-size", type=int, default=8)
     add("--sft-max-length", type=int, default=256)
     add("--sft-max-steps", type=int, default=-1, help="steps per SFT run (-1: by epochs; tests use 1)")
-    add("--extended-epochs", type=float, default=3, help="SFT (Extended): epochs on top of the SFT model")
+    add(
+        "--extended-epochs",
+        type=float,
+        default=3.5,
+        help="SFT (Extended): epochs on top of the SFT model (3.5 x ~12 min on 2 AVX2 cores: about SRPPO's stage)",
+    )
     # ---- SRPPO (GRPO and SPIN take its measured stage time as their budget)
     add("--num-prompts", type=int, default=256, help="PPO prompts, one pass (the first buffers train the critic)")
     add("--rollout-batch", type=int, default=8, help="prompts per rollout buffer")
@@ -317,7 +322,8 @@ class Campaign:
     # ---- models the cells share
 
     def model_folder(self, arm: str, seed: int, build) -> str:
-        """The folder of this seed's `arm` model, reused when it was built with the same config, else rebuilt."""
+        """The folder of this seed's `arm` model, reused when it was built with the same config, else rebuilt; its
+        `cell_config.json` records the config and the build time (`build_s`)."""
         config = cell_config(self.args, arm, seed)
         folder = self.out / f"seed{seed}" / arm
         marker = folder / "cell_config.json"
@@ -326,9 +332,15 @@ class Campaign:
             if (model / "config.json").is_file():
                 return str(model)
         shutil.rmtree(folder, ignore_errors=True)
+        start = time.monotonic()
         build(folder)
-        marker.write_text(json.dumps({"hash": config_hash(config), "config": config}, indent=1))
+        record = {"hash": config_hash(config), "config": config, "build_s": _since(start)}
+        marker.write_text(json.dumps(record, indent=1))
         return str(model)
+
+    def build_s(self, arm: str, seed: int) -> float:
+        """How long this seed's `arm` model took to train (whichever run built it)."""
+        return json.loads((self.out / f"seed{seed}" / arm / "cell_config.json").read_text())["build_s"]
 
     def sft_path(self, seed: int) -> str:
         from srppo_trl.pipeline import run_sft
@@ -352,23 +364,25 @@ class Campaign:
     # ---- the arms: each returns (policy, training record)
 
     def train_sft(self, seed):
-        start = time.monotonic()
         path = self.sft_path(seed)
-        return self.load(path), {"model": path, "epochs": self.args.sft_epochs, "built_or_loaded_s": _since(start)}
+        return self.load(path), {"model": path, "epochs": self.args.sft_epochs, "train_s": self.build_s("sft", seed)}
 
     def train_sft_extended(self, seed):
         from srppo_trl.pipeline import run_sft
 
         sft = self.sft_path(seed)
         pipe = self.pipeline_arguments(sft_num_train_epochs=self.args.extended_epochs)
-        start = time.monotonic()
 
         def build(folder):
             args = self.trainer_args(folder, seed)
             run_sft(pipe, args, self.model_args(), sft, self.tokenizer, self.stages, None)
 
         path = self.model_folder("sft_extended", seed, build)
-        record = {"model": path, "extra_epochs": self.args.extended_epochs, "train_s": _since(start)}
+        record = {
+            "model": path,
+            "extra_epochs": self.args.extended_epochs,
+            "train_s": self.build_s("sft_extended", seed),
+        }
         return self.load(path), record
 
     def srppo_fields(self) -> dict:
@@ -397,8 +411,11 @@ class Campaign:
         trainer, _, _ = run_rl(
             self.pipe, args, self.model_args(), sft, self.base_path, self.tokenizer, self.prompts, no_eval, None
         )
+        stage_s = _since(start)
+        trainer.save_model(str(folder))  # the policy, for later inspection (not part of the stage time)
         record = {
-            "stage_s": _since(start),
+            "stage_s": stage_s,
+            "model": str(folder),
             "optimizer_steps": trainer.state.global_step,
             "rollout_buffers": len(self.prompts) // a.rollout_batch,
             "log_history": trainer.state.log_history,
@@ -439,8 +456,10 @@ class Campaign:
         stop = WallClockBudget(start + budget)
         trainer.add_callback(stop.callback)
         trainer.train()
+        stage_s = _since(start)
+        trainer.save_model(str(folder))
         record = {
-            "budget_s": budget, "stage_s": _since(start), "optimizer_steps": trainer.state.global_step,
+            "budget_s": budget, "stage_s": stage_s, "model": str(folder), "optimizer_steps": trainer.state.global_step,
             "max_steps": max_steps, "stopped_by_budget": stop.stopped, "group_trainer_extra": extra,
             "log_history": trainer.state.log_history,
         }  # fmt: skip
@@ -541,7 +560,7 @@ def _since(start: float) -> float:
 
 
 @torch.no_grad()
-def sample_scores(policy, reward, tokenizer, prompts, num_samples, response_length, seed, chunk_prompts=4) -> dict:
+def sample_scores(policy, reward, tokenizer, prompts, num_samples, response_length, seed, chunk_prompts=8) -> dict:
     """Per prompt, the mean over `num_samples` responses sampled at temperature 1 (stopping at EOS, at most
     `response_length` tokens, as in training) of: the sequence-level coherent reward, the KL to the SFT model
     (sum over response tokens of log pi - log pi_SFT), the length in tokens and whether it ended at EOS."""
@@ -653,7 +672,7 @@ def _signed(ci, digits=3) -> str:
 def _verdict(ci) -> str:
     if ci is None:
         return "not measured"
-    return "higher" if ci[1] > 0 else "lower" if ci[2] < 0 else "no difference resolved (the interval holds 0)"
+    return "higher" if ci[1] > 0 else "lower" if ci[2] < 0 else "not resolved: the interval holds 0"
 
 
 def build_report(raw_dir: Path, png_name: str) -> tuple[str, dict]:
@@ -728,8 +747,9 @@ def build_report(raw_dir: Path, png_name: str) -> tuple[str, dict]:
                 f"| {cell_name(arm, seed)} | {t['train_s'] / 60:.1f} | {t['eval_s'] / 60:.1f} | "
                 f"{t['total_s'] / 60:.1f} | {'-' if stage is None else f'{stage / 60:.1f}'}{budget} | "
                 f"{_yes_no(tr.get('stopped_by_budget'))} | {tr.get('optimizer_steps', '-')} | "
-                f"{m['load_avg_start'][0]:.2f} / {m.get('load_avg_end', ['-'])[0]} | {m['torch_threads']} |"
+                f"{m['load_avg_start'][0]:.2f} / {m.get('load_avg_end', [math.nan])[0]:.2f} | {m['torch_threads']} |"
             )
+    lines += critic_section(cells.get("srppo", {}))
     total = sum(c["timings"]["total_s"] for by_seed in cells.values() for c in by_seed.values())
     lines += ["", f"All cells: {total / 3600:.2f} h.", "", "## Machine", ""]
     machines = {}
@@ -752,7 +772,38 @@ def build_report(raw_dir: Path, png_name: str) -> tuple[str, dict]:
               for by_seed in cells.values() for c in by_seed.values()}  # fmt: skip
     if len(hashes) > 1:
         lines += ["", "**Warning: the cells were evaluated with different common settings** (see above)."]
+    lines += [
+        "",
+        "## How to rerun",
+        "",
+        "```bash",
+        "HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python scripts/small_replication.py --max-minutes 110 --commit  # repeat",
+        "python scripts/small_replication.py --report   # this page and its plot, from docs/replication/raw/ alone",
+        "```",
+        "",
+        "Each run starts only the cells that fit in `--max-minutes` (by the longest finished cell of the same arm) and"
+        " skips the cells whose file holds the same settings; a changed setting reruns only the cells it defines.",
+    ]
     return "\n".join(lines) + "\n", {"intervals": intervals, "diffs": diffs, "cells": cells}
+
+
+def critic_section(srppo_cells: dict) -> list[str]:
+    """SRPPO's critic per seed: |return - value| and the mean return - value on the last warm-up buffer and the last
+    buffer (a useful critic ends its warm-up with an error well below the returns' spread)."""
+    if not srppo_cells:
+        return []
+    lines = ["", "## SRPPO's critic", "", "| seed | warm-up buffers | actor buffers | last warm-up buffer: abs error / "
+             "bias (nats) | last buffer: abs error / bias (nats) |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for seed, cell in sorted(srppo_cells.items(), key=_seed_key):
+        buffers = [e for e in cell["training"].get("log_history", []) if "val/abs_error" in e]
+        warmup = [e for e in buffers if e.get("critic_warmup")]
+        actor = [e for e in buffers if not e.get("critic_warmup")]
+
+        def pair(entries):
+            return f"{entries[-1]['val/abs_error']:.2f} / {entries[-1]['val/bias']:+.2f}" if entries else "-"
+
+        lines.append(f"| {seed} | {len(warmup)} | {len(actor)} | {pair(warmup)} | {pair(buffers)} |")
+    return lines
 
 
 def _yes_no(value) -> str:
@@ -767,14 +818,15 @@ def plot_report(numbers: dict, path: Path) -> None:
 
     intervals = numbers["intervals"]
     arms = list(intervals)
-    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(2.6 * len(COLUMNS), 3.6))
-    for ax, (metric, name) in zip(axes, COLUMNS):
+    rows = math.ceil(len(COLUMNS) / 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(10, 3.2 * rows), squeeze=False)
+    for ax, (metric, name) in zip(axes.flat, COLUMNS):
         for x, arm in enumerate(arms):
             ci = intervals[arm][metric]
             if ci is None or math.isnan(ci[0]):
                 continue
             mean, low, high = ci
-            ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=3)
+            ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=3, color=f"C{x}")
         ax.set_xticks(range(len(arms)), [LABELS[a] for a in arms], rotation=60, fontsize=7)
         ax.set_title(name, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
@@ -785,6 +837,8 @@ def plot_report(numbers: dict, path: Path) -> None:
 
 
 def write_report(args) -> None:
+    if not Path(args.raw_dir).is_dir():
+        raise SystemExit(f"error: --raw-dir {args.raw_dir} is not a folder: give the folder of the cell files.")
     png = Path(args.report_png)
     text, numbers = build_report(Path(args.raw_dir), png.name)
     Path(args.report_md).write_text(text)

@@ -125,6 +125,7 @@ def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(scrip
     for diff in ("SRPPO - SFT |", "SRPPO - SFT (Extended) |", "SRPPO - GRPO |", "SRPPO - SPIN |"):
         assert diff in text
     assert "## Cost of each cell" in text and "| srppo_seed0 |" in text and "## Machine" in text
+    assert "## SRPPO's critic" in text and "| 0 | 1 | 1 |" in text  # 1 warm-up buffer, then 1 actor buffer
 
 
 def test_max_minutes_zero_runs_no_cell(script, tiny_base, tmp_path):

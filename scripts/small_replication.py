@@ -191,9 +191,9 @@ def is_done(raw_dir: Path, arm: str, seed: int | None, config: dict) -> bool:
     return cell is not None and cell.get("config_hash") == config_hash(config)
 
 
-def longest_recorded_s(raw_dir: Path, arm: str) -> float:
-    """The longest wall time of a finished cell of `arm` in `raw_dir` (0 if none): the estimate of its next cell."""
-    pattern = "base.json" if arm == "base" else f"{arm}_seed*.json"
+def longest_recorded_s(raw_dir: Path, arm: str | None) -> float:
+    """The longest wall time of a finished cell of `arm` (None: of any arm) in `raw_dir`, 0 if none."""
+    pattern = "*.json" if arm is None else "base.json" if arm == "base" else f"{arm}_seed*.json"
     times = [json.loads(p.read_text())["timings"]["total_s"] for p in sorted(raw_dir.glob(pattern))]
     return max(times, default=0.0)
 
@@ -872,9 +872,10 @@ def main(argv=None):
         if args.commit:
             commit_cell(path, f"Replication cell {cell_name(*cell)} (config {config_hash(configs[cell])})")
 
-    result = run_grid(
-        cells, done, run_cell, args.max_minutes, estimate_s=lambda cell: longest_recorded_s(raw_dir, cell[0])
-    )
+    def estimate_s(cell):  # its arm's longest finished cell, else the longest finished cell of any arm
+        return longest_recorded_s(raw_dir, cell[0]) or longest_recorded_s(raw_dir, None)
+
+    result = run_grid(cells, done, run_cell, args.max_minutes, estimate_s=estimate_s)
     print(f"ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished one(s)")
     return result
 

@@ -132,3 +132,11 @@ def test_max_minutes_zero_runs_no_cell(script, tiny_base, tmp_path):
     result = script.main(tiny_argv(tiny_base, tmp_path, "--max-minutes", "0", "--arms", "base"))
     assert result["ran"] == [] and result["stopped_before"] == ("base", None)
     assert not (tmp_path / "raw").exists()
+
+
+def test_time_estimates_come_from_the_same_arm_only(script, tmp_path):
+    for name, seconds in (("sft_seed0", 100.0), ("sft_extended_seed0", 900.0), ("srppo_seed1", 300.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"timings": {"total_s": seconds}}))
+    assert script.longest_recorded_s(tmp_path, "sft") == 100.0  # not sft_extended's
+    assert script.longest_recorded_s(tmp_path, "grpo") == 0.0
+    assert script.longest_recorded_s(tmp_path, None) == 900.0

@@ -1,229 +1,883 @@
-"""A small-scale replication of the paper's comparison on SmolLM2-135M-Instruct, offline, on CPU.
+"""A resumable replication grid on SmolLM2-135M-Instruct, offline, on CPU: SFT, SFT (Extended), SRPPO, GRPO and SPIN.
 
-Arms:
+Cells are (arm, seed); `base` is evaluated once. Per seed, in this order:
 
-    base            SmolLM2-135M-Instruct as shipped (p_PT)
-    sft             SFT on the shipped demonstrations (`--sft-epochs`)
-    sft_extended    the SFT model trained `--extended-epochs` more epochs (the paper's "SFT (Extended)")
-    srppo_sequence  SRPPO from the SFT model, coherent reward at EOS (the paper's default), once per `--seeds`
-    srppo_token     SRPPO with the token-level reward (Appendix E: watch the response length), once per `--seeds`
+    sft           SFT on the shipped demonstrations (`--sft-epochs`); the seed sets the data order
+    srppo         SRPPO from that SFT model: sequence-level coherent reward, `--critic-warmup` critic-only rollout
+                  buffers, then actor + critic, on the demo PPO prompts (minimum overlap with the SFT prompts)
+    sft_extended  the SFT model trained `--extended-epochs` more epochs (pick them to take about SRPPO's stage time:
+                  the report puts the two times side by side)
+    grpo          TRL's GRPOTrainer with the coherent reward (`make_coherent_reward_func`) on the same prompts, the
+                  same samples per generation and per optimizer step, stopped at SRPPO's measured stage time
+    spin          one SPIN iteration (TRL's DPOTrainer) from the SFT model, stopped at the same time budget
 
-The base, SFT and SFT (Extended) arms run once (`--sft-seed`; greedy evaluation is deterministic): on 2 CPU cores an
-SFT epoch over the ~300 demonstrations takes ~8 minutes, so the seeds vary the RL stage only (rollout sampling,
-prompt order, critic head initialisation). The spread reported is over those seeds.
+The seed sets the SFT data order, the sampling and the critic head's initialisation. Every cell is scored the same
+way: the offline benchmark (in-domain and held-out instruction following, arithmetic; greedy, batched) and samples on
+held-out PPO prompts (coherent reward, KL to the seed's SFT model, length, EOS rate). Each finished cell writes one
+JSON file under `--raw-dir` (arm, seed, full config and its hash, per-prompt scores, timings, machine); models go
+under `--output`. A rerun skips the cells whose JSON holds the same config hash, so a campaign can run in pieces:
 
-Every arm is scored with the offline benchmark (in-domain and held-out instruction following, arithmetic exact match;
-greedy) and, for the RL arms, with the coherent reward / length / EOS rate of samples on held-out PPO prompts.
-Writes `<output>/replication.json` and `<output>/replication.md` (mean and spread over seeds).
+    python scripts/small_replication.py --max-minutes 110 --commit     # as many cells as fit, one commit per cell
+    python scripts/small_replication.py --report                       # docs/replication.md + PNG from raw files
 
-    python scripts/small_replication.py --output outputs/replication --seeds 0 1  # ~82 min on 2 CPU cores
-
-Measured (docs/replication.md): SFT 2 epochs 17 min, SFT (Extended) 4 more epochs 33 min, each RL arm ~7 min with its
-evaluation. `--reuse-sft outputs/replication` reruns only the RL arms (other `--actor-lr`, seeds, ...) on the SFT
-models of that earlier run (measured 32 min for 2 seeds).
+`--max-minutes` never starts a cell that its arm's longest recorded cell says would not fit; `--commit` commits
+each cell's JSON as it lands, so a campaign stopped midway loses at most the cell that was running.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import hashlib
 import json
-import statistics
+import math
+import os
+import platform
+import shutil
+import subprocess
 import time
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 
+ARMS = ("base", "sft", "srppo", "sft_extended", "grpo", "spin")
+LABELS = {
+    "base": "Base",
+    "sft": "SFT",
+    "sft_extended": "SFT (Extended)",
+    "srppo": "SRPPO",
+    "grpo": "GRPO",
+    "spin": "SPIN",
+}
+# Which option groups define each arm's cell: a change to any of them reruns the cell (and only those cells).
+OPTION_GROUPS = {
+    "common": ("base_model", "eval_n", "eval_arithmetic", "eval_max_new_tokens", "eval_batch_size",
+               "sample_prompts", "sample_n", "dataset_seed"),
+    "sft": ("sft_epochs", "sft_lr", "sft_batch_size", "sft_max_length", "sft_max_steps"),
+    "extended": ("extended_epochs",),
+    "rl": ("num_prompts", "rollout_batch", "mini_batch", "ppo_epochs", "response_length", "max_prompt_length",
+           "actor_lr", "critic_lr", "critic_warmup", "kl_coef", "lam", "missing_eos_penalty"),
+    "grpo": ("grpo_num_generations", "grpo_max_steps"),
+    "spin": ("spin_lr", "spin_epochs", "spin_beta", "spin_batch_size", "spin_max_new_tokens"),
+}  # fmt: skip
+ARM_GROUPS = {
+    "base": ("common",),
+    "sft": ("common", "sft"),
+    "sft_extended": ("common", "sft", "extended"),
+    "srppo": ("common", "sft", "rl"),
+    "grpo": ("common", "sft", "rl", "grpo"),  # its budget is the SRPPO cell's time
+    "spin": ("common", "sft", "rl", "spin"),
+}
+RUNNER_VERSION = 1  # bump when a change to this script changes what a cell measures
+
+
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", default="outputs/replication")
-    parser.add_argument("--base-model", default="smollm2", help="'smollm2' (offline) or a local model folder")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--sft-seed", type=int, default=42, help="seed of the SFT and SFT (Extended) runs")
-    parser.add_argument("--sft-epochs", type=float, default=2, help="the paper's SFT: 2 epochs")
-    parser.add_argument("--sft-max-steps", type=int, default=-1, help="SFT steps per run (-1: by epochs)")
-    parser.add_argument(
-        "--extended-epochs", type=float, default=4, help="extra epochs on top of --sft-epochs (paper: 6 in total)"
+    add = parser.add_argument
+    # ---- the runner
+    add("--output", default="outputs/replication", help="models and trainer folders (not committed)")
+    add("--raw-dir", default="docs/replication/raw", help="one JSON per finished cell")
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    add("--max-minutes", type=float, default=None, help="start no cell that would end after this many minutes")
+    add("--commit", action="store_true", help="git add + git commit each cell's JSON as soon as it is written")
+    add("--report", action="store_true", help="only regenerate --report-md and its PNG from --raw-dir")
+    add("--report-md", default="docs/replication.md")
+    add("--report-png", default="docs/replication/replication.png")
+    add("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    # ---- common: model, data, evaluation
+    add("--base-model", default="smollm2", help="'smollm2' (offline) or a local model folder")
+    add("--dataset-seed", type=int, default=42, help="the held-out / PPO prompt split (fixed across seeds)")
+    add("--eval-n", type=int, default=150, help="offline benchmark prompts per instruction split")
+    add("--eval-arithmetic", type=int, default=60, help="arithmetic problems")
+    add("--eval-max-new-tokens", type=int, default=256, help="greedy response budget (the report gives truncation)")
+    add("--eval-batch-size", type=int, default=16)
+    add("--sample-prompts", type=int, default=64, help="held-out PPO prompts for the sample metrics")
+    add("--sample-n", type=int, default=4, help="sampled responses per held-out PPO prompt")
+    # ---- SFT and SFT (Extended)
+    add("--sft-epochs", type=float, default=1, help="SFT epochs (the demo's 1; the paper's 2)")
+    add("--sft-lr", type=float, default=5e-5)
+    add("--sft-batch-size", type=int, default=8)
+    add("--sft-max-length", type=int, default=256)
+    add("--sft-max-steps", type=int, default=-1, help="steps per SFT run (-1: by epochs; tests use 1)")
+    add(
+        "--extended-epochs",
+        type=float,
+        default=3.5,
+        help="SFT (Extended): epochs on top of the SFT model (3.5 x ~12 min on 2 AVX2 cores: about SRPPO's stage)",
     )
-    parser.add_argument("--sft-lr", type=float, default=5e-5)
-    parser.add_argument(
-        "--reuse-sft",
-        default=None,
-        help="an earlier run's --output: take its SFT and SFT (Extended) models instead of training them again "
-        "(to rerun the RL arms with other settings)",
-    )
-    parser.add_argument("--num-prompts", type=int, default=64, help="PPO prompts (one pass)")
-    parser.add_argument("--rollout-batch", type=int, default=8)
-    parser.add_argument("--response-length", type=int, default=48)
-    parser.add_argument("--max-prompt-length", type=int, default=512)
-    parser.add_argument("--actor-lr", type=float, default=5e-6)
-    parser.add_argument("--reward-clip", type=float, default=None, help="None: no clip (see docs/recipes.md)")
-    parser.add_argument("--critic-lr", type=float, default=1e-5)
-    parser.add_argument("--critic-warmup", type=int, default=2)
-    parser.add_argument("--kl-coef", type=float, default=0.2)
-    parser.add_argument("--eval-n", type=int, default=16, help="offline benchmark prompts per split")
-    parser.add_argument("--eval-prompts", type=int, default=16, help="held-out PPO prompts for reward/length")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    return parser.parse_args(argv)
+    # ---- SRPPO (GRPO and SPIN take its measured stage time as their budget)
+    add("--num-prompts", type=int, default=256, help="PPO prompts, one pass (the first buffers train the critic)")
+    add("--rollout-batch", type=int, default=8, help="prompts per rollout buffer")
+    add("--mini-batch", type=int, default=4, help="prompts per optimizer step")
+    add("--ppo-epochs", type=int, default=2)
+    add("--response-length", type=int, default=48)
+    add("--max-prompt-length", type=int, default=512)
+    add("--actor-lr", type=float, default=2e-5)
+    add("--critic-lr", type=float, default=1e-5)
+    add("--critic-warmup", type=int, default=8, help="critic-only rollout buffers")
+    add("--kl-coef", type=float, default=0.2)
+    add("--lam", type=float, default=1.0)
+    add("--missing-eos-penalty", type=float, default=1.0)
+    # ---- GRPO
+    add("--grpo-num-generations", type=int, default=4, help="completions per prompt")
+    add("--grpo-max-steps", type=int, default=None, help="default: SRPPO's samples / samples per generation x "
+        "updates per generation (equal samples); the time budget usually ends it first")  # fmt: skip
+    # ---- SPIN (recipes/configs/smollm2_demo_spin.yaml)
+    add("--spin-lr", type=float, default=5e-6)
+    add("--spin-epochs", type=float, default=2)
+    add("--spin-beta", type=float, default=0.1)
+    add("--spin-batch-size", type=int, default=8)
+    add("--spin-max-new-tokens", type=int, default=96)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
 
 
-def offline(model, tokenizer, n):
-    from srppo_trl.evaluation import evaluate_offline
+def check_args(args) -> None:
+    if args.rollout_batch % args.mini_batch:
+        raise SystemExit(f"error: --rollout-batch {args.rollout_batch} must be a multiple of --mini-batch.")
+    if args.rollout_batch % args.grpo_num_generations:
+        raise SystemExit(
+            f"error: --rollout-batch {args.rollout_batch} must be a multiple of --grpo-num-generations "
+            f"{args.grpo_num_generations} (GRPO samples as many completions per generation as SRPPO's buffer)."
+        )
+    buffers = args.num_prompts // args.rollout_batch
+    if buffers <= args.critic_warmup:
+        raise SystemExit(
+            f"error: {args.num_prompts} prompts make {buffers} rollout buffers, none left after --critic-warmup "
+            f"{args.critic_warmup}: raise --num-prompts or lower --critic-warmup."
+        )
 
-    return evaluate_offline(model, tokenizer, n_per_split=n, seed=0, max_new_tokens=96)["summary"]
+
+# ---------------------------------------------------------------------------------------------- cells and the grid
+
+
+def cell_config(args, arm: str, seed: int | None) -> dict:
+    """Everything that defines what the cell measures (its hash decides whether a finished cell is reused)."""
+    options = vars(args)
+    config = {"arm": arm, "seed": seed, "runner_version": RUNNER_VERSION}
+    for group in ARM_GROUPS[arm]:
+        config.update({name: options[name] for name in OPTION_GROUPS[group]})
+    return config
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cell_name(arm: str, seed: int | None) -> str:
+    return arm if arm == "base" else f"{arm}_seed{seed}"
+
+
+def grid_cells(arms, seeds) -> list[tuple[str, int | None]]:
+    """The cells in run order: base once, then per seed SFT before the arms that start from it, SRPPO before the
+    arms whose budget is its time."""
+    cells = [("base", None)] if "base" in arms else []
+    for seed in seeds:
+        cells += [(arm, seed) for arm in ARMS if arm != "base" and arm in arms]
+    return cells
+
+
+def read_cell(raw_dir: Path, arm: str, seed: int | None) -> dict | None:
+    path = raw_dir / f"{cell_name(arm, seed)}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_done(raw_dir: Path, arm: str, seed: int | None, config: dict) -> bool:
+    cell = read_cell(raw_dir, arm, seed)
+    return cell is not None and cell.get("config_hash") == config_hash(config)
+
+
+def longest_recorded_s(raw_dir: Path, arm: str | None) -> float:
+    """The longest wall time of a finished cell of `arm` (None: of any arm) in `raw_dir`, 0 if none."""
+    pattern = "*.json" if arm is None else "base.json" if arm == "base" else f"{arm}_seed*.json"
+    times = [json.loads(p.read_text())["timings"]["total_s"] for p in sorted(raw_dir.glob(pattern))]
+    return max(times, default=0.0)
+
+
+def run_grid(cells, done, run_cell, max_minutes=None, estimate_s=lambda cell: 0.0, clock=time.monotonic, log=print):
+    """Runs the cells not `done`, in order, until the next one would end after `max_minutes` (by `estimate_s`).
+
+    Returns {'ran': [...], 'skipped': [...], 'stopped_before': the first cell not started, or None}.
+    """
+    start = clock()
+    result = {"ran": [], "skipped": [], "stopped_before": None}
+    for cell in cells:
+        if done(cell):
+            result["skipped"].append(cell)
+            continue
+        if max_minutes is not None and (clock() - start + estimate_s(cell)) / 60 > max_minutes:
+            result["stopped_before"] = cell
+            log(f"--max-minutes {max_minutes}: stopping before {cell_name(*cell)} (rerun to continue).")
+            break
+        run_cell(cell)
+        result["ran"].append(cell)
+    return result
+
+
+def commit_cell(path: Path, message: str) -> None:
+    """`git add` + `git commit` of this one file, in the repository that holds it."""
+    cwd = path.parent
+    subprocess.run(["git", "add", path.name], cwd=cwd, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message, "--", path.name], cwd=cwd, check=True)
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def machine_info() -> dict:
+    """CPU model and the vector flags that decide speed (AVX2/AVX-512/AMX), cores, torch threads, load average."""
+    model, flags = "", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith(("flags", "Features")):
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model or platform.processor(),
+        "cpu_flags": flags,
+        "cpu_count": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_avg_start": list(os.getloadavg()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+
+
+class WallClockBudget:
+    """A `TrainerCallback` that stops training at the first optimizer step ending after `deadline` (monotonic)."""
+
+    def __init__(self, deadline: float):
+        from transformers import TrainerCallback
+
+        self.deadline, self.stopped = deadline, False
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if time.monotonic() >= outer.deadline:
+                    outer.stopped = control.should_training_stop = True
+                return control
+
+        self.callback = _Callback()
+
+
+class Campaign:
+    """The shared state of a run: tokenizer, data, and the per-seed models it builds or reuses."""
+
+    def __init__(self, args):
+        from srppo_trl.pipeline import build_stage_data, load_tokenizer, resolve_base_model
+
+        self.args, self.out, self.raw_dir = args, Path(args.output), Path(args.raw_dir)
+        self.base_path = resolve_base_model(args.base_model)
+        self.tokenizer = load_tokenizer(self.base_path)
+        self.pipe = self.pipeline_arguments()
+        self.stages, self.prompts, self.eval_prompts = build_stage_data(self.pipe)
+        if len(self.eval_prompts) < args.sample_prompts:
+            raise SystemExit(f"error: only {len(self.eval_prompts)} held-out PPO prompts; lower --sample-prompts.")
+
+    def pipeline_arguments(self, **changes):
+        from srppo_trl.pipeline import PipelineArguments
+
+        a = self.args
+        pipe = PipelineArguments(
+            base_model=self.base_path, setting="demo", num_prompts=a.num_prompts, eval_num_prompts=a.sample_prompts,
+            eval_num_samples=0, dataset_seed=a.dataset_seed, sft_learning_rate=a.sft_lr,
+            sft_num_train_epochs=a.sft_epochs, sft_per_device_train_batch_size=a.sft_batch_size,
+            sft_max_length=a.sft_max_length, sft_max_steps=a.sft_max_steps,
+        )  # fmt: skip
+        for name, value in changes.items():
+            setattr(pipe, name, value)
+        return pipe
+
+    def model_args(self):
+        from trl import ModelConfig
+
+        return ModelConfig(dtype="float32")
+
+    def trainer_args(self, folder: Path, seed: int, **fields):
+        from srppo_trl import SRPPOConfig
+
+        # activation_checkpointing off: faster on CPU, memory is not the limit at 135M.
+        return SRPPOConfig(
+            output_dir=str(folder), seed=seed, report_to="none", logging_steps=1, save_strategy="no",
+            activation_checkpointing=False, **fields,
+        )  # fmt: skip
+
+    # ---- models the cells share
+
+    def model_folder(self, arm: str, seed: int, build) -> str:
+        """The folder of this seed's `arm` model, reused when it was built with the same config, else rebuilt; its
+        `cell_config.json` records the config and the build time (`build_s`)."""
+        config = cell_config(self.args, arm, seed)
+        folder = self.out / f"seed{seed}" / arm
+        marker = folder / "cell_config.json"
+        model = folder / "sft"
+        if marker.is_file() and json.loads(marker.read_text()).get("hash") == config_hash(config):
+            if (model / "config.json").is_file():
+                return str(model)
+        shutil.rmtree(folder, ignore_errors=True)
+        start = time.monotonic()
+        build(folder)
+        record = {"hash": config_hash(config), "config": config, "build_s": _since(start)}
+        marker.write_text(json.dumps(record, indent=1))
+        return str(model)
+
+    def build_s(self, arm: str, seed: int) -> float:
+        """How long this seed's `arm` model took to train (whichever run built it)."""
+        return json.loads((self.out / f"seed{seed}" / arm / "cell_config.json").read_text())["build_s"]
+
+    def sft_path(self, seed: int) -> str:
+        from srppo_trl.pipeline import run_sft
+
+        def build(folder):
+            args = self.trainer_args(folder, seed)
+            run_sft(self.pipe, args, self.model_args(), self.base_path, self.tokenizer, self.stages, None)
+
+        return self.model_folder("sft", seed, build)
+
+    def load(self, path: str):
+        from srppo_trl.pipeline import load_causal_lm, model_init_kwargs
+
+        return load_causal_lm(path, model_init_kwargs(self.model_args()))
+
+    def reward(self, seed: int):
+        from srppo_trl.pipeline import build_reward, model_init_kwargs
+
+        return build_reward(self.pipe, self.sft_path(seed), self.base_path, model_init_kwargs(self.model_args()))
+
+    # ---- the arms: each returns (policy, training record)
+
+    def train_sft(self, seed):
+        path = self.sft_path(seed)
+        return self.load(path), {"model": path, "epochs": self.args.sft_epochs, "train_s": self.build_s("sft", seed)}
+
+    def train_sft_extended(self, seed):
+        from srppo_trl.pipeline import run_sft
+
+        sft = self.sft_path(seed)
+        pipe = self.pipeline_arguments(sft_num_train_epochs=self.args.extended_epochs)
+
+        def build(folder):
+            args = self.trainer_args(folder, seed)
+            run_sft(pipe, args, self.model_args(), sft, self.tokenizer, self.stages, None)
+
+        path = self.model_folder("sft_extended", seed, build)
+        record = {
+            "model": path,
+            "extra_epochs": self.args.extended_epochs,
+            "train_s": self.build_s("sft_extended", seed),
+        }
+        return self.load(path), record
+
+    def srppo_fields(self) -> dict:
+        a = self.args
+        return dict(
+            per_device_train_batch_size=a.mini_batch, gradient_accumulation_steps=1, rollout_batch_size=a.rollout_batch,
+            num_ppo_epochs=a.ppo_epochs, num_train_epochs=1, response_length=a.response_length,
+            max_prompt_length=a.max_prompt_length, learning_rate=a.actor_lr, temperature=1.0,
+        )  # fmt: skip
+
+    def train_srppo(self, seed):
+        from srppo_trl.pipeline import run_rl
+
+        a = self.args
+        sft = self.sft_path(seed)
+        folder = self.out / f"seed{seed}" / "srppo"
+        shutil.rmtree(folder, ignore_errors=True)
+        args = self.trainer_args(
+            folder, seed, **self.srppo_fields(), critic_learning_rate=a.critic_lr, critic_warmup_steps=a.critic_warmup,
+            kl_coef=a.kl_coef, cliprange_value=None, lam=a.lam, reward_clip=None,
+            missing_eos_penalty=a.missing_eos_penalty, stop_token="eos", reward_granularity="sequence",
+            local_rollout_forward_batch_size=8, num_sample_generations=0,
+        )  # fmt: skip
+        no_eval = self.eval_prompts.select([])  # the cell's own evaluation scores every arm alike
+        start = time.monotonic()
+        trainer, _, _ = run_rl(
+            self.pipe, args, self.model_args(), sft, self.base_path, self.tokenizer, self.prompts, no_eval, None
+        )
+        stage_s = _since(start)
+        trainer.save_model(str(folder))  # the policy, for later inspection (not part of the stage time)
+        record = {
+            "stage_s": stage_s,
+            "model": str(folder),
+            "optimizer_steps": trainer.state.global_step,
+            "rollout_buffers": len(self.prompts) // a.rollout_batch,
+            "log_history": trainer.state.log_history,
+        }
+        policy = trainer.accelerator.unwrap_model(trainer.model).policy
+        return policy, record
+
+    def budget_s(self, seed) -> float:
+        srppo = read_cell(self.raw_dir, "srppo", seed)
+        if srppo is None or srppo["config_hash"] != config_hash(cell_config(self.args, "srppo", seed)):
+            raise SystemExit(
+                f"error: the GRPO and SPIN cells of seed {seed} take the SRPPO cell's stage time as their budget: "
+                "run the srppo arm of that seed first (with the same settings)."
+            )
+        return srppo["training"]["stage_s"]
+
+    def train_grpo(self, seed):
+        from srppo_trl.pipeline import _trl_group_trainer
+
+        a = self.args
+        budget = self.budget_s(seed)
+        start = time.monotonic()
+        sft = self.sft_path(seed)
+        folder = self.out / f"seed{seed}" / "grpo"
+        shutil.rmtree(folder, ignore_errors=True)
+        updates_per_generation = (a.rollout_batch // a.mini_batch) * a.ppo_epochs
+        max_steps = a.grpo_max_steps or (len(self.prompts) // a.rollout_batch) * updates_per_generation
+        # The same samples per generation (one SRPPO rollout buffer), per optimizer step (a mini batch) and the same
+        # number of updates per generation (PPO epochs -> GRPO iterations).
+        extra = dict(
+            num_generations=a.grpo_num_generations, steps_per_generation=a.rollout_batch // a.mini_batch,
+            num_iterations=a.ppo_epochs, max_steps=max_steps,
+        )  # fmt: skip
+        pipe = self.pipeline_arguments(algorithm="grpo", group_trainer_extra=extra)
+        args = self.trainer_args(folder, seed, **self.srppo_fields(), kl_coef=a.kl_coef)
+        reward = self.reward(seed)
+        trainer = _trl_group_trainer(pipe, args, self.load(sft), reward, self.tokenizer, self.prompts, None)
+        stop = WallClockBudget(start + budget)
+        trainer.add_callback(stop.callback)
+        trainer.train()
+        stage_s = _since(start)
+        trainer.save_model(str(folder))
+        record = {
+            "budget_s": budget, "stage_s": stage_s, "model": str(folder), "optimizer_steps": trainer.state.global_step,
+            "max_steps": max_steps, "stopped_by_budget": stop.stopped, "group_trainer_extra": extra,
+            "log_history": trainer.state.log_history,
+        }  # fmt: skip
+        return trainer.accelerator.unwrap_model(trainer.model), record
+
+    def train_spin(self, seed):
+        from datasets import concatenate_datasets
+
+        from srppo_trl.pipeline import model_init_kwargs
+        from srppo_trl.spin import build_spin_dpo_values, run_spin, spin_generation_config
+
+        a = self.args
+        budget = self.budget_s(seed)
+        start = time.monotonic()
+        sft = self.sft_path(seed)
+        folder = self.out / f"seed{seed}" / "spin"
+        shutil.rmtree(folder, ignore_errors=True)
+        pipe = self.pipeline_arguments(
+            algorithm="spin", spin_generation_max_new_tokens=a.spin_max_new_tokens,
+            spin_trainer_extra={"beta": a.spin_beta, "loss_type": "sigmoid", "max_length": a.sft_max_length},
+        )  # fmt: skip
+        args = self.trainer_args(
+            folder, seed, learning_rate=a.spin_lr, num_train_epochs=a.spin_epochs, lr_scheduler_type="linear",
+            warmup_steps=0.1, per_device_train_batch_size=a.spin_batch_size, gradient_accumulation_steps=1,
+        )  # fmt: skip
+        if a.sft_max_steps > 0:  # the tests' tiny runs: as many DPO steps as SFT steps
+            args.max_steps = a.sft_max_steps
+        stop = WallClockBudget(start + budget)
+        demonstrations = concatenate_datasets([d.select_columns(["messages"]) for _, d in self.stages])
+        records = run_spin(
+            sft, demonstrations, self.tokenizer, folder, iterations=1,
+            dpo_values=build_spin_dpo_values(pipe, args), generation=spin_generation_config(pipe, seed),
+            model_kwargs=model_init_kwargs(self.model_args()), callbacks=[stop.callback],
+        )  # fmt: skip
+        record = {
+            "budget_s": budget, "stage_s": _since(start), "stopped_by_budget": stop.stopped,
+            "iterations": [asdict(r) for r in records],
+        }  # fmt: skip
+        return self.load(records[-1].model), record
+
+    def train_base(self, seed):
+        return self.load(self.base_path), {"model": self.base_path}
+
+    # ---- one cell, end to end
+
+    def run_cell(self, cell) -> Path:
+        arm, seed = cell
+        config = cell_config(self.args, arm, seed)
+        print(f"\n=== cell {cell_name(arm, seed)} ({config_hash(config)}) ===", flush=True)
+        machine = machine_info()
+        start = time.monotonic()
+        if seed is not None:
+            torch.manual_seed(seed)
+        policy, training = getattr(self, f"train_{arm}")(seed)
+        train_s = _since(start)
+        t = time.monotonic()
+        summary, per_prompt = self.evaluate(policy, None if arm == "base" else seed)
+        eval_s = _since(t)
+        machine["load_avg_end"] = list(os.getloadavg())
+        payload = {
+            "arm": arm, "label": LABELS[arm], "seed": seed, "config_hash": config_hash(config), "config": config,
+            "summary": summary, "per_prompt": per_prompt, "training": training,
+            "timings": {"train_s": train_s, "eval_s": eval_s, "total_s": _since(start)}, "machine": machine,
+            "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }  # fmt: skip
+        path = self.raw_dir / f"{cell_name(arm, seed)}.json"
+        write_json_atomically(path, payload)
+        print(f"wrote {path} in {payload['timings']['total_s']:.0f} s", flush=True)
+        return path
+
+    def evaluate(self, policy, seed: int | None) -> tuple[dict, dict]:
+        """The offline benchmark (greedy) and, given the seed's SFT model, the held-out PPO prompt samples."""
+        from srppo_trl.evaluation import evaluate_offline
+
+        a = self.args
+        policy.eval()
+        result = evaluate_offline(
+            policy, self.tokenizer, n_per_split=a.eval_n, n_arithmetic=a.eval_arithmetic, seed=0,
+            max_new_tokens=a.eval_max_new_tokens, batch_size=a.eval_batch_size, per_prompt=True,
+        )  # fmt: skip
+        summary = dict(result["summary"])
+        per_prompt = {
+            f"{split}/{name}": values
+            for split in ("in_domain", "held_out", "arithmetic")
+            for name, values in result[split]["per_prompt"].items()
+        }
+        if seed is not None:  # the coherent reward and the KL are defined by the seed's SFT model
+            reward = self.reward(seed)
+            prompts = list(self.eval_prompts.select(range(a.sample_prompts))["prompt"])
+            samples = sample_scores(policy, reward, self.tokenizer, prompts, a.sample_n, a.response_length, seed)
+            per_prompt.update({f"samples/{k}": v for k, v in samples.items()})
+            summary.update({f"samples/{k}": sum(v) / len(v) for k, v in samples.items()})
+        return summary, per_prompt
+
+
+def _since(start: float) -> float:
+    return round(time.monotonic() - start, 1)
+
+
+@torch.no_grad()
+def sample_scores(policy, reward, tokenizer, prompts, num_samples, response_length, seed, chunk_prompts=8) -> dict:
+    """Per prompt, the mean over `num_samples` responses sampled at temperature 1 (stopping at EOS, at most
+    `response_length` tokens, as in training) of: the sequence-level coherent reward, the KL to the SFT model
+    (sum over response tokens of log pi - log pi_SFT), the length in tokens and whether it ended at EOS."""
+    from srppo_trl.logprobs import sequence_logprobs
+    from srppo_trl.rollout import response_mask_after_stop, rollout_generation_config, sample_responses
+    from srppo_trl.tokenization import tokenize_prompt
+
+    torch.manual_seed(seed)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    config = rollout_generation_config(max_new_tokens=response_length, pad_token_id=pad, stop_token_id=eos)
+    columns = {"coherent_reward": [], "kl_to_sft": [], "length": [], "eos_rate": []}
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(prompts), chunk_prompts):
+            ids = [tokenize_prompt(tokenizer, p) for p in prompts[start : start + chunk_prompts]]
+            batch = tokenizer.pad({"input_ids": [i for i in ids for _ in range(num_samples)]}, return_tensors="pt")
+            queries, query_mask = batch["input_ids"], batch["attention_mask"]
+            responses = sample_responses(policy, queries, query_mask, config, len(queries), pad)
+            response_mask, has_stop = response_mask_after_stop(responses, eos)
+            input_ids = torch.cat([queries, responses], dim=1)
+            attention = torch.cat([query_mask, response_mask], dim=1)
+            scored = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)
+            coherent = reward(input_ids, attention, scored)
+            kl = (sequence_logprobs(policy, input_ids, attention, scored) - reward.sft_log_probs(input_ids, attention, scored)).sum(-1)  # fmt: skip
+            for name, value in (
+                ("coherent_reward", coherent),
+                ("kl_to_sft", kl),
+                ("length", response_mask.sum(-1)),
+                ("eos_rate", has_stop),
+            ):
+                columns[name] += value.float().view(-1, num_samples).mean(-1).tolist()
+    finally:
+        tokenizer.padding_side = padding_side
+    return columns
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+COLUMNS = [
+    ("held_out/inst_loose_acc", "held-out L.Acc"),
+    ("held_out/inst_strict_acc", "held-out S.Acc"),
+    ("in_domain/inst_loose_acc", "in-domain L.Acc"),
+    ("in_domain/inst_strict_acc", "in-domain S.Acc"),
+    ("arithmetic/exact_match", "arithmetic EM"),
+    ("samples/coherent_reward", "sample coherent reward (nats)"),
+    ("samples/kl_to_sft", "KL to SFT (nats)"),
+    ("samples/length", "sample tokens"),
+    ("samples/eos_rate", "sample EOS rate"),
+]
+TRUNCATION = [
+    ("in_domain/truncated", "in-domain"),
+    ("held_out/truncated", "held-out"),
+    ("arithmetic/truncated", "arith"),
+]
+COMPARISONS = [("srppo", "sft"), ("srppo", "sft_extended"), ("srppo", "grpo"), ("srppo", "spin")]
+HEADLINE = ("held_out/inst_loose_acc", "samples/coherent_reward")
+
+
+def load_cells(raw_dir: Path) -> dict[str, dict]:
+    """{arm: {seed: cell}} from the raw files alone."""
+    cells: dict[str, dict] = {}
+    for path in sorted(raw_dir.glob("*.json")):
+        cell = json.loads(path.read_text())
+        cells.setdefault(cell["arm"], {})[cell["seed"]] = cell
+    return cells
+
+
+def arm_interval(cells_by_seed: dict, metric: str, num_resamples: int = 2000):
+    from srppo_trl.evaluation.sample_rewards import nested_bootstrap_ci
+
+    groups = [
+        c["per_prompt"][metric] for _, c in sorted(cells_by_seed.items(), key=_seed_key) if metric in c["per_prompt"]
+    ]
+    return nested_bootstrap_ci(groups, num_resamples=num_resamples) if groups else None
+
+
+def paired_interval(a: dict, b: dict, metric: str, num_resamples: int = 2000):
+    """a - b over the seeds both arms have, prompt by prompt within each seed."""
+    from srppo_trl.evaluation.sample_rewards import nested_bootstrap_ci
+
+    groups = []
+    for seed in sorted(set(a) & set(b), key=lambda s: (s is None, s)):
+        x, y = a[seed]["per_prompt"].get(metric), b[seed]["per_prompt"].get(metric)
+        if x is None or y is None or len(x) != len(y):
+            continue
+        groups.append([p - q for p, q in zip(x, y)])
+    return (nested_bootstrap_ci(groups, num_resamples=num_resamples), len(groups)) if groups else (None, 0)
+
+
+def _seed_key(item):
+    seed = item[0]
+    return (seed is None, seed if seed is not None else 0)
+
+
+def _fmt(ci, digits=3) -> str:
+    if ci is None or math.isnan(ci[0]):
+        return "-"
+    mean, low, high = ci
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _signed(ci, digits=3) -> str:
+    if ci is None:
+        return "-"
+    mean, low, high = ci
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def _verdict(ci) -> str:
+    if ci is None:
+        return "not measured"
+    return "higher" if ci[1] > 0 else "lower" if ci[2] < 0 else "not resolved: the interval holds 0"
+
+
+def build_report(raw_dir: Path, png_name: str) -> tuple[str, dict]:
+    """The markdown page and the numbers behind it, from the raw cell files alone."""
+    cells = load_cells(raw_dir)
+    arms = [arm for arm in ARMS if arm in cells]
+    intervals = {arm: {m: arm_interval(cells[arm], m) for m, _ in COLUMNS} for arm in arms}
+    diffs = {
+        (a, b): {m: paired_interval(cells[a], cells[b], m) for m, _ in COLUMNS}
+        for a, b in COMPARISONS
+        if a in cells and b in cells
+    }
+    lines = ["# A small-scale replication on SmolLM2-135M (CPU, offline)", ""]
+    lines += [
+        "Generated by `python scripts/small_replication.py --report` from the cell files in `docs/replication/raw/`"
+        " (one per arm and training seed); do not edit by hand. How the cells are run: the script's docstring.",
+        "",
+        "The paper's claim: after SFT on demonstrations, PPO on the coherent reward (SRPPO) generalises better than "
+        "SFT, most of all to prompts the demonstrations did not cover, without the losses longer SFT brings.",
+        "",
+        "## Conclusion",
+        "",
+    ]
+    if not cells:
+        lines += ["No cell has finished yet: there is nothing to conclude.", ""]
+    for (a, b), by_metric in diffs.items():
+        parts = []
+        for metric in HEADLINE:
+            ci, n = by_metric[metric]
+            name = dict(COLUMNS)[metric]
+            parts.append(f"{name} {_signed(ci)} ({_verdict(ci)}; {n} seed{'s' if n != 1 else ''})")
+        lines.append(f"- **{LABELS[a]} - {LABELS[b]}**: " + "; ".join(parts) + ".")
+    lines += [
+        "",
+        "Intervals: 95% bootstrap, resampling the training seeds and, within each seed, the prompts (2000 resamples);"
+        " a difference pairs the two arms' scores on the same prompt and seed.",
+        "",
+        "## Every arm",
+        "",
+        f"![every arm per metric, with 95% intervals](replication/{png_name})",
+        "",
+    ]
+    header = "| arm | seeds | " + " | ".join(name for _, name in COLUMNS) + " |"
+    lines += [header, "|---|---:|" + "---:|" * len(COLUMNS)]
+    for arm in arms:
+        row = [_fmt(intervals[arm][m], 2 if m.startswith("samples/") else 3) for m, _ in COLUMNS]
+        lines.append(f"| {LABELS[arm]} | {len(cells[arm])} | " + " | ".join(row) + " |")
+    lines += ["", "Instruction accuracies are per prompt (the share of its instructions followed), then averaged. "
+              "The base model has no sample columns: the coherent reward and the KL are defined by an SFT model.", ""]  # fmt: skip
+    lines += ["## Paired differences", "", "| difference | " + " | ".join(n for _, n in COLUMNS) + " |"]
+    lines.append("|---|" + "---:|" * len(COLUMNS))
+    for (a, b), by_metric in diffs.items():
+        row = [_signed(by_metric[m][0], 2 if m.startswith("samples/") else 3) for m, _ in COLUMNS]
+        lines.append(f"| {LABELS[a]} - {LABELS[b]} | " + " | ".join(row) + " |")
+    lines += ["", "## Greedy truncation", "", "Share of greedy responses cut at the response budget before EOS.", ""]
+    lines += ["| arm | " + " | ".join(n for _, n in TRUNCATION) + " |", "|---|" + "---:|" * len(TRUNCATION)]
+    for arm in arms:
+        row = []
+        for metric, _ in TRUNCATION:
+            values = [v for c in cells[arm].values() for v in c["per_prompt"].get(metric, [])]
+            row.append(f"{sum(values) / len(values):.3f}" if values else "-")
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(row) + " |")
+    lines += ["", "## Cost of each cell", ""]
+    lines += ["| cell | train (min) | evaluation (min) | total (min) | RL stage / budget (min) | stopped by budget |"
+              " steps | load avg (1 min, start / end) | torch threads |", "|---|" + "---:|" * 8]  # fmt: skip
+    for arm in arms:
+        for seed, cell in sorted(cells[arm].items(), key=_seed_key):
+            t, tr, m = cell["timings"], cell["training"], cell["machine"]
+            stage = tr.get("stage_s", tr.get("train_s"))
+            budget = f" / {tr['budget_s'] / 60:.1f}" if "budget_s" in tr else ""
+            lines.append(
+                f"| {cell_name(arm, seed)} | {t['train_s'] / 60:.1f} | {t['eval_s'] / 60:.1f} | "
+                f"{t['total_s'] / 60:.1f} | {'-' if stage is None else f'{stage / 60:.1f}'}{budget} | "
+                f"{_yes_no(tr.get('stopped_by_budget'))} | {tr.get('optimizer_steps', '-')} | "
+                f"{m['load_avg_start'][0]:.2f} / {m.get('load_avg_end', [math.nan])[0]:.2f} | {m['torch_threads']} |"
+            )
+    lines += critic_section(cells.get("srppo", {}))
+    total = sum(c["timings"]["total_s"] for by_seed in cells.values() for c in by_seed.values())
+    lines += ["", f"All cells: {total / 3600:.2f} h.", "", "## Machine", ""]
+    machines = {}
+    for by_seed in cells.values():
+        for cell in by_seed.values():
+            m = cell["machine"]
+            key = (m["cpu"], tuple(m["cpu_flags"]), m["cores_available"], m["torch"])
+            machines.setdefault(key, []).append(cell_name(cell["arm"], cell["seed"]))
+    for (cpu, flags, cores, version), names in machines.items():
+        lines.append(
+            f"- {cpu or 'unknown CPU'}, {cores} cores available, torch {version}, vector flags: "
+            f"{', '.join(flags) or 'none listed'}: {len(names)} cell(s)"
+        )
+    lines += ["", "## Settings", ""]
+    for arm in arms:
+        config = next(iter(cells[arm].values()))["config"]
+        shown = {k: v for k, v in config.items() if k not in ("arm", "seed")}
+        lines.append(f"- {LABELS[arm]}: `{json.dumps(shown, sort_keys=True)}`")
+    hashes = {json.dumps({k: c["config"].get(k) for k in OPTION_GROUPS["common"]}, sort_keys=True)
+              for by_seed in cells.values() for c in by_seed.values()}  # fmt: skip
+    if len(hashes) > 1:
+        lines += ["", "**Warning: the cells were evaluated with different common settings** (see above)."]
+    lines += [
+        "",
+        "## How to rerun",
+        "",
+        "```bash",
+        "HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python scripts/small_replication.py --max-minutes 110 --commit  # repeat",
+        "python scripts/small_replication.py --report   # this page and its plot, from docs/replication/raw/ alone",
+        "```",
+        "",
+        "Each run starts only the cells that fit in `--max-minutes` (by the longest finished cell of the same arm) and"
+        " skips the cells whose file holds the same settings; a changed setting reruns only the cells it defines.",
+    ]
+    return "\n".join(lines) + "\n", {"intervals": intervals, "diffs": diffs, "cells": cells}
+
+
+def critic_section(srppo_cells: dict) -> list[str]:
+    """SRPPO's critic per seed: |return - value| and the mean return - value on the last warm-up buffer and the last
+    buffer (a useful critic ends its warm-up with an error well below the returns' spread)."""
+    if not srppo_cells:
+        return []
+    lines = ["", "## SRPPO's critic", "", "| seed | warm-up buffers | actor buffers | last warm-up buffer: abs error / "
+             "bias (nats) | last buffer: abs error / bias (nats) |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for seed, cell in sorted(srppo_cells.items(), key=_seed_key):
+        buffers = [e for e in cell["training"].get("log_history", []) if "val/abs_error" in e]
+        warmup = [e for e in buffers if e.get("critic_warmup")]
+        actor = [e for e in buffers if not e.get("critic_warmup")]
+
+        def pair(entries):
+            return f"{entries[-1]['val/abs_error']:.2f} / {entries[-1]['val/bias']:+.2f}" if entries else "-"
+
+        lines.append(f"| {seed} | {len(warmup)} | {len(actor)} | {pair(warmup)} | {pair(buffers)} |")
+    return lines
+
+
+def _yes_no(value) -> str:
+    return "-" if value is None else "yes" if value else "no"
+
+
+def plot_report(numbers: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    intervals = numbers["intervals"]
+    arms = list(intervals)
+    rows = math.ceil(len(COLUMNS) / 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(10, 3.2 * rows), squeeze=False)
+    for ax, (metric, name) in zip(axes.flat, COLUMNS):
+        for x, arm in enumerate(arms):
+            ci = intervals[arm][metric]
+            if ci is None or math.isnan(ci[0]):
+                continue
+            mean, low, high = ci
+            ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=3, color=f"C{x}")
+        ax.set_xticks(range(len(arms)), [LABELS[a] for a in arms], rotation=60, fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(args) -> None:
+    if not Path(args.raw_dir).is_dir():
+        raise SystemExit(f"error: --raw-dir {args.raw_dir} is not a folder: give the folder of the cell files.")
+    png = Path(args.report_png)
+    text, numbers = build_report(Path(args.raw_dir), png.name)
+    Path(args.report_md).write_text(text)
+    plot_report(numbers, png)
+    print(f"wrote {args.report_md} and {png}")
+
+
+# ---------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None):
-    from transformers import AutoModelForCausalLM
-    from trl import ModelConfig
-
-    from srppo_trl import SRPPOConfig
-    from srppo_trl.pipeline import (
-        PipelineArguments,
-        build_stage_data,
-        load_tokenizer,
-        resolve_base_model,
-        run_rl,
-        run_sft,
-    )
-
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sft_path, ext_path = _reused(Path(args.reuse_sft)) if args.reuse_sft else (None, None)  # checked before loading
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    base_path = resolve_base_model(args.base_model)
-    tokenizer = load_tokenizer(base_path)
-    model_args = ModelConfig(dtype="float32")
-    rows: dict[str, list[dict]] = {}
-    timings = {}
+    if args.report:
+        return write_report(args)
+    raw_dir = Path(args.raw_dir)
+    cells = grid_cells(args.arms, args.seeds)
+    configs = {cell: cell_config(args, *cell) for cell in cells}
 
-    t = time.time()
-    base = AutoModelForCausalLM.from_pretrained(base_path)
-    rows["base"] = [offline(base, tokenizer, args.eval_n)]
-    timings["base_eval_s"] = round(time.time() - t, 1)
-    del base
+    def done(cell):
+        return is_done(raw_dir, *cell, configs[cell])
 
-    # SFT and SFT (Extended) once, with --sft-seed: on 2 CPU cores they are most of the cost (see the module doc).
-    pipe = PipelineArguments(
-        base_model=base_path, setting="demo", num_prompts=args.num_prompts, eval_num_prompts=args.eval_prompts,
-        dataset_seed=42, sft_learning_rate=args.sft_lr, sft_num_train_epochs=args.sft_epochs,
-        sft_per_device_train_batch_size=8, sft_max_length=256, sft_max_steps=args.sft_max_steps,
-    )  # fmt: skip
-    stages, prompts, eval_prompts = build_stage_data(pipe)
-    # activation_checkpointing=False: SRPPOConfig's default before it took TRL 1.12's (on), kept for the timings.
-    sft_args = SRPPOConfig(
-        output_dir=str(out / "sft"), seed=args.sft_seed, report_to="none", logging_steps=5,
-        activation_checkpointing=False,
-    )  # fmt: skip
-    t = time.time()
-    sft_path = sft_path or run_sft(pipe, sft_args, model_args, base_path, tokenizer, stages, None)
-    timings["sft_s"] = round(time.time() - t, 1)
-    rows["sft"] = [offline(AutoModelForCausalLM.from_pretrained(sft_path), tokenizer, args.eval_n)]
+    if all(done(cell) for cell in cells):
+        print("Every cell is done with these settings; `--report` regenerates the page.")
+        return {"ran": [], "skipped": cells, "stopped_before": None}
+    campaign = Campaign(args)
 
-    t = time.time()
-    extended = copy.copy(pipe)
-    extended.sft_num_train_epochs = args.extended_epochs
-    ext_args = SRPPOConfig(
-        output_dir=str(out / "sft_extended"), seed=args.sft_seed, report_to="none", logging_steps=5,
-        activation_checkpointing=False,
-    )  # fmt: skip
-    ext_path = ext_path or run_sft(extended, ext_args, model_args, sft_path, tokenizer, stages, None)
-    timings["sft_extended_s"] = round(time.time() - t, 1)
-    rows["sft_extended"] = [offline(AutoModelForCausalLM.from_pretrained(ext_path), tokenizer, args.eval_n)]
+    def run_cell(cell):
+        path = campaign.run_cell(cell)
+        if args.commit:
+            commit_cell(path, f"Replication cell {cell_name(*cell)} (config {config_hash(configs[cell])})")
 
-    for seed in args.seeds:
-        for granularity in ("sequence", "token"):
-            t = time.time()
-            rl_args = SRPPOConfig(
-                output_dir=str(out / f"seed{seed}" / f"srppo_{granularity}"), seed=seed, report_to="none",
-                save_strategy="no", per_device_train_batch_size=args.rollout_batch, num_mini_batches=1,
-                num_ppo_epochs=1, num_train_epochs=1, response_length=args.response_length,
-                max_prompt_length=args.max_prompt_length, learning_rate=args.actor_lr, critic_learning_rate=args.critic_lr,
-                critic_warmup_steps=args.critic_warmup, kl_coef=args.kl_coef, reward_clip=args.reward_clip,
-                missing_eos_penalty=1.0, reward_granularity=granularity, logging_steps=1,
-                local_rollout_forward_batch_size=8, per_device_eval_batch_size=16,
-                temperature=1.0, stop_token="eos", activation_checkpointing=False, num_sample_generations=0,
-            )  # fmt: skip
-            trainer, before, after = run_rl(
-                pipe, rl_args, model_args, sft_path, base_path, tokenizer, prompts, eval_prompts, None
-            )
-            policy = trainer.accelerator.unwrap_model(trainer.model).policy
-            scores = offline(policy, tokenizer, args.eval_n)
-            scores.update({f"samples/{k.removeprefix('eval_')}": v for k, v in after.items()})
-            rows.setdefault(f"srppo_{granularity}", []).append(scores)
-            if granularity == "sequence":  # the SFT samples: same seed, same prompts for both granularities
-                rows.setdefault("sft_samples", []).append(
-                    {f"samples/{k.removeprefix('eval_')}": v for k, v in before.items()}
-                )
-            timings[f"seed{seed}_srppo_{granularity}_s"] = round(time.time() - t, 1)
-            log_path = out / f"seed{seed}" / f"srppo_{granularity}_log.json"
-            log_path.write_text(json.dumps(trainer.state.log_history, indent=1))
-            del trainer, policy
+    def estimate_s(cell):  # its arm's longest finished cell, else the longest finished cell of any arm
+        return longest_recorded_s(raw_dir, cell[0]) or longest_recorded_s(raw_dir, None)
 
-    summary = {arm: _aggregate(values) for arm, values in rows.items()}
-    result = {
-        "args": vars(args), "wall_time_s": round(time.time() - start, 1), "timings": timings,
-        "threads": torch.get_num_threads(), "per_seed": rows, "summary": summary,
-    }  # fmt: skip
-    (out / "replication.json").write_text(json.dumps(result, indent=2))
-    (out / "replication.md").write_text(_table(summary) + "\n")
-    print(_table(summary))
-    print(f"\nwall time {result['wall_time_s']} s; wrote {out / 'replication.json'} and {out / 'replication.md'}")
-
-
-def _reused(previous: Path) -> tuple[str, str]:
-    """The SFT and SFT (Extended) model folders an earlier run of this script wrote under `previous`."""
-    paths = (previous / "sft" / "sft", previous / "sft_extended" / "sft")
-    for path in paths:
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"--reuse-sft {previous}: no model in {path}; pass the --output folder of a finished run of this script."
-            )
-    return str(paths[0]), str(paths[1])
-
-
-def _aggregate(values: list[dict]) -> dict:
-    keys = sorted({k for v in values for k in v})
-    agg = {}
-    for key in keys:
-        xs = [v[key] for v in values if key in v and v[key] is not None]
-        if xs:
-            agg[key] = {
-                "mean": statistics.fmean(xs),
-                "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-                "n": len(xs),
-            }
-    return agg
-
-
-COLUMNS = [
-    ("in_domain/inst_strict_acc", "in-domain S.Acc"),
-    ("in_domain/inst_loose_acc", "in-domain L.Acc"),
-    ("held_out/inst_strict_acc", "held-out S.Acc"),
-    ("held_out/inst_loose_acc", "held-out L.Acc"),
-    ("arithmetic/exact_match", "arith EM"),
-    ("held_out/mean_response_words", "held-out words"),
-    ("samples/objective/coherent_reward", "sample coherent reward"),
-    ("samples/completions/mean_length", "sample tokens"),
-    ("samples/completions/eos_rate", "sample EOS rate"),
-]
-
-
-def _table(summary: dict) -> str:
-    lines = ["| arm | " + " | ".join(name for _, name in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
-    for arm, metrics in summary.items():
-        cells = []
-        for key, _ in COLUMNS:
-            m = metrics.get(key)
-            cells.append(
-                "-" if m is None else f"{m['mean']:.3f} ± {m['std']:.3f}" if m["n"] > 1 else f"{m['mean']:.3f}"
-            )
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    result = run_grid(cells, done, run_cell, args.max_minutes, estimate_s=estimate_s)
+    print(f"ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished one(s)")
+    return result
 
 
 if __name__ == "__main__":

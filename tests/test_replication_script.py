@@ -1,8 +1,9 @@
-"""scripts/small_replication.py end to end on a tiny model: every arm is trained, scored and tabled."""
+"""scripts/small_replication.py: the resumable grid (skips, reruns, time limit, commits) and the report from raw files."""
 
+import importlib.util
 import json
-import runpy
-import sys
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,49 +12,131 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "small_replication.py"
 
 
-def test_replication_script_runs_every_arm_and_aggregates_over_seeds(tiny_base, tmp_path, monkeypatch):
-    out = tmp_path / "replication"
-    argv = [
-        str(SCRIPT), "--output", str(out), "--base-model", str(tiny_base), "--seeds", "0", "1",
-        "--sft-max-steps", "1", "--num-prompts", "8", "--rollout-batch", "4", "--response-length", "4",
-        "--max-prompt-length", "400", "--critic-warmup", "0", "--eval-n", "1", "--eval-prompts", "2",
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("small_replication", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_argv(tiny_base, tmp_path, *extra):
+    return [
+        "--output", str(tmp_path / "outputs"), "--raw-dir", str(tmp_path / "raw"), "--base-model", str(tiny_base),
+        "--seeds", "0", "--sft-max-steps", "1", "--extended-epochs", "1", "--num-prompts", "8", "--rollout-batch", "4",
+        "--mini-batch", "2", "--ppo-epochs", "1", "--critic-warmup", "1", "--grpo-num-generations", "2",
+        "--response-length", "4", "--max-prompt-length", "400", "--eval-n", "2", "--eval-arithmetic", "2",
+        "--eval-max-new-tokens", "4", "--eval-batch-size", "2", "--sample-prompts", "2", "--sample-n", "2",
+        "--spin-max-new-tokens", "4", "--spin-batch-size", "2", *extra,
     ]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(SCRIPT), run_name="__main__")
-
-    result = json.loads((out / "replication.json").read_text())
-    arms = {"base", "sft", "sft_extended", "srppo_sequence", "srppo_token", "sft_samples"}
-    assert set(result["per_seed"]) == arms
-    for arm in ("srppo_sequence", "srppo_token", "sft_samples"):
-        assert len(result["per_seed"][arm]) == 2  # one row per seed
-    for arm in ("base", "sft", "sft_extended"):
-        assert len(result["per_seed"][arm]) == 1  # trained / scored once
-    held_out = result["summary"]["srppo_sequence"]["held_out/inst_loose_acc"]
-    assert held_out["n"] == 2 and 0.0 <= held_out["mean"] <= 1.0 and held_out["std"] >= 0.0
-    assert "samples/objective/coherent_reward" in result["summary"]["srppo_token"]
-    table = (out / "replication.md").read_text().splitlines()
-    assert table[0].startswith("| arm |") and len(table) == 2 + len(arms)
-    assert any(line.startswith("| srppo_token |") and "±" in line for line in table)
 
 
-def test_replication_script_reuses_an_earlier_runs_sft_models(tiny_base, tmp_path, monkeypatch):
-    common = [
-        "--base-model", str(tiny_base), "--seeds", "0", "--sft-max-steps", "1", "--num-prompts", "4",
-        "--rollout-batch", "4", "--response-length", "4", "--max-prompt-length", "400", "--critic-warmup", "0",
-        "--eval-n", "1", "--eval-prompts", "2",
-    ]  # fmt: skip
-    first, second = tmp_path / "first", tmp_path / "second"
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--output", str(first), *common])
-    runpy.run_path(str(SCRIPT), run_name="__main__")
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--output", str(second), "--reuse-sft", str(first), *common])
-    runpy.run_path(str(SCRIPT), run_name="__main__")
+def test_run_grid_skips_done_cells_and_stops_between_cells(script):
+    """A fake clock: each cell takes 10 minutes; finished cells cost nothing and are never rerun."""
+    now = [0.0]
+    ran = []
 
-    assert not (second / "sft").exists() and not (second / "sft_extended").exists()  # nothing trained again
-    a, b = (json.loads((d / "replication.json").read_text())["per_seed"] for d in (first, second))
-    assert b["sft"] == a["sft"] and b["sft_extended"] == a["sft_extended"]  # the same models, greedy evaluation
+    def run_cell(cell):
+        ran.append(cell)
+        now[0] += 600
 
-    monkeypatch.setattr(
-        sys, "argv", [str(SCRIPT), "--output", str(tmp_path / "x"), "--reuse-sft", str(tmp_path), *common]
+    cells = script.grid_cells(["base", "sft", "srppo"], [0, 1])
+    assert cells == [("base", None), ("sft", 0), ("srppo", 0), ("sft", 1), ("srppo", 1)]
+    done = {("sft", 0)}
+    result = script.run_grid(cells, done.__contains__, run_cell, max_minutes=25, clock=lambda: now[0], log=lambda m: 0)
+    # No estimate: a cell starts while under 25 minutes (0, 10, 20), the fourth would start at 30.
+    assert ran == [("base", None), ("srppo", 0), ("sft", 1)] and result["skipped"] == [("sft", 0)]
+    assert result["stopped_before"] == ("srppo", 1)
+    ran.clear()
+    result = script.run_grid(
+        cells, done.__contains__, run_cell, max_minutes=25, estimate_s=lambda cell: 600, clock=lambda: now[0]
     )
-    with pytest.raises(FileNotFoundError, match="no model in"):
-        runpy.run_path(str(SCRIPT), run_name="__main__")
+    # Estimated 10 minutes each: the third would end at 30 > 25, so it never starts.
+    assert ran == [("base", None), ("srppo", 0)] and result["stopped_before"] == ("sft", 1)
+    assert script.run_grid(cells, lambda c: False, run_cell, max_minutes=0)["ran"] == []
+
+
+def test_cell_config_hash_covers_only_what_the_arm_depends_on(script):
+    args = script.parse([])
+    changed = script.parse(["--actor-lr", "1e-4"])
+    for arm in script.ARMS:
+        same = script.config_hash(script.cell_config(args, arm, 0)) == script.config_hash(
+            script.cell_config(changed, arm, 0)
+        )
+        assert same == (arm in ("base", "sft", "sft_extended")), arm
+    assert script.cell_config(args, "srppo", 0) != script.cell_config(args, "srppo", 1)  # seeds are cells
+    with pytest.raises(SystemExit, match="multiple of --mini-batch"):
+        script.parse(["--rollout-batch", "6", "--mini-batch", "4"])
+
+
+def test_commit_cell_commits_only_that_file(script, tmp_path):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git[:1], "-C", str(tmp_path), "config", "user.name", "t"], check=True)
+    subprocess.run([*git[:1], "-C", str(tmp_path), "config", "user.email", "t@t"], check=True)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "sft_seed0.json").write_text("{}")
+    (tmp_path / "other.txt").write_text("not mine")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "other.txt"], check=True)  # staged by someone else
+    script.commit_cell(raw / "sft_seed0.json", "Replication cell sft_seed0")
+    files = subprocess.run(
+        ["git", "-C", str(tmp_path), "show", "--name-only", "--format=%s", "HEAD"], capture_output=True, text=True
+    ).stdout.split()
+    assert files[-1] == "raw/sft_seed0.json" and "other.txt" not in files
+
+
+def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(script, tiny_base, tmp_path):
+    argv = tiny_argv(tiny_base, tmp_path)
+    first = script.main(argv)
+    assert [c[0] for c in first["ran"]] == list(script.ARMS)
+    raw = tmp_path / "raw"
+    cell = json.loads((raw / "srppo_seed0.json").read_text())
+    assert cell["arm"] == "srppo" and cell["seed"] == 0 and cell["config"]["actor_lr"] == 2e-5
+    assert (
+        len(cell["per_prompt"]["held_out/inst_loose_acc"]) == 2
+        and len(cell["per_prompt"]["arithmetic/exact_match"]) == 2
+    )
+    assert len(cell["per_prompt"]["samples/coherent_reward"]) == 2 and "samples/kl_to_sft" in cell["summary"]
+    assert cell["machine"]["torch_threads"] >= 1 and "load_avg_end" in cell["machine"]
+    grpo, spin = (json.loads((raw / f"{arm}_seed0.json").read_text()) for arm in ("grpo", "spin"))
+    assert grpo["training"]["budget_s"] == cell["training"]["stage_s"] == spin["training"]["budget_s"]
+    assert "samples/coherent_reward" not in json.loads((raw / "base.json").read_text())["per_prompt"]
+
+    again = script.main(argv)  # nothing left to do
+    assert again["ran"] == [] and len(again["skipped"]) == len(script.ARMS)
+    sft_model = tmp_path / "outputs" / "seed0" / "sft" / "sft" / "model.safetensors"
+    mtime = sft_model.stat().st_mtime_ns
+    changed = script.main(tiny_argv(tiny_base, tmp_path, "--actor-lr", "1e-4"))
+    assert [c[0] for c in changed["ran"]] == ["srppo", "grpo", "spin"]  # the SFT model and cells are reused
+    assert sft_model.stat().st_mtime_ns == mtime
+    assert json.loads((raw / "srppo_seed0.json").read_text())["config"]["actor_lr"] == 1e-4
+
+    # The report needs the raw files only: copy them away from the models.
+    alone = tmp_path / "alone"
+    shutil.copytree(raw, alone / "raw")
+    shutil.rmtree(tmp_path / "outputs")
+    md, png = alone / "replication.md", alone / "replication" / "replication.png"
+    script.main(["--report", "--raw-dir", str(alone / "raw"), "--report-md", str(md), "--report-png", str(png)])
+    text = md.read_text()
+    assert png.stat().st_size > 0
+    for label in ("| SRPPO | 1 |", "| SFT (Extended) | 1 |", "| GRPO | 1 |", "| SPIN | 1 |", "| Base | 1 |"):
+        assert label in text
+    for diff in ("SRPPO - SFT |", "SRPPO - SFT (Extended) |", "SRPPO - GRPO |", "SRPPO - SPIN |"):
+        assert diff in text
+    assert "## Cost of each cell" in text and "| srppo_seed0 |" in text and "## Machine" in text
+    assert "## SRPPO's critic" in text and "| 0 | 1 | 1 |" in text  # 1 warm-up buffer, then 1 actor buffer
+
+
+def test_max_minutes_zero_runs_no_cell(script, tiny_base, tmp_path):
+    result = script.main(tiny_argv(tiny_base, tmp_path, "--max-minutes", "0", "--arms", "base"))
+    assert result["ran"] == [] and result["stopped_before"] == ("base", None)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_time_estimates_come_from_the_same_arm_only(script, tmp_path):
+    for name, seconds in (("sft_seed0", 100.0), ("sft_extended_seed0", 900.0), ("srppo_seed1", 300.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"timings": {"total_s": seconds}}))
+    assert script.longest_recorded_s(tmp_path, "sft") == 100.0  # not sft_extended's
+    assert script.longest_recorded_s(tmp_path, "grpo") == 0.0
+    assert script.longest_recorded_s(tmp_path, None) == 900.0

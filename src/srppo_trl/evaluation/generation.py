@@ -28,13 +28,15 @@ def generate_responses(
     batch_size: int = 8,
     desc: str = "generating",
     show_progress: bool = True,
-) -> list[str]:
+    return_stopped: bool = False,
+) -> list[str] | tuple[list[str], list[bool]]:
     """Greedy responses (`do_sample=False`) to `prompts`, in input order, special tokens removed.
 
     Each prompt is a user message string or a list of chat messages; it is rendered with the tokenizer's chat
     template (`add_generation_prompt=True`). Prompts are batched by length with left padding; the tokenizer's
     padding side is restored afterwards. Generation stops at the tokenizer's EOS or after `max_new_tokens` tokens;
-    no setting of the checkpoint's `generation_config.json` applies.
+    no setting of the checkpoint's `generation_config.json` applies. With `return_stopped`, also returns one bool per
+    prompt: whether its response ended at EOS (False: truncated at `max_new_tokens`).
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set one distinct from EOS before generating.")
@@ -56,6 +58,7 @@ def generate_responses(
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     responses: list[str | None] = [None] * len(prompt_ids)
+    stopped: list[bool | None] = [None] * len(prompt_ids)
     try:
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc=desc, disable=not show_progress):
@@ -65,9 +68,10 @@ def generate_responses(
             with checkpoint_generation_defaults_ignored(model):
                 output = model.generate(**batch, generation_config=generation_config)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                responses[i] = text.strip()
+            ended = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
+            for i, text, end in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), ended):
+                responses[i], stopped[i] = text.strip(), end
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return responses
+    return (responses, stopped) if return_stopped else responses

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .arithmetic import build_arithmetic_problems, score_arithmetic
+from .arithmetic import build_arithmetic_problems, extract_answer, score_arithmetic
 from .generation import generate_responses
-from .instructions import build_instruction_prompts, score_instruction_responses
+from .instructions import build_instruction_prompts, check_response, score_instruction_responses
 
 
 def evaluate_offline(
@@ -16,12 +16,15 @@ def evaluate_offline(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     return_responses: bool = False,
+    per_prompt: bool = False,
 ) -> dict:
     """Generate greedily on the offline benchmark and score it.
 
     Returns `{"in_domain": {...}, "held_out": {...}, "arithmetic": {...}, "summary": {flat metric name: value}}`
     (see `score_instruction_responses` and `score_arithmetic`); with `return_responses`, each split also holds its
-    `examples` and `responses`. The prompts are the same for every model given the same `seed`.
+    `examples` and `responses`; with `per_prompt`, each split holds `per_prompt` (see `per_prompt_scores`). The
+    summary also has each split's `truncation_rate`: the share of responses cut at `max_new_tokens` before EOS. The
+    prompts are the same for every model given the same `seed`.
     """
     splits = {
         "in_domain": build_instruction_prompts(n_per_split, seed=seed, split="in_domain"),
@@ -30,22 +33,54 @@ def evaluate_offline(
     }
     results, summary = {}, {}
     for name, examples in splits.items():
-        responses = generate_responses(
+        responses, stopped = generate_responses(
             model,
             tokenizer,
             [e["prompt"] for e in examples],
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             desc=f"eval {name}",
+            return_stopped=True,
         )
         scores = (score_arithmetic if name == "arithmetic" else score_instruction_responses)(examples, responses)
         scores["mean_response_words"] = sum(len(r.split()) for r in responses) / len(responses)
+        scores["truncation_rate"] = sum(not s for s in stopped) / len(stopped)
+        if per_prompt:
+            scores["per_prompt"] = per_prompt_scores(name, examples, responses, stopped)
         summary.update({f"{name}/{k}": v for k, v in scores.items() if isinstance(v, float)})
         if return_responses:
             scores.update(examples=examples, responses=responses)
         results[name] = scores
     results["summary"] = summary
     return results
+
+
+def per_prompt_scores(split: str, examples, responses, stopped) -> dict[str, list[float]]:
+    """One value per prompt and metric, in prompt order, for intervals that resample prompts.
+
+    Instruction splits: `inst_strict_acc` / `inst_loose_acc` (the share of the prompt's instructions followed),
+    `prompt_strict_acc` / `prompt_loose_acc` (1 if all are), `response_words`, `truncated`. Arithmetic:
+    `exact_match`, `exact_match_loose`, `response_words`, `truncated`.
+    """
+    columns: dict[str, list[float]] = {}
+
+    def add(name, value):
+        columns.setdefault(name, []).append(float(value))
+
+    for example, response, stop in zip(examples, responses, stopped):
+        if split == "arithmetic":
+            gold = str(example["answer"])
+            add("exact_match", extract_answer(response, strict=True) == gold)
+            add("exact_match_loose", extract_answer(response, strict=False) == gold)
+        else:
+            strict, loose = check_response(example, response)
+            add("inst_strict_acc", sum(strict) / len(strict))
+            add("inst_loose_acc", sum(loose) / len(loose))
+            add("prompt_strict_acc", all(strict))
+            add("prompt_loose_acc", all(loose))
+        add("response_words", len(response.split()))
+        add("truncated", not stop)
+    return columns
 
 
 def main(argv: list[str] | None = None) -> None:

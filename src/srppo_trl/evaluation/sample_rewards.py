@@ -30,6 +30,33 @@ def bootstrap_ci(values, num_resamples: int = 2000, seed: int = 0, level: float 
     return (low, high)
 
 
+def nested_bootstrap_ci(
+    groups, num_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over groups of each group's mean, with a two-level percentile bootstrap interval.
+
+    `groups` is one sequence of per-prompt values per training seed. Each resample draws the seeds with replacement,
+    then, within each drawn seed, its prompts with replacement: the interval covers both the training seeds and the
+    prompts. With one seed it is the prompt bootstrap. For a paired difference, pass each seed's per-prompt
+    differences. Empty input gives (nan, nan, nan).
+    """
+    import numpy as np
+
+    arrays = [np.asarray(g, dtype=np.float64).ravel() for g in groups]
+    if not arrays or any(len(a) == 0 for a in arrays):
+        if arrays and any(len(a) for a in arrays):
+            raise ValueError("Every seed needs at least one per-prompt value; one of the groups is empty.")
+        return (math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = np.empty(num_resamples)
+    picks = rng.integers(len(arrays), size=(num_resamples, len(arrays)))
+    for r in range(num_resamples):
+        means[r] = np.mean([arrays[g][rng.integers(len(arrays[g]), size=len(arrays[g]))].mean() for g in picks[r]])
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return (float(np.mean([a.mean() for a in arrays])), float(low), float(high))
+
+
 def paired_difference(after, before, num_resamples: int = 2000, seed: int = 0) -> dict:
     """Mean and bootstrap interval of `after - before`, prompt by prompt (both lists in the same prompt order)."""
     if len(after) != len(before):
@@ -86,4 +113,4 @@ def sample_reward_stats(trainer, prompts, num_samples: int = 4, seed: int = 0) -
     }
 
 
-__all__ = ["bootstrap_ci", "paired_difference", "sample_reward_stats"]
+__all__ = ["bootstrap_ci", "nested_bootstrap_ci", "paired_difference", "sample_reward_stats"]

@@ -353,6 +353,7 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
             gradient_accumulation_steps=pipe.sft_gradient_accumulation_steps,
             max_length=pipe.sft_max_length,
             bf16=srppo_args.bf16,
+            fp16=srppo_args.fp16,  # a GPU without bf16 (T4): fp16 mixed precision in SFT too
             use_cpu=srppo_args.use_cpu,  # set by SRPPOConfig for bf16 on a CPU (TrainingArguments needs it there)
             seed=srppo_args.seed,
             report_to=srppo_args.report_to,

@@ -225,3 +225,20 @@ def test_fp16_training_gets_fp32_trainable_weights(tmp_path):
     assert next(p for n, p in policy.named_parameters() if "lora_" not in n).dtype == torch.float16  # base stays
     values = critic(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)).logits
     assert values.dtype == torch.float32 and torch.isfinite(values).all()
+
+
+def test_later_sft_stages_train_the_same_adapter_and_sft_model_reuses_it(tiny_base, tmp_path):
+    # The medium setting has two SFT stages (TULU, then the GPT-4 answers): the second goes on training the first's
+    # adapter. Then a run given that adapter as sft_model skips SFT and puts it on the base unchanged.
+    medium = str(RECIPES / "configs" / "llama3_medium_overlap.yaml")
+    argv = _argv(tiny_base, tmp_path / "sft_only", "--skip_srppo", "true")
+    result = main(argv, default_config=medium)
+    first, final = tmp_path / "sft_only" / "sft" / "0-tulu", Path(result["sft_model"])
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(final / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # stage 2 moved stage 1's adapter
+    assert not list(final.glob("model*.safetensors")) and result["srppo_model"] is None
+
+    result = main(_argv(tiny_base, tmp_path / "rl", "--sft_model", str(final)), default_config=CONFIG)
+    assert result["sft_model"] == str(final) and not (tmp_path / "rl" / "sft").exists()
+    used = load_file(Path(result["srppo_model"]) / SFT_ADAPTER / "adapter_model.safetensors")
+    assert used.keys() == b.keys() and all(torch.equal(used[k], b[k]) for k in b)

@@ -51,17 +51,14 @@ def check_single_base_arguments(pipe) -> None:
 
 
 def sharded_training(srppo_args) -> str | None:
-    """'DeepSpeed ZeRO-3' or 'FSDP' when this run shards the model weights across processes, else None."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
+    """'DeepSpeed ZeRO-3' or 'FSDP' when this run shards the model weights across processes, else None: from the
+    arguments' DeepSpeed plugin (`--deepspeed`) and FSDP fields, or the environment `accelerate launch` sets."""
     env = os.environ
     plugin = getattr(srppo_args, "deepspeed_plugin", None)
-    if (
-        is_deepspeed_zero3_enabled()
-        or getattr(plugin, "zero_stage", None) == 3
-        or (env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
-            and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
-    ):  # fmt: skip
+    if getattr(plugin, "zero_stage", None) == 3 or (
+        env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+        and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    ):
         return "DeepSpeed ZeRO-3"
     if getattr(srppo_args, "fsdp", None) or env.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         return "FSDP"

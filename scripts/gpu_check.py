@@ -15,6 +15,7 @@ data in the TULU/UltraFeedback schemas whose sequences are as long as the config
 number of examples is shrunk (`--sft-steps`, `--prompts`, `--buffers`). It prints, for each phase (SFT, loading the
 single-base models, generation, scoring, PPO update, evaluation), the seconds spent in it and the peak CUDA memory
 allocated and reserved while it ran; the largest must fit the GPU the notebook is meant for (a T4 shows ~15 GiB).
+The random base is written (fp16/bf16, ~14.5 GB for the 7B shape, shard by shard) to a temporary folder first.
 
 Needs no network and no checkpoint: every model is built from a config (random weights), the prompts are random token
 ids, and the tokenizer is `srppo_trl.testing.tiny_tokenizer` (its ids lie inside SmolLM2's vocabulary). Responses run

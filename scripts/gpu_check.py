@@ -5,6 +5,7 @@ and (`pipeline`) the notebook's GPU configuration end to end on random Mistral-7
     python scripts/gpu_check.py --qlora-shape 1.7b --out $OUT/gpu_check.json
     python scripts/gpu_check.py --device cpu --dtype fp32 --shape tiny --prompts 4 --tokens 8 --buffers 2  # smoke (CI)
     python scripts/gpu_check.py pipeline --out $OUT/pipeline.json # SFT -> single-base SRPPO, 7B QLoRA: peak per phase
+    python scripts/gpu_check.py pipeline --compute fp16          # the T4 path (fp16 compute) on a bf16-capable GPU
     python scripts/gpu_check.py pipeline --device cpu --shape tiny  # smoke (CI)
 
 `pipeline` runs `srppo_trl.pipeline.run_pipeline` with the configuration of the notebook's GPU branch
@@ -281,6 +282,12 @@ def parse_pipeline_args(argv):
     )
     p.add_argument("--shape", choices=PIPELINE_SHAPES, default="mistral-7b")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument(
+        "--compute",
+        choices=("auto", "bf16", "fp16"),
+        default="auto",
+        help="compute dtype of the 4-bit base (auto: bf16 where the GPU has it; fp16 is the T4 path)",
+    )
     p.add_argument("--sft-steps", type=int, default=2, help="SFT optimizer steps")
     p.add_argument("--prompts", type=int, default=None, help="prompts per rollout buffer (default: the notebook's)")
     p.add_argument("--buffers", type=int, default=2, help="rollout buffers (the first is the critic warm-up)")
@@ -458,7 +465,7 @@ def run_pipeline_check(argv=None) -> dict:
 
     args = parse_pipeline_args(argv)
     cuda = args.device == "cuda"
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = cuda and (torch.cuda.is_bf16_supported() if args.compute == "auto" else args.compute == "bf16")
     device = torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     tokenizer = tiny_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:

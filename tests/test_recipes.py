@@ -63,6 +63,19 @@ def test_recipes_keep_the_papers_hyper_parameters():
         assert (RECIPES / f"{name}.py").exists()
 
 
+def test_single_base_qlora_recipe_is_the_min_overlap_setting_on_one_gpu():
+    full = yaml.safe_load((RECIPES / "configs" / "mistral_min_overlap.yaml").read_text())
+    qlora = yaml.safe_load((RECIPES / "configs" / "mistral_min_overlap_qlora.yaml").read_text())
+    assert qlora["single_base"] and qlora["use_peft"] and qlora["load_in_4bit"]
+    same = ("model_name_or_path", "setting", "rollout_batch_size", "kl_coef", "cliprange", "critic_learning_rate",
+            "critic_warmup_steps", "num_train_epochs", "sft_num_train_epochs", "response_length", "reward_clip")  # fmt: skip
+    assert {k: qlora[k] for k in same} == {k: full[k] for k in same}
+    # the paper's train batch 128 in one process
+    assert qlora["per_device_train_batch_size"] * qlora["gradient_accumulation_steps"] == 128
+    assert qlora["sft_per_device_train_batch_size"] * qlora["sft_gradient_accumulation_steps"] == 128
+    assert (RECIPES / "mistral_min_overlap_qlora.py").exists()
+
+
 @pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_recipe_parses_with_its_config(name):
     # bf16 is refused on a machine without a bf16 GPU (this one): the rest of the YAML is parsed as written.
@@ -94,18 +107,23 @@ def test_recipe_runs_end_to_end_on_tiny_models(name, tiny_base, tiny_reward_mode
     argv = _overrides(tiny_base, tmp_path)
     if "preference_rm" in name:
         argv += ["--reward_model", str(tiny_reward_model)]
-    result = main(argv, default_config=str(RECIPES / "configs" / f"{name}.yaml"))
     config = yaml.safe_load((RECIPES / "configs" / f"{name}.yaml").read_text())
+    if config.get("load_in_4bit"):
+        argv += ["--load_in_4bit", "false"]  # bitsandbytes' 4-bit needs CUDA: the LoRA half of QLoRA here
+    result = main(argv, default_config=str(RECIPES / "configs" / f"{name}.yaml"))
     stages = {"min": 1, "medium": 2, "diminished": 3}[config["setting"]]
-    assert (Path(result["sft_model"]) / "model.safetensors").exists()
-    assert json.loads((Path(result["sft_model"]) / "config.json").read_text())["use_cache"] is True
+    # Single-base mode saves adapters only (SFT's and, below, the policy's); full weights otherwise.
+    weights = "adapter_model.safetensors" if config.get("single_base") else "model.safetensors"
+    assert (Path(result["sft_model"]) / weights).exists()
+    if not config.get("single_base"):
+        assert json.loads((Path(result["sft_model"]) / "config.json").read_text())["use_cache"] is True
     assert not (Path(result["sft_model"]) / "training_args.bin").exists()
     assert len([p for p in (tmp_path / "sft").iterdir() if p.is_dir() and not p.name.endswith(".tmp")]) == stages
     saved = json.loads((tmp_path / "results.json").read_text())
     if config.get("skip_srppo"):
         assert saved["srppo_model"] is None
         return
-    assert (tmp_path / "srppo" / "model.safetensors").exists()
+    assert (tmp_path / "srppo" / weights).exists()
     assert {"SFT", "SRPPO"} == set(saved["results"])
     assert "eval_completions/mean_length" in saved["results"]["SRPPO"]
     # Sampled held-out rewards with intervals, SFT and SRPPO on the same prompts (2 prompts x 4 samples here).

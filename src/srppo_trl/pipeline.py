@@ -3,6 +3,8 @@
     stage 1  TRL's SFTTrainer on the demonstrations (one or more SFT stages, by data setting) -> `<output_dir>/sft`
     stage 2  CoherentRewardModel(SFT, pretrained) and SRPPOTrainer on the prompt set (policy and critic from SFT)
              -> `<output_dir>/srppo`, or TRL's GRPOTrainer / RLOOTrainer with the coherent reward as a callable
+    single_base: true  SFT trains a LoRA adapter on the base, and stage 2 puts the policy and critic adapters on the
+             same copy of the base weights (`srppo_trl.single_base_pipeline`)
     report   SFT vs SRPPO on held-out prompts -> `<output_dir>/results.json` and `results.md`
 
 A recipe is a YAML file parsed by TRL's `TrlParser` into (`PipelineArguments`, `SRPPOConfig`, `ModelConfig`), so
@@ -23,6 +25,13 @@ from pathlib import Path
 import torch
 
 from .field_ranges import at_least, between, check_ranges, positive
+from .single_base_pipeline import (
+    build_single_base_models,
+    check_single_base_arguments,
+    check_single_base_run,
+    load_single_base_sft_stage,
+    sft_adapter_done,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -90,6 +99,22 @@ class PipelineArguments:
     sft_extra: dict | str | None = field(
         default=None, metadata={"help": "Any other SFTConfig fields, as a mapping (YAML) or JSON string."}
     )
+    # ---- single-base mode: one copy of the base weights, every role a LoRA adapter ----
+    single_base: bool = field(
+        default=False,
+        metadata={
+            "help": "One copy of the base weights: SFT trains a LoRA adapter on the base (QLoRA with load_in_4bit), "
+            "and the policy and critic are two more adapters on the same base; p_PT is the base with adapters off. "
+            "Turns use_peft on (ModelConfig's lora_* fields); PPO only. See docs/performance.md."
+        },
+    )
+    critic_top_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "single_base only, opt-in: the critic trains a LoRA on its top k decoder layers only (the lower "
+            "ones are the SFT model's, computed once with the SFT scoring pass). None: every layer (the paper's)."
+        },
+    )
     # ---- stage 2 with algorithm: grpo|rloo ----
     group_trainer_extra: dict | str | None = field(
         default=None,
@@ -130,6 +155,7 @@ class PipelineArguments:
             self.group_trainer_extra = json.loads(self.group_trainer_extra)
         if isinstance(self.spin_trainer_extra, str):
             self.spin_trainer_extra = json.loads(self.spin_trainer_extra)
+        check_single_base_arguments(self)
 
 
 # The valid range of every numeric field of PipelineArguments, checked first in its `__post_init__` (before SFT).
@@ -154,6 +180,7 @@ PIPELINE_FIELD_RANGES = {
     "spin_generation_top_p": between(0, 1, low_open=True),
     "spin_generation_top_k": at_least(0),
     "spin_generation_batch_size": at_least(1),
+    "critic_top_layers": at_least(1, none_ok=True, none_means="every layer trains"),
 }
 
 
@@ -313,7 +340,7 @@ def check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages,
         return check_spin_stage(pipe, srppo_args, stages)
     if pipe.algorithm != "ppo":
         build_group_config(pipe, srppo_args)  # its batch and field checks, before SFT
-    policy = pipe.sft_model or base_path  # SFT keeps the base model's context
+    policy = base_path if pipe.single_base else (pipe.sft_model or base_path)  # SFT keeps the base's context
     revision = getattr(model_args, "model_revision", None) if policy == base_path else None
     config = AutoConfig.from_pretrained(policy, trust_remote_code=model_args.trust_remote_code, **_revision(revision))
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -337,7 +364,8 @@ def check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages,
 
 
 def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_config) -> str:
-    """Runs the SFT stages one after the other; returns the folder of the final SFT model (full weights)."""
+    """Runs the SFT stages one after the other; returns the folder of the final SFT model (full weights, or the
+    SFT LoRA adapter with `single_base`)."""
     from trl import SFTConfig, SFTTrainer
 
     output_root = Path(srppo_args.output_dir) / "sft"
@@ -345,11 +373,7 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
     for index, (name, dataset) in enumerate(stages):
         stage_dir = output_root / f"{index}-{name}"
         final_dir = output_root if index == len(stages) - 1 else stage_dir
-        if (
-            (final_dir / "config.json").exists()
-            and (final_dir / "model.safetensors").exists()
-            or any(final_dir.glob("model-*.safetensors"))
-        ):
+        if (sft_adapter_done if pipe.single_base else _sft_model_done)(final_dir):
             logger.info("SFT stage %s already done in %s: reusing it (delete the folder to retrain).", name, final_dir)
             current = str(final_dir)
             continue
@@ -362,6 +386,7 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
             gradient_accumulation_steps=pipe.sft_gradient_accumulation_steps,
             max_length=pipe.sft_max_length,
             bf16=srppo_args.bf16,
+            fp16=srppo_args.fp16,  # a GPU without bf16 (T4): fp16 mixed precision in SFT too
             use_cpu=srppo_args.use_cpu,  # set by SRPPOConfig for bf16 on a CPU (TrainingArguments needs it there)
             seed=srppo_args.seed,
             report_to=srppo_args.report_to,
@@ -370,21 +395,44 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
             activation_checkpointing=srppo_args.activation_checkpointing,
             **(pipe.sft_extra or {}),
         )
-        # model_revision is the hub base model's: later stages start from this run's local folders.
-        revision = getattr(model_args, "model_revision", None) if current == base_path else None
-        model = load_causal_lm(current, model_init_kwargs(model_args), revision)
+        stage_peft = peft_config
+        if pipe.single_base:
+            model, stage_peft = load_single_base_sft_stage(current, base_path, model_args, peft_config)
+        else:
+            # model_revision is the hub base model's: later stages start from this run's local folders.
+            revision = getattr(model_args, "model_revision", None) if current == base_path else None
+            model = load_causal_lm(current, model_init_kwargs(model_args), revision)
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=dataset.map(to_prompt_completion, remove_columns=dataset.column_names),
             processing_class=tokenizer,
-            peft_config=peft_config,
+            peft_config=stage_peft,
         )
         trainer.train()
-        _save_sft_model(trainer, tokenizer, final_dir, merge_peft=peft_config is not None)
+        # single_base keeps the adapter as it is: stage 2 puts it back on the same base weights, no merge.
+        _save_sft_model(trainer, tokenizer, final_dir, merge_peft=peft_config is not None and not pipe.single_base)
         current = str(final_dir)
         del trainer, model
+        _free_memory()  # before the next stage loads its model
     return current
+
+
+def _sft_model_done(folder: Path) -> bool:
+    """True when `folder` holds a saved full SFT model (a finished stage)."""
+    return (
+        (folder / "config.json").exists()
+        and (folder / "model.safetensors").exists()
+        or any(folder.glob("model-*.safetensors"))
+    )
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) -> None:
@@ -451,8 +499,16 @@ def build_reward(pipe, sft_path, base_path, kwargs, revision: str | None = None)
 def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts, eval_prompts, peft_config):
     """Stage 2. Returns (trainer, metrics before training, metrics after training) on the eval prompts."""
     kwargs = model_init_kwargs(model_args)
-    reward = build_reward(pipe, sft_path, base_path, kwargs, getattr(model_args, "model_revision", None))
-    policy = load_causal_lm(sft_path, kwargs)
+    if pipe.single_base:
+        # One base: policy, reward (SFT and PT) and critic share its weights; the KL reference is the SFT adapter.
+        revision = getattr(model_args, "model_revision", None)
+        policy, reward, value_model = build_single_base_models(pipe, srppo_args, sft_path, base_path, kwargs, revision)
+        ref_model, peft_config = None, None
+    else:
+        reward = build_reward(pipe, sft_path, base_path, kwargs, getattr(model_args, "model_revision", None))
+        policy = load_causal_lm(sft_path, kwargs)
+        value_model = sft_path
+        ref_model = None if pipe.reward_model is None or pipe.algorithm != "ppo" else load_causal_lm(sft_path, kwargs)
     if pipe.algorithm == "ppo":
         from .trainer import SRPPOTrainer
 
@@ -465,16 +521,16 @@ def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts
             args=srppo_args,
             processing_class=tokenizer,
             model=policy,
-            ref_model=None if pipe.reward_model is None else load_causal_lm(sft_path, kwargs),
+            ref_model=ref_model,
             reward_model=reward,
-            value_model=sft_path,
+            value_model=value_model,
             train_dataset=prompts,
             eval_dataset=eval_prompts if len(eval_prompts) else None,
             peft_config=peft_config,
         )
         before = _evaluate(trainer, eval_prompts, srppo_args.seed)
         before_samples = _sample_rewards(trainer, eval_prompts, pipe.eval_num_samples, srppo_args.seed)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume_argument(srppo_args.resume_from_checkpoint))
         after = _evaluate(trainer, eval_prompts, srppo_args.seed)
         after_samples = _sample_rewards(trainer, eval_prompts, pipe.eval_num_samples, srppo_args.seed)
         trainer.sample_rewards = {"SFT": before_samples, "SRPPO": after_samples}
@@ -482,6 +538,14 @@ def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts
     trainer = _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config)
     trainer.train()
     return trainer, {}, {}
+
+
+def resume_argument(value):
+    """`resume_from_checkpoint` for `trainer.train`: a checkpoint folder, True for 'true' (the last complete checkpoint
+    of the stage-2 output folder), None for unset or 'false'."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value or None
 
 
 def _evaluate(trainer, eval_prompts, seed) -> dict:
@@ -638,6 +702,7 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
     start = time.time()
     model_args.trust_remote_code = srppo_args.trust_remote_code  # one flag (SRPPOConfig's), read by every loader
     output_dir = Path(srppo_args.output_dir)
+    check_single_base_run(pipe, srppo_args, model_args)  # turns LoRA on; refuses sharded training
     output_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base_model(base_model_name(pipe, model_args))
     revision = model_args.model_revision
@@ -664,8 +729,11 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
         if pipe.offline_eval_n > 0 and pipe.algorithm == "ppo":
             policy = trainer.accelerator.unwrap_model(trainer.model).policy
             rows["SRPPO"].update(_offline_scores(policy, tokenizer, pipe.offline_eval_n))
-            sft = trainer.reward_model.sft_model if pipe.reward_model is None else trainer.ref_model
-            rows["SFT"].update(_offline_scores(sft, tokenizer, pipe.offline_eval_n))
+            if pipe.reward_model is None:  # the reward's SFT model (single-base: the "sft" adapter active)
+                with trainer.reward_model.sft_context() as sft:
+                    rows["SFT"].update(_offline_scores(sft, tokenizer, pipe.offline_eval_n))
+            else:
+                rows["SFT"].update(_offline_scores(trainer.ref_model, tokenizer, pipe.offline_eval_n))
         result["results"] = rows
         samples = getattr(trainer, "sample_rewards", None)
         if samples and samples.get("SFT") and samples.get("SRPPO"):

@@ -288,8 +288,9 @@ class SharedBaseValueModel(nn.Module):
                     input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
                 ).last_hidden_state
         # With a `device_map` the last hidden state is where the last layer ran, which the head follows (a no-op
-        # otherwise).
-        return TokenClassifierOutput(logits=self.score(hidden.to(self.score.weight.device)))
+        # otherwise); an fp32 head (fp16 training) reads it in fp32.
+        weight = self.score.weight
+        return TokenClassifierOutput(logits=self.score(hidden.to(device=weight.device, dtype=weight.dtype)))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         self._peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)

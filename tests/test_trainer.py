@@ -71,6 +71,16 @@ def test_critic_warmup_leaves_the_policy_unchanged_and_trains_the_critic(tokeniz
     assert all(h.get("critic_warmup", 1.0) == 1.0 for h in trainer.state.log_history if "critic_warmup" in h)
 
 
+def test_a_warmup_covering_the_whole_run_is_warned_about(tokenizer, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="srppo_trl.trainer"):
+        _trainer(tokenizer, tmp_path, critic_warmup_steps=2, max_steps=2)
+    assert "covers all 2 rollout buffers" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="srppo_trl.trainer"):
+        _trainer(tokenizer, tmp_path, critic_warmup_steps=40, max_steps=41)  # a long warm-up is fine
+    assert "covers all" not in caplog.text
+
+
 def test_warmup_buffers_are_dropped_before_the_first_actor_update(tokenizer, tmp_path):
     # 1 warm-up buffer then 1 actor buffer: the actor's buffer is generated fresh, not the warm-up one reused.
     trainer = _trainer(tokenizer, tmp_path, critic_warmup_steps=1, max_steps=2)

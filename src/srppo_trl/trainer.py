@@ -199,6 +199,13 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         if eval_dataset is not None:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, model, args, "eval_dataset")
         self._set_training_length(args, len(train_dataset))
+        if args.critic_warmup_steps and args.critic_warmup_steps >= args.num_total_batches:
+            logger.warning(
+                "critic_warmup_steps=%s covers all %s rollout buffers of this run: only the critic will learn. Train "
+                "longer (max_steps, total_episodes) to update the policy after the warm-up.",
+                args.critic_warmup_steps,
+                args.num_total_batches,
+            )
         self._user_collator = data_collator
 
         super().__init__(

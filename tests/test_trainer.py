@@ -321,6 +321,10 @@ def test_normalize_reward_uses_the_running_moments_of_every_score_so_far(tokeniz
     assert trainer._reward_moments[0].item() == 12
     logged = [h["reward_norm/std"] for h in trainer.state.log_history if "reward_norm/std" in h]
     assert logged[-1] == pytest.approx(torch.cat(scores).std().item(), rel=1e-5)
+    # Evaluation normalises by the training statistics without updating them.
+    metrics = trainer.evaluate(eval_dataset=_prompts(4))
+    assert "eval_objective/normalized_scores" in metrics
+    assert trainer._reward_moments[0].item() == 12
 
 
 def _values_now(trainer, buffer):

@@ -3,8 +3,8 @@
     accelerate launch --num_processes 2 --cpu tests/scripts/train_tiny.py OUTPUT_DIR [--critic_warmup_steps N]
         [--normalize_reward] [--value_bias_init]
 
-With `--normalize_reward` every process also prints its running reward moments, the moments of every score of every
-buffer (gathered from all processes) and its critic head's bias, as one `report {json}` line each.
+With `--normalize_reward` every process also writes its running reward moments, the moments of every score of every
+buffer (gathered from all processes) and its critic head's bias, in `OUTPUT_DIR/report_rank<N>.json`.
 
 Shrunk on purpose (tiny models from srppo_trl.testing, 8 prompts, 6-token responses, 4 optimizer steps) so that two
 CPU processes (gloo) finish in well under a minute. Every process builds identical models from the same seeds.
@@ -12,6 +12,7 @@ CPU processes (gloo) finish in well under a minute. Every process builds identic
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -84,7 +85,8 @@ def main():
         bias = trainer.model.value_model.score.bias.item()
         rank = trainer.accelerator.process_index
         report = {"rank": rank, "moments": trainer._reward_moments.tolist(), "expected": expected, "bias": bias}
-        print("report " + json.dumps(report), flush=True)
+        # One file per process: two processes printing at once can interleave their lines.
+        (Path(cli.output_dir) / f"report_rank{rank}.json").write_text(json.dumps(report))
     if trainer.accelerator.is_main_process:
         print(f"world_size={trainer.accelerator.num_processes} global_step={trainer.state.global_step}")
 

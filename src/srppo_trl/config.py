@@ -280,8 +280,9 @@ class SRPPOConfig(_BaseConfig):
         metadata={
             "help": "Normalise the sequence score by the running mean and standard deviation of every score seen "
             "so far (all processes, this buffer included), before the KL penalty is added: (score - mean) / std. "
-            "OpenRLHF's `normalize_reward`, with running statistics. The values, returns and `objective/rlhf_reward` "
-            "are then in normalised units; the statistics are checkpointed. Sequence granularity only."
+            "OpenRLHF's `normalize_reward` with running statistics (as TRL's former `use_score_norm`). The values, "
+            "returns and `objective/rlhf_reward` are then in normalised units; the statistics are checkpointed. "
+            "Sequence granularity only."
         },
     )
 

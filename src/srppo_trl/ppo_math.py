@@ -1,4 +1,5 @@
-"""The PPO math of SRPPO as pure functions: masked statistics, KL estimators, reward shaping, GAE and the losses.
+"""The PPO math of SRPPO as pure functions: masked and running statistics, KL estimators, reward shaping, GAE, the
+losses.
 
 Importable with torch alone. Conventions shared by every function:
 
@@ -198,7 +199,7 @@ def moments_to_running(moments: Tensor) -> Tensor:
 
 def merge_running_moments(running: Tensor, batch: Tensor) -> Tensor:
     """Running moments `[count, mean, m2]` of the union of two samples (Chan, Golub and LeVeque's parallel merge; the
-    update of OpenRLHF's and stable-baselines3's running mean/std):
+    update of stable-baselines3's `RunningMeanStd` and of TRL's former `RunningMoments`):
 
         n = n_a + n_b,   d = mean_b - mean_a
         mean = mean_a + d * n_b / n

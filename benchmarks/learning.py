@@ -23,7 +23,11 @@ one mini batch; GRPO/RLOO: 4 prompts x 4 generations), one policy epoch per batc
 (2e-5, constant schedule: 4x the demo's 5e-6, which barely moves the model in a few updates, see docs/replication.md;
 no sweep) and for SRPPO's critic, the same KL coefficient 0.05 (SRPPO `kl_coef`, GRPO/RLOO `beta`; note GRPO puts it in
 the loss as a per-token k3 term, RLOO and SRPPO as a reward penalty), no missing-EOS penalty, seed 0. SRPPO spends
-its first `--critic-warmup` buffers training only the critic, inside its budget.
+its first `--critic-warmup` buffers training only the critic, inside its budget; `--normalize-reward` and
+`--value-bias-init` turn on SRPPOConfig's `normalize_reward` and `value_bias_init` (off by default), e.g.
+
+    PYTHONPATH=src python benchmarks/learning.py --reward coherent --lam 1 --cliprange-value none \
+        --normalize-reward --value-bias-init --critic-warmup 8 --label "norm + bias init, warm-up 8"
 
 Measured, for each (reward, trainer), by a `TrainerCallback` that also enforces the budget (it stops training at the
 first optimizer step past it): every `--eval-every-s` seconds of training, on `--eval-prompts` held-out prompts, one
@@ -111,6 +115,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=None,
         help="SRPPO's GAE lambda (default: SRPPOConfig's, TRL 1.12's 0.95; paper 1.0)",
+    )
+    p.add_argument(
+        "--normalize-reward",
+        action="store_true",
+        help="SRPPO: normalise the score by its running mean and std (SRPPOConfig.normalize_reward)",
+    )
+    p.add_argument(
+        "--value-bias-init",
+        action="store_true",
+        help="SRPPO: start the critic head's bias at the first buffer's mean return (SRPPOConfig.value_bias_init)",
     )
     p.add_argument(
         "--label", default=None, help="suffix of the trainers' names in the results, e.g. 'warm-up 0' (for --report)"
@@ -403,6 +417,8 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
             critic_warmup_steps=args.critic_warmup,
             cliprange_value=args.cliprange_value,
             **({} if args.lam is None else {"lam": args.lam}),
+            normalize_reward=args.normalize_reward,
+            value_bias_init=args.value_bias_init,
             missing_eos_penalty=None,
             stop_token="eos",  # responses end at EOS, as GRPO/RLOO's do (SRPPOConfig's TRL 1.12 default: no stop)
             local_rollout_forward_batch_size=args.samples_per_step,

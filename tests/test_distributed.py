@@ -3,12 +3,14 @@
 Shrunk hyper-parameters: tiny models (srppo_trl.testing), 8 prompts, 6-token responses, 4 optimizer steps.
 """
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -41,6 +43,25 @@ def test_two_cpu_processes_train_to_completion_and_save(tmp_path):
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert (tmp_path / "checkpoint-4" / "value_model" / "model.safetensors").exists()
     assert (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
+
+
+def test_reward_moments_and_value_bias_are_the_same_on_every_process(tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(accelerate), "launch", "--config_file", str(CPU_2PROC), "--main_process_port", str(_free_port()),
+        str(SCRIPT), str(tmp_path), "--normalize_reward", "--value_bias_init",
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report_rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        moments, expected = report["moments"], report["expected"]
+        # Both buffers of 4 responses (2 per process): the moments of all 8 scores, not of one process's 4.
+        assert moments[0] == expected[0] == 8
+        assert moments[1:] == pytest.approx(expected[1:], rel=1e-9, abs=1e-12)
+    assert reports[0]["moments"] == reports[1]["moments"]
+    assert reports[0]["bias"] == reports[1]["bias"]  # one shift, computed from the whole buffer, on every process
 
 
 def _train(tmp_path, seed):

@@ -50,3 +50,26 @@ def test_learning_benchmark_records_rows_for_every_trainer_and_reward(tiny_base,
     merged = tmp_path / "merged"
     table = _load_script().report([str(out / "results.json")] * 2, str(merged))
     assert table.count("| scripted |") == 3 and (merged / "learning.png").stat().st_size > 0
+
+
+def test_srppo_critic_options_reach_the_srppo_arm(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from srppo_trl import CoherentRewardModel
+
+    start = tmp_path / "start"
+    tokenizer = tiny_tokenizer()
+    tiny_causal_lm(tokenizer, seed=1).save_pretrained(start)
+    tokenizer.save_pretrained(start)
+    module = _load_script()
+    argv = ["--output-dir", str(tmp_path), "--normalize-reward", "--value-bias-init", "--critic-warmup", "5"]
+    args = module.parse_args(argv + ["--samples-per-step", "4"])
+    reward = CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2))
+    prompts = Dataset.from_dict({"prompt": [f"What is {i} plus {i}?" for i in range(4)]})
+    callback = TrainerCallback()
+    trainer = module.build_trainer("srppo", args, str(start), reward, None, None, tokenizer, prompts, callback)
+    assert (trainer.args.normalize_reward, trainer.args.value_bias_init) == (True, True)
+    assert trainer.args.critic_warmup_steps == 5
+    defaults = module.parse_args(["--output-dir", str(tmp_path)])
+    assert (defaults.normalize_reward, defaults.value_bias_init) == (False, False)  # opt-in

@@ -148,6 +148,69 @@ def test_masked_whiten_single_or_no_element_is_finite(shift_mean, mask_rows):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Running reward statistics
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _running(samples):
+    return ppo_math.moments_to_running(ppo_math.masked_moments(torch.tensor(samples), torch.ones(len(samples))))
+
+
+def test_moments_to_running_by_hand():
+    # [1, 2, 3]: count 3, mean 2, m2 = 1 + 0 + 1 = 2
+    torch.testing.assert_close(_running([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(_running([]), torch.zeros(3, dtype=torch.float64))
+
+
+def test_merge_running_moments_by_hand():
+    # a = [1, 2, 3]: n 3, mean 2, m2 2;  b = [5, 7]: n 2, mean 6, m2 2
+    # n = 5, d = 4, mean = 2 + 4 * 2 / 5 = 3.6, m2 = 2 + 2 + 16 * 3 * 2 / 5 = 23.2
+    # (direct: deviations of [1, 2, 3, 5, 7] from 3.6 squared: 6.76 + 2.56 + 0.36 + 1.96 + 11.56 = 23.2)
+    merged = ppo_math.merge_running_moments(_running([1.0, 2.0, 3.0]), _running([5.0, 7.0]))
+    torch.testing.assert_close(merged, torch.tensor([5.0, 3.6, 23.2], dtype=torch.float64))
+    mean, var = ppo_math.running_mean_var(merged)
+    assert (mean.item(), var.item()) == pytest.approx((3.6, 23.2 / 4))  # unbiased: m2 / (n - 1)
+    assert ppo_math.running_mean_var(merged, unbiased=False)[1].item() == pytest.approx(23.2 / 5)
+
+
+def test_merging_buffer_by_buffer_gives_the_moments_of_all_scores():
+    torch.manual_seed(0)
+    buffers = [20.0 + 5.0 * torch.randn(n) for n in (8, 3, 1, 16)]
+    running = torch.zeros(3, dtype=torch.float64)
+    for scores in buffers:
+        running = ppo_math.merge_running_moments(running, _running(scores.tolist()))
+    everything = torch.cat(buffers).double()
+    mean, var = ppo_math.running_mean_var(running)
+    assert running[0].item() == 28
+    assert mean.item() == pytest.approx(everything.mean().item(), rel=1e-12)
+    assert var.item() == pytest.approx(everything.var().item(), rel=1e-10)
+
+
+def test_merge_with_an_empty_side_keeps_the_other():
+    a = _running([1.0, 2.0, 3.0])
+    empty = torch.zeros(3, dtype=torch.float64)
+    torch.testing.assert_close(ppo_math.merge_running_moments(empty, a), a)
+    torch.testing.assert_close(ppo_math.merge_running_moments(a, empty), a)
+    torch.testing.assert_close(ppo_math.merge_running_moments(empty, empty), empty)
+
+
+def test_running_mean_var_of_one_and_no_sample():
+    assert [t.item() for t in ppo_math.running_mean_var(_running([4.0]))] == [4.0, 0.0]  # no Bessel for one sample
+    assert [t.item() for t in ppo_math.running_mean_var(torch.zeros(3))] == [0.0, 0.0]
+
+
+def test_normalize_scores_by_hand():
+    scores = torch.tensor([1.0, 2.0, 3.0])
+    # mean 2, var 4 -> (x - 2) / 2 = -0.5, 0, 0.5 ; without the shift x / 2 = 0.5, 1, 1.5
+    torch.testing.assert_close(ppo_math.normalize_scores(scores, 2.0, 4.0), torch.tensor([-0.5, 0.0, 0.5]))
+    torch.testing.assert_close(
+        ppo_math.normalize_scores(scores, 2.0, 4.0, shift_mean=False), torch.tensor([0.5, 1.0, 1.5])
+    )
+    assert ppo_math.normalize_scores(scores.bfloat16(), 2.0, 4.0).dtype == torch.float32
+    assert torch.isfinite(ppo_math.normalize_scores(scores, 0.0, 0.0)).all()  # eps: no division by zero
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # KL estimators
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -410,6 +473,48 @@ def test_gae_rejects_out_of_range_discounts(gamma, lam):
 def test_gae_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         compute_gae(torch.zeros(1, 2), torch.zeros(1, 3), torch.ones(1, 2), 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "lam, expected",
+    [
+        # gamma = lam = 1: R = [10, 10] whatever V; c = mean(R - V) = (9 + 8) / 2 = 8.5
+        (1.0, 8.5),
+        # lam = 0.5: deltas [0 + 2 - 1, 10 - 2] = [1, 8] -> A = [1 + 0.5 * 8, 8] = [5, 8], sum 13;
+        # unit values: deltas [1 - 1, 0 - 1] = [0, -1] -> A = [-0.5, -1], sum -1.5; c = 13 / 1.5
+        (0.5, 13 / 1.5),
+    ],
+)
+def test_mean_return_offset_by_hand(lam, expected):
+    rewards = torch.tensor([[0.0, 10.0, 99.0]])
+    values = torch.tensor([[1.0, 2.0, 99.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    terms = ppo_math.mean_return_offset_terms(rewards, values, mask, gamma=1.0, lam=lam)
+    offset = ppo_math.mean_return_offset(terms)
+    assert offset.item() == pytest.approx(expected)
+    shifted = values + offset.float() * mask
+    _, returns = compute_gae(rewards, shifted, mask, 1.0, lam)
+    assert masked_mean(returns, mask).item() == pytest.approx(masked_mean(shifted, mask).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 1.0), (1.0, 0.95), (0.9, 0.8)])
+def test_mean_return_offset_makes_the_mean_value_the_mean_return(gamma, lam):
+    torch.manual_seed(2)
+    rewards, values = torch.randn(5, 9), torch.randn(5, 9)
+    mask = prefix_masks([9, 4, 1, 7, 2], 9)
+    # Terms summed over two "processes" (rows 0-1 and 2-4) give the offset of the whole buffer.
+    terms = sum(
+        ppo_math.mean_return_offset_terms(rewards[rows], values[rows], mask[rows], gamma, lam)
+        for rows in (slice(0, 2), slice(2, 5))
+    )
+    shifted = values + ppo_math.mean_return_offset(terms).float() * mask
+    _, returns = compute_gae(rewards, shifted, mask, gamma, lam)
+    assert masked_mean(returns, mask).item() == pytest.approx(masked_mean(shifted, mask).item(), abs=1e-5)
+
+
+def test_mean_return_offset_of_an_empty_mask_is_zero():
+    terms = ppo_math.mean_return_offset_terms(torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, 3), 1.0, 1.0)
+    assert ppo_math.mean_return_offset(terms).item() == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -127,6 +127,9 @@ def _run_interrupted_and_resumed(tokenizer, tmp_path, crash_at, resume_from, **o
         pytest.param(6, 4, dict(critic_warmup_steps=2), id="warmup-spans-crash"),
         # Second pass over the prompts (8 per epoch = 8 steps): the resumed sampler must reshuffle as epoch 1.
         pytest.param(14, 12, dict(max_steps=16), id="second-epoch"),
+        # The running reward moments and the value-bias flag come back from the checkpoint: the resumed run
+        # normalises by the moments of all earlier buffers and does not shift the critic's bias again.
+        pytest.param(6, 4, dict(normalize_reward=True, value_bias_init=True), id="reward-norm-and-value-bias"),
     ],
 )
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tokenizer, tmp_path, crash_at, resume_from, overrides):
@@ -135,7 +138,13 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tokenizer, tmp_path, c
     assert resumed.state.global_step == straight.state.global_step == steps
     _assert_same_weights(_weights(resumed), _weights(straight))
     assert _logged_steps(resumed) == _logged_steps(straight) == list(range(1, steps + 1))
-    for key in ("objective/scores", "loss/value_avg", "critic_warmup"):
+    for key in (
+        "objective/scores",
+        "loss/value_avg",
+        "critic_warmup",
+        "objective/normalized_scores",
+        "reward_norm/std",
+    ):
         got = [h[key] for h in resumed.state.log_history if key in h]
         want = [h[key] for h in straight.state.log_history if key in h]
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6), key
@@ -380,6 +389,14 @@ def test_value_model_without_a_scalar_head_is_refused(tokenizer, tmp_path, kind)
         critic = AutoModelForTokenClassification.from_config(_classifier_config(tokenizer, num_labels=2))
     with pytest.raises(ValueError, match="one scalar per token"):
         _build(tokenizer, tmp_path, value_model=critic)
+
+
+def test_value_bias_init_needs_a_head_with_a_bias(tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    critic = AutoModelForSequenceClassification.from_config(_classifier_config(tokenizer))  # `score` has no bias
+    with pytest.raises(ValueError, match="no trainable bias"):
+        _build(tokenizer, tmp_path, value_model=critic, value_bias_init=True)
 
 
 def _classifier_config(tokenizer, num_labels=1):

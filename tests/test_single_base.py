@@ -162,6 +162,31 @@ def test_single_base_training_moves_policy_and_critic_adapters_only_and_saves(to
     torch.testing.assert_close(critic(ids, attention).logits, values)
 
 
+def test_value_bias_init_shifts_the_single_base_critic_head(tokenizer, tmp_path):
+    from srppo_trl.ppo_math import masked_mean
+
+    trainer, _, _, critic = _single_base_trainer(tokenizer, tmp_path, max_steps=1, value_bias_init=True, lam=0.95)
+    bias = critic.score.bias.detach().clone()
+    seen, original = [], trainer.make_rollout_buffer
+
+    def spy(batch):  # right after the buffer is made, before the critic's first update
+        buffer = original(batch)
+        with torch.no_grad():
+            _, values = trainer._policy_and_values(
+                trainer.model, buffer["query"], buffer["query_mask"], buffer["response"], buffer["response_mask"]
+            )
+        mask = buffer["response_mask"]
+        seen.append((masked_mean(values, mask).item(), masked_mean(buffer["returns"], mask).item()))
+        seen.append(critic.score.bias.detach().clone())
+        return buffer
+
+    trainer.make_rollout_buffer = spy
+    trainer.train()
+    (mean_value, mean_return), shifted = seen
+    assert mean_value == pytest.approx(mean_return, abs=1e-4)
+    assert not torch.equal(shifted, bias)
+
+
 # ---------------------------------------------------------------------------------------------- scoring budget
 
 

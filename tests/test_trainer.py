@@ -11,7 +11,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from srppo_trl import CoherentRewardModel, SRPPOTrainer
+from srppo_trl import CoherentRewardModel, SRPPOTrainer, ppo_math
 from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
 from srppo_trl.trainer import response_mask_after_stop
 
@@ -69,6 +69,16 @@ def test_critic_warmup_leaves_the_policy_unchanged_and_trains_the_critic(tokeniz
     assert all(torch.equal(p, policy[n]) for n, p in trainer.model.policy.named_parameters())
     assert all(not torch.equal(p, critic[n]) for n, p in trainer.model.value_model.named_parameters())
     assert all(h.get("critic_warmup", 1.0) == 1.0 for h in trainer.state.log_history if "critic_warmup" in h)
+
+
+def test_a_warmup_covering_the_whole_run_is_warned_about(tokenizer, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="srppo_trl.trainer"):
+        _trainer(tokenizer, tmp_path, critic_warmup_steps=2, max_steps=2)
+    assert "covers all 2 rollout buffers" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="srppo_trl.trainer"):
+        _trainer(tokenizer, tmp_path, critic_warmup_steps=40, max_steps=41)  # a long warm-up is fine
+    assert "covers all" not in caplog.text
 
 
 def test_warmup_buffers_are_dropped_before_the_first_actor_update(tokenizer, tmp_path):
@@ -246,6 +256,7 @@ def _trainer_with_data(tokenizer, tmp_path, data):
         (dict(response_length=0), "response_length"),
         (dict(rollout_batch_size=10), "divisible"),
         (dict(rollout_batch_size=8, num_mini_batches=4), "not both"),  # 8 / 4 per step gives 2, not 4
+        (dict(normalize_reward=True, reward_granularity="token"), "normalize_reward"),
     ],
 )
 def test_config_checks(tmp_path, overrides, message):
@@ -275,3 +286,94 @@ def test_sequence_classifier_with_another_vocabulary_is_refused(tokenizer, tmp_p
     with pytest.raises(ValueError, match="same tokenizer"):
         SRPPOTrainer(args=_args(tmp_path), processing_class=tokenizer, model=tiny_causal_lm(tokenizer, seed=1),
                      ref_model=tiny_causal_lm(tokenizer, seed=1), reward_model=reward, train_dataset=_prompts())  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- the critic's start
+
+
+def _buffers_of(trainer, on_buffer=None):
+    """Records every rollout buffer `trainer` makes (and calls `on_buffer(buffer)` right after, before any update)."""
+    buffers, original = [], trainer.make_rollout_buffer
+
+    def spy(batch):
+        buffer = original(batch)
+        buffers.append(buffer)
+        if on_buffer is not None:
+            on_buffer(buffer)
+        return buffer
+
+    trainer.make_rollout_buffer = spy
+    return buffers
+
+
+def test_normalize_reward_uses_the_running_moments_of_every_score_so_far(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, normalize_reward=True, max_steps=3)  # 3 buffers of 4 responses
+    buffers = _buffers_of(trainer)
+    trainer.train()
+    scores = [b["scores"].double() for b in buffers]
+    for k, buffer in enumerate(buffers):
+        seen = torch.cat(scores[: k + 1])  # this buffer's scores included
+        expected = (scores[k] - seen.mean()) / (seen.var() + 1e-8).sqrt()  # unbiased variance, as OpenRLHF's std
+        torch.testing.assert_close(buffer["normalized_scores"].double(), expected, rtol=1e-5, atol=1e-5)
+        # The normalised score, not the raw one, is what the KL-shaped rewards carry.
+        kl_part = -trainer.args.kl_coef * buffer["kl"].sum(-1)
+        torch.testing.assert_close(buffer["rewards"].sum(-1), buffer["normalized_scores"] + kl_part)
+    assert trainer._reward_moments[0].item() == 12
+    logged = [h["reward_norm/std"] for h in trainer.state.log_history if "reward_norm/std" in h]
+    assert logged[-1] == pytest.approx(torch.cat(scores).std().item(), rel=1e-5)
+    # Evaluation normalises by the training statistics without updating them.
+    metrics = trainer.evaluate(eval_dataset=_prompts(4))
+    assert "eval_objective/normalized_scores" in metrics
+    assert trainer._reward_moments[0].item() == 12
+
+
+def _values_now(trainer, buffer):
+    """The critic's values on the buffer's responses, from a fresh forward (the weights as they are now)."""
+    with torch.no_grad():
+        _, values = trainer._policy_and_values(
+            trainer.model, buffer["query"], buffer["query_mask"], buffer["response"], buffer["response_mask"]
+        )
+    return values
+
+
+@pytest.mark.parametrize(
+    "value_bias_init, normalize_reward",
+    [(True, False), (True, True), ("lora", False), (False, False)],  # the last: what is seen without the option
+    ids=["init", "init-normalized", "init-lora-critic", "no-init"],
+)
+def test_value_bias_init_starts_the_critic_at_the_first_buffers_mean_return(
+    tokenizer, tmp_path, value_bias_init, normalize_reward
+):
+    # With a LoRA policy the critic gets an adapter and a trained copy of its head (PEFT's `modules_to_save`).
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = _trainer(
+        tokenizer,
+        tmp_path,
+        value_bias_init=bool(value_bias_init),
+        normalize_reward=normalize_reward,
+        lam=0.95,
+        peft_config=lora if value_bias_init == "lora" else None,
+    )
+    seen = []
+    mask_mean = ppo_math.masked_mean
+
+    def check(buffer):  # right after the first buffer is made, before any critic update
+        mask = buffer["response_mask"]
+        seen.append((mask_mean(_values_now(trainer, buffer), mask).item(), mask_mean(buffer["returns"], mask).item()))
+        if trainer._reused_forward is not None:  # the first micro-batch's kept forward has the new bias too
+            micro = len(trainer._reused_forward[1])
+            torch.testing.assert_close(
+                trainer._reused_forward[1].detach() * mask[:micro], _values_now(trainer, buffer)[:micro] * mask[:micro]
+            )
+
+    buffers = _buffers_of(trainer, on_buffer=lambda b: check(b) if not seen else None)
+    trainer.train()
+    (mean_value, mean_return) = seen[0]
+    if value_bias_init:
+        assert mean_value == pytest.approx(mean_return, abs=1e-4)
+        assert mask_mean(buffers[0]["values"], buffers[0]["response_mask"]).item() == pytest.approx(
+            mean_return, abs=1e-4
+        )
+        assert trainer._value_bias_initialized
+    else:
+        assert abs(mean_value - mean_return) > 1e-2  # a fresh head starts near 0, far from the returns

@@ -19,6 +19,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 VALUE_MODEL_DIR = "value_model"
+# The trainer's own state beyond the Trainer's (JSON: floats round-trip exactly), in every checkpoint.
+EXTRA_STATE_FILE = "srppo_trainer_state.json"
 
 
 class CheckpointMixin:
@@ -83,6 +85,8 @@ class CheckpointMixin:
             self.processing_class.save_pretrained(tmp_dir)
         # The config as JSON (hub tokens redacted by `to_json_string`); no pickled training_args.bin.
         (tmp_dir / "srppo_config.json").write_text(self.args.to_json_string())
+        if is_checkpoint:
+            (tmp_dir / EXTRA_STATE_FILE).write_text(json.dumps(self._trainer_extra_state(), indent=2))
         _replace_dir(tmp_dir, target)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -103,12 +107,45 @@ class CheckpointMixin:
                 f"{resume_from_checkpoint} is not a complete SRPPOTrainer checkpoint (no trainer_state.json, or no "
                 "weights): the run was probably killed while saving it; resume from the previous checkpoint."
             )
+        if resume_from_checkpoint:
+            self._load_trainer_extra_state(Path(resume_from_checkpoint))
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+
+    def _trainer_extra_state(self) -> dict:
+        """What a resumed run needs besides the weights and the Trainer's state: the running reward moments
+        (`normalize_reward`; the same on every process) and whether `value_bias_init` was done."""
+        before = self._reward_moments_before
+        return {
+            "reward_moments": self._reward_moments.tolist(),
+            "reward_moments_before": None if before is None else before.tolist(),
+            "reward_moments_buffer": self._reward_moments_buffer,
+            "value_bias_initialized": self._value_bias_initialized,
+        }
+
+    def _load_trainer_extra_state(self, checkpoint: Path) -> None:
+        import torch
+
+        path = checkpoint / EXTRA_STATE_FILE
+        if not path.is_file():
+            if self.args.normalize_reward or self.args.value_bias_init:
+                logger.warning(
+                    "%s has no %s (saved by an older version): the reward statistics start afresh and "
+                    "value_bias_init is applied at the first buffer of this run.",
+                    checkpoint,
+                    EXTRA_STATE_FILE,
+                )
+            return
+        state = json.loads(path.read_text())
+        before = state["reward_moments_before"]
+        self._reward_moments = torch.tensor(state["reward_moments"], dtype=torch.float64)
+        self._reward_moments_before = None if before is None else torch.tensor(before, dtype=torch.float64)
+        self._reward_moments_buffer = state["reward_moments_buffer"]
+        self._value_bias_initialized = state["value_bias_initialized"]
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Loads the policy (full weights or adapter) and the critic saved by `_save`."""

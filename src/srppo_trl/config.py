@@ -275,6 +275,16 @@ class SRPPOConfig(_BaseConfig):
         default=None,
         metadata={"help": "Subtracted from the score of responses truncated at `response_length` without EOS."},
     )
+    normalize_reward: bool = field(
+        default=False,
+        metadata={
+            "help": "Normalise the sequence score by the running mean and standard deviation of every score seen "
+            "so far (all processes, this buffer included), before the KL penalty is added: (score - mean) / std. "
+            "OpenRLHF's `normalize_reward` with running statistics (as TRL's former `use_score_norm`). The values, "
+            "returns and `objective/rlhf_reward` are then in normalised units; the statistics are checkpointed. "
+            "Sequence granularity only."
+        },
+    )
 
     # ---- PPO ----
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout buffer."})
@@ -343,7 +353,16 @@ class SRPPOConfig(_BaseConfig):
         default=0,
         metadata={
             "help": "Number of rollout buffers during which only the critic learns (paper: 35). Their rollouts train "
-            "the critic and are then dropped."
+            "the critic and are then dropped. Choose it with `val/abs_error`: it should fall well below the spread "
+            "of the returns before the actor starts."
+        },
+    )
+    value_bias_init: bool = field(
+        default=False,
+        metadata={
+            "help": "At the first rollout buffer, before any critic update, shift the bias of the critic's scalar "
+            "head so that the critic's mean value over that buffer equals its mean return (of the normalised "
+            "rewards with `normalize_reward`). Done once per run (a resumed run does not do it again)."
         },
     )
     save_value_model: bool = field(
@@ -412,6 +431,11 @@ class SRPPOConfig(_BaseConfig):
         if self.reward_granularity not in REWARD_GRANULARITIES:
             raise ValueError(
                 f"reward_granularity must be one of {REWARD_GRANULARITIES}, got {self.reward_granularity!r}."
+            )
+        if self.normalize_reward and self.reward_granularity != "sequence":
+            raise ValueError(
+                "normalize_reward normalises the sequence score, but reward_granularity='token' rewards every token: "
+                "set normalize_reward=False or reward_granularity='sequence'."
             )
         if self.stop_token not in ("eos", None):
             raise ValueError(f"stop_token must be 'eos' or None, got {self.stop_token!r}.")

@@ -1,4 +1,5 @@
-"""The PPO math of SRPPO as pure functions: masked statistics, KL estimators, reward shaping, GAE and the losses.
+"""The PPO math of SRPPO as pure functions: masked and running statistics, KL estimators, reward shaping, GAE, the
+losses.
 
 Importable with torch alone. Conventions shared by every function:
 
@@ -39,7 +40,13 @@ __all__ = [
     "masked_moments",
     "masked_var",
     "masked_whiten",
+    "mean_return_offset",
+    "mean_return_offset_terms",
+    "merge_running_moments",
+    "moments_to_running",
+    "normalize_scores",
     "policy_loss",
+    "running_mean_var",
     "shape_rewards",
     "value_loss",
 ]
@@ -171,6 +178,64 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return _zero_outside(whitened, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running reward statistics (reward normalisation across rollout buffers)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def moments_to_running(moments: Tensor) -> Tensor:
+    """`masked_moments` (`[sum, sum of squares, count]`, possibly summed over processes) as running moments
+    `[count, mean, m2]` in float64, where `m2 = sum_i (x_i - mean)^2`; all zeros for a count of 0.
+
+    Shapes: [3] -> [3].
+    """
+    total, total_sq, n = moments.double().unbind()
+    mean = torch.where(n > 0, total / n.clamp(min=1), torch.zeros_like(total))
+    m2 = torch.where(n > 0, total_sq - n * mean * mean, torch.zeros_like(total)).clamp(min=0)
+    return torch.stack([n, mean, m2])
+
+
+def merge_running_moments(running: Tensor, batch: Tensor) -> Tensor:
+    """Running moments `[count, mean, m2]` of the union of two samples (Chan, Golub and LeVeque's parallel merge; the
+    update of stable-baselines3's `RunningMeanStd` and of TRL's former `RunningMoments`):
+
+        n = n_a + n_b,   d = mean_b - mean_a
+        mean = mean_a + d * n_b / n
+        m2   = m2_a + m2_b + d^2 * n_a * n_b / n
+
+    Exact whatever the order of the samples, so merging buffer by buffer gives the moments of all scores seen. A side
+    with a count of 0 leaves the other unchanged. Computed in float64. Shapes: [3], [3] -> [3].
+    """
+    n_a, mean_a, m2_a = running.double().unbind()
+    n_b, mean_b, m2_b = batch.double().unbind()
+    n = n_a + n_b
+    if n.item() == 0:
+        return torch.zeros(3, dtype=torch.float64, device=running.device)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n
+    m2 = m2_a + m2_b + delta * delta * n_a * n_b / n
+    return torch.stack([n, mean, m2])
+
+
+def running_mean_var(running: Tensor, unbiased: bool = True) -> tuple[Tensor, Tensor]:
+    """(mean, variance) of running moments `[count, mean, m2]`: `var = m2 / (n - 1)` (`m2 / n` when not `unbiased`,
+    or when n = 1); (0, 0) for a count of 0. Shapes: [3] -> (scalar, scalar), float64."""
+    n, mean, m2 = running.double().unbind()
+    denominator = n - 1 if unbiased else n
+    denominator = torch.where(denominator > 0, denominator, n)
+    var = torch.where(n > 0, m2 / denominator.clamp(min=1), torch.zeros_like(m2))
+    return mean, var
+
+
+def normalize_scores(scores: Tensor, mean: Tensor, var: Tensor, shift_mean: bool = True) -> Tensor:
+    """Scores normalised by running statistics: `(scores - mean) / sqrt(var + 1e-8)` (`scores / sqrt(var + 1e-8)` when
+    not `shift_mean`). Shapes: `scores` [B], `mean`, `var` scalars -> [B] (float32 unless `scores` is float64)."""
+    scores = _as_float(scores)
+    mean, var = torch.as_tensor(mean).to(scores), torch.as_tensor(var).to(scores)
+    centred = scores - mean if shift_mean else scores
+    return centred * torch.rsqrt(var + WHITEN_EPS)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -332,6 +397,32 @@ def compute_gae_loop(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float
     advantages = torch.stack(advantages_reversed[::-1], dim=1) if num_steps else torch.zeros_like(rewards)
     returns = advantages + values
     return _zero_outside(advantages, mask), _zero_outside(returns, mask)
+
+
+def mean_return_offset_terms(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> Tensor:
+    """`[sum of A(r, V), sum of A(0, m)]` over the mask, summable across processes; see `mean_return_offset`.
+
+    GAE is linear in the rewards and values, so shifting every value by `c` gives
+    `A(r, V + c * m) = A(r, V) + c * A(0, m)`, where `A(0, m)` is the advantage of zero rewards under values of 1.
+    Shapes: `rewards`, `values`, `mask` [B, T] -> [2] (float64).
+    """
+    advantages, _ = compute_gae(rewards, values, mask, gamma, lam)
+    unit, _ = compute_gae(torch.zeros_like(_as_float(rewards)), _as_float(mask), mask, gamma, lam)
+    mask = _bool_mask(mask, rewards)
+    return torch.stack([_zero_outside(advantages, mask).double().sum(), _zero_outside(unit, mask).double().sum()])
+
+
+def mean_return_offset(terms: Tensor) -> Tensor:
+    """The shift `c` of every value that makes the mean value equal the mean return over the mask:
+
+        mean(R(V + c)) = mean(V + c)   <=>   sum A(r, V + c) = 0   <=>   c = -sum A(r, V) / sum A(0, m)
+
+    `terms` from `mean_return_offset_terms` (summed over processes). `sum A(0, m) < 0` for any non-empty response
+    (its last delta is -1, the others gamma - 1 <= 0), so `c` exists; 0 for an empty mask. With gamma = lam = 1 the
+    returns do not depend on the values and `c` is the mean of `R - V`. Shapes: [2] -> scalar (float64).
+    """
+    advantage_sum, unit_sum = terms.double().unbind()
+    return torch.where(unit_sum < 0, -advantage_sum / unit_sum.clamp(max=-1e-12), torch.zeros_like(advantage_sum))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

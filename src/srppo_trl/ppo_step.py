@@ -38,15 +38,76 @@ class PPOStepMixin:
                 scored["eos_penalty"], kl, mask, args.kl_coef, token_scores=scored["token_scores"]
             )
         else:
-            rewards = ppo_math.shape_rewards(scored["scores"], kl, mask, args.kl_coef)
+            scores = scored["scores"]
+            if args.normalize_reward:
+                scores = scored["normalized_scores"] = self._normalize_reward(scores)
+            rewards = ppo_math.shape_rewards(scores, kl, mask, args.kl_coef)
         if args.whiten_rewards:
             rewards = self._whiten(rewards, mask, shift_mean=False)
         advantages, returns = ppo_math.compute_gae(rewards, scored["values"], mask, args.gamma, args.lam)
+        if args.value_bias_init and not self._value_bias_initialized:
+            scored["values"] = self._init_value_bias(rewards, scored["values"], mask)
+            advantages, returns = ppo_math.compute_gae(rewards, scored["values"], mask, args.gamma, args.lam)
         if args.whiten_advantages:
             advantages = self._whiten(advantages, mask)
         scored.update(kl=kl, rewards=rewards, advantages=advantages, returns=returns)
         self._check_finite(scored, ("scores", "logprobs", "ref_logprobs", "values", "advantages", "returns"))
         return scored
+
+    def _normalize_reward(self, scores: torch.Tensor) -> torch.Tensor:
+        """`normalize_reward`: merge this buffer's scores (all processes) into the running moments, then return
+        `(scores - mean) / std` by the updated moments, so the first buffer is normalised by its own statistics.
+
+        OpenRLHF's `normalize_reward` divides the reward model's output by a mean and std fixed when the reward model
+        was trained, before the KL penalty; the coherent reward has no such training, so we follow TRL's former
+        `PPOTrainer` (`use_score_norm`, `RunningMoments`) in using running moments, merged per rollout buffer. Also
+        unlike OpenRLHF (which clips after normalising), the score normalised is the one after `reward_clip` and
+        `missing_eos_penalty`, so `reward_clip` stays in the reward's own units.
+        """
+        moments = ppo_math.masked_moments(scores, torch.ones_like(scores))
+        if self.accelerator.num_processes > 1:
+            moments = self.accelerator.reduce(moments, "sum")
+        buffer = self.state.global_step // self.args.steps_per_rollout
+        if self._reward_moments_buffer != buffer:
+            self._reward_moments_before, self._reward_moments_buffer = self._reward_moments, buffer
+        # else: this buffer is generated again (a resume inside it): merge its new scores into the moments before it.
+        self._reward_moments = ppo_math.merge_running_moments(
+            self._reward_moments_before, ppo_math.moments_to_running(moments.cpu())
+        )
+        mean, var = ppo_math.running_mean_var(self._reward_moments)
+        metrics = self._metrics["train"]
+        metrics["reward_norm/mean"].append(mean.item())
+        metrics["reward_norm/std"].append(var.sqrt().item())
+        return ppo_math.normalize_scores(scores, mean, var)
+
+    def _init_value_bias(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`value_bias_init`: shift the critic head's bias by the `c` that makes the buffer's mean value (all
+        processes) equal its mean return (`ppo_math.mean_return_offset`); returns the buffer's values shifted by `c`.
+        The first micro-batch's kept forward (`reuse_first_forward`) is shifted too: `c` is a constant, so its graph
+        gives the same gradients as a forward with the new bias."""
+        terms = ppo_math.mean_return_offset_terms(rewards, values, mask, self.args.gamma, self.args.lam)
+        if self.accelerator.num_processes > 1:
+            terms = self.accelerator.reduce(terms, "sum")
+        offset = ppo_math.mean_return_offset(terms)
+        bias = self._value_head_bias()
+        with torch.no_grad():
+            bias.add_(offset.to(bias))
+        shift = offset.to(device=values.device, dtype=values.dtype)
+        if self._reused_forward is not None:
+            logprobs, reused_values, entropy = self._reused_forward
+            self._reused_forward = (logprobs, reused_values + shift, entropy)
+        self._value_bias_initialized = True
+        logger.info("value_bias_init: critic head bias shifted by %.4g (mean value = mean return).", offset.item())
+        return (values + shift) * mask
+
+    def _value_head_bias(self) -> nn.Parameter | None:
+        """The trainable bias of the critic's scalar head (`score` / `classifier`, or PEFT's trained copy of it);
+        None when there is not exactly one."""
+        from .modeling import value_head_linears
+
+        critic = self.accelerator.unwrap_model(self.model).value_model
+        biases = [m.bias for m in value_head_linears(critic) if m.bias is not None and m.bias.requires_grad]
+        return biases[0] if len(biases) == 1 else None
 
     def _whiten(self, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
         """`ppo_math.masked_whiten` with the mean and variance of the whole rollout buffer, across all processes

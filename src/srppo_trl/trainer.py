@@ -199,6 +199,13 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         if eval_dataset is not None:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, model, args, "eval_dataset")
         self._set_training_length(args, len(train_dataset))
+        if args.critic_warmup_steps and args.critic_warmup_steps >= args.num_total_batches:
+            logger.warning(
+                "critic_warmup_steps=%s covers all %s rollout buffers of this run: only the critic will learn. Train "
+                "longer (max_steps, total_episodes) to update the policy after the warm-up.",
+                args.critic_warmup_steps,
+                args.num_total_batches,
+            )
         self._user_collator = data_collator
 
         super().__init__(
@@ -235,11 +242,31 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         self._first_outputs = None  # its detached (log-probs, values), read by `score_rollouts`
         self._reuse_next_buffer = False  # set by `_prepare_inputs` for `make_rollout_buffer`
         self._actor_state_reset_at = None  # the global step at which the actor's optimizer state was last reset
+        # Checkpointed (`CheckpointMixin._trainer_extra_state`): running [count, mean, m2] of the scores
+        # (`normalize_reward`), the moments before the last buffer merged and its index, and `value_bias_init`'s flag.
+        self._reward_moments = torch.zeros(3, dtype=torch.float64)
+        self._reward_moments_before, self._reward_moments_buffer = None, None
+        self._value_bias_initialized = False
+        self._check_value_bias_init()
         self._step = None  # micro-steps done, set from `state.global_step` at the first training step (resume)
         self._clock = None  # (time, episode) at the start of `train()`, for the `eps` metric
         self.add_callback(_TRL112Callback(self))
 
     # ------------------------------------------------------------------ set-up checks
+
+    def _check_value_bias_init(self) -> None:
+        if not self.args.value_bias_init:
+            return
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "value_bias_init is not supported under DeepSpeed or FSDP (the engine keeps its own copy of the "
+                "critic's weights): set value_bias_init=False."
+            )
+        if self._value_head_bias() is None:
+            raise ValueError(
+                "value_bias_init shifts the bias of the critic's scalar head (`score` / `classifier`), but this "
+                "critic's head has no trainable bias: use the default critic or set value_bias_init=False."
+            )
 
     @staticmethod
     def _check_tokenizer(tokenizer) -> None:
@@ -591,6 +618,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         non_score = -self.args.kl_coef * buffer["kl"].sum(-1) if "kl" in buffer else None
         metrics = self._metrics[mode]
         metrics["objective/scores"].append(mean(buffer["scores"]))
+        if "normalized_scores" in buffer:
+            metrics["objective/normalized_scores"].append(mean(buffer["normalized_scores"]))
         if "coherent_reward" in buffer:
             metrics["objective/coherent_reward"].append(mean(buffer["coherent_reward"]))
         if non_score is not None:
@@ -687,7 +716,14 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             mask = scored["response_mask"].float()
             kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], self.args.kl_estimator)
             scored["kl"] = torch.where(mask.bool(), kl, torch.zeros_like(kl))
-            scored["rewards"] = ppo_math.shape_rewards(scored["scores"], scored["kl"], mask, self.args.kl_coef)
+            scores = scored["scores"]
+            if self.args.normalize_reward and self._reward_moments[0] > 0:
+                # The training statistics as they are (not updated by evaluation), so that rewards and values are in
+                # the same units as in training.
+                scores = scored["normalized_scores"] = ppo_math.normalize_scores(
+                    scores, *ppo_math.running_mean_var(self._reward_moments)
+                )
+            scored["rewards"] = ppo_math.shape_rewards(scores, scored["kl"], mask, self.args.kl_coef)
             self._log_rollout_metrics(scored, mode="eval")
         metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
         self._metrics["eval"].clear()

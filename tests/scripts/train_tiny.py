@@ -1,12 +1,18 @@
 """Train a tiny SRPPO model to completion and save it; used by tests/test_distributed.py.
 
     accelerate launch --num_processes 2 --cpu tests/scripts/train_tiny.py OUTPUT_DIR [--critic_warmup_steps N]
+        [--normalize_reward] [--value_bias_init]
+
+With `--normalize_reward` every process also writes its running reward moments, the moments of every score of every
+buffer (gathered from all processes) and its critic head's bias, in `OUTPUT_DIR/report_rank<N>.json`.
 
 Shrunk on purpose (tiny models from srppo_trl.testing, 8 prompts, 6-token responses, 4 optimizer steps) so that two
 CPU processes (gloo) finish in well under a minute. Every process builds identical models from the same seeds.
 """
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -20,6 +26,8 @@ def main():
     parser.add_argument("output_dir")
     parser.add_argument("--critic_warmup_steps", type=int, default=0)
     parser.add_argument("--max_steps", type=int, default=4)
+    parser.add_argument("--normalize_reward", action="store_true")
+    parser.add_argument("--value_bias_init", action="store_true")
     cli = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -35,6 +43,8 @@ def main():
         response_length=6,
         learning_rate=1e-3,
         critic_warmup_steps=cli.critic_warmup_steps,
+        normalize_reward=cli.normalize_reward,
+        value_bias_init=cli.value_bias_init,
         max_steps=cli.max_steps,
         save_strategy="steps",
         save_steps=2,
@@ -57,8 +67,26 @@ def main():
         reward_model=reward,
         train_dataset=prompts,
     )
+    scores = []
+    if cli.normalize_reward:
+        make_buffer = trainer.make_rollout_buffer
+
+        def gather_scores(batch):
+            buffer = make_buffer(batch)
+            scores.append(trainer.accelerator.gather(buffer["scores"].double()))
+            return buffer
+
+        trainer.make_rollout_buffer = gather_scores
     trainer.train()
     trainer.save_model(cli.output_dir + "/final")
+    if cli.normalize_reward:
+        everything = torch.cat(scores)
+        expected = [len(everything), everything.mean().item(), ((everything - everything.mean()) ** 2).sum().item()]
+        bias = trainer.model.value_model.score.bias.item()
+        rank = trainer.accelerator.process_index
+        report = {"rank": rank, "moments": trainer._reward_moments.tolist(), "expected": expected, "bias": bias}
+        # One file per process: two processes printing at once can interleave their lines.
+        (Path(cli.output_dir) / f"report_rank{rank}.json").write_text(json.dumps(report))
     if trainer.accelerator.is_main_process:
         print(f"world_size={trainer.accelerator.num_processes} global_step={trainer.state.global_step}")
 

@@ -184,6 +184,58 @@ def test_a_run_resumed_mid_epoch_on_several_processes_draws_the_prompts_of_an_un
         assert prompts_drawn(process, epoch=2, skip=1) == prompts_drawn(process, epoch=2)[1:]
 
 
+# ---------------------------------------------------------------- the pipeline's SFT model
+
+
+def test_an_sft_model_moved_into_place_counts_as_done_only_once_every_file_is_in(tokenizer, tmp_path, monkeypatch):
+    # The last SFT stage's model goes to `sft/`, which already holds the stages' own folders: its files move in one by
+    # one. A crash after any of them must not leave a folder that the next run reuses as a finished SFT model.
+    from srppo_trl.checkpointing import saved_model_problem
+    from srppo_trl.pipeline import _move_into_place
+
+    saved = tmp_path / "saved"
+    tiny_causal_lm(tokenizer).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    files = len(list(saved.iterdir()))
+    real_replace = os.replace
+    for moved in range(files + 1):
+        folder, tmp = tmp_path / f"sft-{moved}", tmp_path / f"sft-{moved}.tmp"
+        (folder / "0-demo").mkdir(parents=True)  # the stage's own output folder
+        shutil.copytree(saved, tmp)
+        done = []
+
+        def replace(src, dst, done=done, moved=moved):
+            if len(done) == moved:
+                raise KeyboardInterrupt("killed while moving the SFT model into place")
+            real_replace(src, dst)
+            done.append(Path(dst).name)
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            _move_into_place(tmp, folder)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+        whole = moved == files
+        assert (saved_model_problem(folder) is None) == whole, f"after moving {done}"
+
+
+@pytest.mark.parametrize("damage", ["config-cut", "weights-cut", "weights-missing"])
+def test_an_sft_model_with_a_file_cut_short_is_not_reused(tokenizer, tmp_path, damage):
+    from srppo_trl.checkpointing import saved_model_problem
+
+    tiny_causal_lm(tokenizer).save_pretrained(tmp_path)
+    assert saved_model_problem(tmp_path) is None
+    if damage == "config-cut":
+        _cut(tmp_path / "config.json")
+    elif damage == "weights-cut":
+        _cut(tmp_path / "model.safetensors")
+    else:
+        (tmp_path / "model.safetensors").unlink()
+    assert saved_model_problem(tmp_path) is not None
+
+
 # ---------------------------------------------------------------- real SIGKILLs at random moments
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"

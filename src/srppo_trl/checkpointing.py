@@ -218,8 +218,8 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         return problem
     engine_state = any(folder.glob("global_step*")) or any(folder.glob("pytorch_model_fsdp*"))
     if not engine_state:  # DeepSpeed and FSDP resume from their own checkpoint; their formats are theirs to check
-        for weights in (folder, folder / VALUE_MODEL_DIR):
-            problem = _weights_problem(weights)
+        for weights, what in ((folder, "the policy"), (folder / VALUE_MODEL_DIR, VALUE_MODEL_DIR)):
+            problem = _weights_problem(weights, what)
             if problem is not None:
                 return problem
     if _saved_with_only_model(folder):
@@ -243,9 +243,15 @@ def _json_problem(path: Path) -> str | None:
     return None
 
 
-def _weights_problem(folder: Path) -> str | None:
+def saved_model_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` does not hold a whole model saved with `save_pretrained` (its `config.json` parses, its
+    safetensors weights are whole), in a few words; None when it does."""
+    folder = Path(folder)
+    return _json_problem(folder / "config.json") or _weights_problem(folder, folder.name)
+
+
+def _weights_problem(folder: Path, where: str) -> str | None:
     """Why the safetensors weights saved in `folder` (adapter, single file or shards) are not whole; None if they are."""
-    where = folder.name if folder.name == VALUE_MODEL_DIR else "the policy"
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         problem = _json_problem(index)

@@ -160,6 +160,35 @@ def test_an_explicit_damaged_checkpoint_is_refused_with_the_reason(tokenizer, tm
         _trainer(tokenizer, out).train(resume_from_checkpoint=str(out / "checkpoint-4"))
 
 
+def test_trainer_state_is_written_only_once_every_process_has_written_its_files(tokenizer, tmp_path, monkeypatch):
+    # `trainer_state.json` marks a checkpoint complete. Each process writes its own RNG state (and DeepSpeed/FSDP
+    # shards before it); with several processes, a barrier between those and the mark is what keeps a kill from leaving
+    # a "complete" checkpoint without another process's RNG state. Recorded here on one process.
+    from transformers import Trainer, TrainerState
+
+    events = []
+    for owner, name, event in (
+        (Trainer, "_save_rng_state", "rng state"),
+        (TrainerState, "save_to_json", "trainer state"),
+    ):
+        original = getattr(owner, name)
+
+        def recorded(*args, original=original, event=event, **kwargs):
+            events.append(event)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, recorded)
+    with _one_thread():
+        trainer = _trainer(tokenizer, tmp_path, max_steps=2)
+        original_barrier = trainer.accelerator.wait_for_everyone
+        monkeypatch.setattr(
+            trainer.accelerator, "wait_for_everyone", lambda: (events.append("barrier"), original_barrier())[1]
+        )
+        trainer.train()
+    saved = events[events.index("rng state") : events.index("trainer state") + 1]
+    assert saved == ["rng state", "barrier", "trainer state"], events
+
+
 def test_a_run_resumed_mid_epoch_on_several_processes_draws_the_prompts_of_an_uninterrupted_run(tokenizer, tmp_path):
     # Each process's data loader as accelerate shards it over 2 processes; the Trainer skips the batches already
     # trained in the resumed epoch, then sets the epoch (which seeds the shuffle).
@@ -243,8 +272,10 @@ CPU_2PROC = Path(__file__).parents[1] / "recipes" / "accelerate_configs" / "cpu_
 STEPS = 12
 # One optimizer step per rollout buffer, a checkpoint after every step: a kill lands in a save as often as possible.
 TRAIN_ARGS = ["--max_steps", str(STEPS), "--save_steps", "1", "--num_ppo_epochs", "1", "--resume"]
-BEGIN, END = "training from step", "training ended"  # train_tiny.py's lines when training begins and ends
-WINDOW_STEPS = 3  # a kill falls uniformly within the first 3 steps' time after BEGIN (saves included)
+# train_tiny.py's lines when training begins, after each optimizer step (the checkpoint is saved right after) and when
+# training ends. A kill waits for BEGIN or one of the next few STEP lines (progress), then a random fraction of a step.
+BEGIN, STEP, END = "training from step", "finished step", "training ended"
+MAX_STEPS_BEFORE_KILL = 2
 
 
 def _free_port() -> int:
@@ -276,11 +307,11 @@ class _Attempt:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, line: str, timeout: float = 300) -> float | None:
-        """The time `line` appeared in the output; None when the process ended first."""
+    def wait_for(self, line: str, times: int = 1, timeout: float = 300) -> float | None:
+        """The time `line` had appeared `times` times in the output; None when the process ended first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if line in self.output():
+            if self.output().count(line) >= times:
                 return time.monotonic()
             if self.proc.poll() is not None:
                 return None
@@ -363,7 +394,7 @@ def _kill_and_resume(tmp_path: Path, processes: int, kills: int, seed: int) -> N
     must end with the reference's weights. When a run ends before all kills are spent, the next starts from scratch."""
     reference = _Attempt(tmp_path / "reference", processes, tmp_path / "reference.log")
     began = reference.wait_for(BEGIN)
-    step_seconds = (reference.wait_for(END) - began) / STEPS  # one step, its rollout and its checkpoint
+    step_seconds = (reference.wait_for(END) - began) / STEPS  # a step: rollout, update and checkpoint
     reference.finish()
     want = _saved_weights(tmp_path / "reference")
 
@@ -375,15 +406,14 @@ def _kill_and_resume(tmp_path: Path, processes: int, kills: int, seed: int) -> N
         if killed == kills:
             attempt.finish()  # the last run goes to the end
         else:
-            began = attempt.wait_for(BEGIN)
-            delay = rng.uniform(0, WINDOW_STEPS * step_seconds)
-            while attempt.proc.poll() is None and time.monotonic() < (began or 0) + delay:
-                time.sleep(0.005)
+            steps, delay = rng.randint(0, MAX_STEPS_BEFORE_KILL), rng.uniform(0, step_seconds)
+            since = attempt.wait_for(BEGIN) and (attempt.wait_for(STEP, steps) if steps else time.monotonic())
+            while attempt.proc.poll() is None and time.monotonic() < (since or 0) + delay:
+                time.sleep(0.002)
             if attempt.kill():
                 killed += 1
-                history.append(
-                    f"run {runs}, {_begun_from(attempt)}, killed {delay:.2f}s in: {_damage_left(output_dir)}"
-                )
+                when = f"killed {delay:.2f}s after {steps} steps"
+                history.append(f"run {runs}, {_begun_from(attempt)}, {when}: {_damage_left(output_dir)}")
                 continue
             attempt.finish()  # ended before its kill: it must have ended well
         history.append(f"run {runs}, {_begun_from(attempt)}, ran to the end")

@@ -20,11 +20,16 @@ from srppo_trl.trainer import last_complete_checkpoint
 
 
 class AnnounceTraining(TrainerCallback):
-    """Prints a line when training begins (models built, checkpoint loaded) and ends: a test can time kills by them."""
+    """Prints a line when training begins (models built, checkpoint loaded), after each step and when training ends:
+    a test can time kills by them."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             print(f"training from step {state.global_step}", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):  # before the Trainer saves the step's checkpoint
+        if state.is_world_process_zero:
+            print(f"finished step {state.global_step}", flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

@@ -257,7 +257,7 @@ def _weights_problem(folder: Path, where: str) -> str | None:
         problem = _json_problem(index)
         if problem is not None:
             return problem
-        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        files = sorted({folder / name for name in json.loads(index.read_text()).get("weight_map", {}).values()})
     else:
         files = [p for p in (folder / "adapter_model.safetensors", folder / "model.safetensors") if p.is_file()]
     if not files:
@@ -277,9 +277,9 @@ def _is_whole_safetensors(path: Path) -> bool:
             if size < 8 + header_size:
                 return False
             header = json.loads(f.read(header_size))
-    except (OSError, ValueError):
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return False
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
     return size == 8 + header_size + max(ends, default=0)
 
 

@@ -432,9 +432,10 @@ def _kill_and_resume(tmp_path: Path, processes: int, kills: int, seed: int) -> N
     print("\n".join(f"  {d}" for d in damaged))
 
 
-# 32 kills: most land in a checkpoint's save (it follows the STEP line; the test prints what each kill left), the rest
-# in a rollout or an update; that takes 3-4 minutes on 2 idle cores. The deterministic tests above cover the rarer
-# kill inside the few microseconds of trainer_state.json's write. SRPPO_TEST_KILLS sets another count (e.g. 3).
+# 32 kills: about half land in a checkpoint's save (it follows the STEP line; `-s` prints what each kill left), the rest
+# in a rollout or an update; ~3.5 CPU-minutes in all (7.7 minutes of wall time on 2 cores shared with other jobs).
+# The deterministic tests above cover the rarer kill inside the microseconds of trainer_state.json's write.
+# SRPPO_TEST_KILLS sets another count (e.g. 3 while developing).
 @pytest.mark.slow
 @pytest.mark.parametrize("processes, kills", [(1, 20), (2, 12)], ids=["one-process", "two-processes"])
 def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_weights(tmp_path, processes, kills):

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 VALUE_MODEL_DIR = "value_model"
 # The trainer's own state beyond the Trainer's (JSON: floats round-trip exactly), in every checkpoint.
 EXTRA_STATE_FILE = "srppo_trainer_state.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 
 
 class CheckpointMixin:
@@ -45,6 +46,33 @@ class CheckpointMixin:
         return checkpoint
 
     # ------------------------------------------------------------------ saving
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, safe against a kill at any moment (see `checkpoint_problem`).
+
+        Saving again into an existing checkpoint folder (a run resumed from an earlier checkpoint writes the later
+        ones anew) first removes its `trainer_state.json`: until the new one is written, the folder reads as
+        incomplete rather than as a complete checkpoint mixing old and new files.
+        """
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and (folder / TRAINER_STATE_NAME).exists():
+            logger.info("Overwriting %s with the checkpoint of this run.", folder)
+            (folder / TRAINER_STATE_NAME).unlink()
+        self.accelerator.wait_for_everyone()  # no process writes into the folder before its old mark is gone
+        super()._save_checkpoint(model, trial)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """`Trainer._save_rng_state` (each process writes its own file), then a barrier.
+
+        The main process writes `trainer_state.json`, the mark of a complete checkpoint, right after this; the
+        Trainer does not wait for the other processes' RNG states (nor their DeepSpeed/FSDP shards, written before),
+        so a kill could leave a checkpoint that looks complete without them, and the Trainer resumes without a missing
+        RNG state silently.
+        """
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Saves the policy (or its adapter) and the tokenizer at the root of `output_dir`, loadable with
@@ -92,8 +120,8 @@ class CheckpointMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` picks the last *complete* checkpoint of `output_dir`.
 
-        A checkpoint is complete once `trainer_state.json`, which the Trainer writes last, is in it: a run killed
-        while checkpointing leaves an incomplete folder, which is skipped (with a warning) rather than resumed from.
+        A run killed while checkpointing leaves an incomplete folder (see `checkpoint_problem`), which is skipped (with
+        a warning naming what is wrong) rather than resumed from; an explicit path to one is refused.
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
@@ -102,10 +130,10 @@ class CheckpointMixin:
                     f"No complete checkpoint in {self.args.output_dir} to resume from: train from scratch "
                     "(resume_from_checkpoint=None) or pass a checkpoint folder."
                 )
-        elif resume_from_checkpoint and not _is_complete_checkpoint(Path(resume_from_checkpoint)):
+        elif resume_from_checkpoint and (problem := checkpoint_problem(resume_from_checkpoint)) is not None:
             raise ValueError(
-                f"{resume_from_checkpoint} is not a complete SRPPOTrainer checkpoint (no trainer_state.json, or no "
-                "weights): the run was probably killed while saving it; resume from the previous checkpoint."
+                f"{resume_from_checkpoint} is not a complete SRPPOTrainer checkpoint ({problem}): the run was probably "
+                "killed while saving it; resume from the previous checkpoint (or pass resume_from_checkpoint=True)."
             )
         if resume_from_checkpoint:
             self._load_trainer_extra_state(Path(resume_from_checkpoint))
@@ -206,14 +234,120 @@ def _saved_critic_top_layers(folder: Path):
 
 
 def _is_complete_checkpoint(folder: Path) -> bool:
-    """True for a checkpoint folder holding the Trainer's state (written last) and the policy's weights."""
-    weights = (
-        any(folder.glob("model*.safetensors"))
-        or (folder / "adapter_model.safetensors").exists()
-        or any(folder.glob("global_step*"))  # DeepSpeed's own checkpoint (ZeRO-3 without gathering on save)
-        or any(folder.glob("pytorch_model_fsdp*"))  # FSDP's sharded state dict
-    )
-    return (folder / "trainer_state.json").is_file() and weights
+    return checkpoint_problem(folder) is None
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` cannot be resumed from, in a few words; None when it is a complete checkpoint.
+
+    Complete means: `trainer_state.json` parses (the main process writes it last, and only once every process has
+    written its own files, see `_save_rng_state`; it is not written atomically, so a kill can leave it empty or cut
+    short); the weights are whole (the policy at the root, the critic in `value_model/`, or DeepSpeed's / FSDP's own
+    checkpoint); and, unless saved with `save_only_model`, the optimizer, scheduler and RNG states are whole files.
+    The checks read the files' headers and directories, not their contents: cheap for large models. A file that is
+    absent makes the Trainer resume without it (silently, for the optimizer and RNG states): not exact.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "no such folder"
+    problem = _json_problem(folder / TRAINER_STATE_NAME)
+    if problem is not None:
+        return problem
+    engine_state = any(folder.glob("global_step*")) or any(folder.glob("pytorch_model_fsdp*"))
+    if not engine_state:  # DeepSpeed and FSDP resume from their own checkpoint; their formats are theirs to check
+        for weights, what in ((folder, "the policy"), (folder / VALUE_MODEL_DIR, VALUE_MODEL_DIR)):
+            problem = _weights_problem(weights, what)
+            if problem is not None:
+                return problem
+    if _saved_with_only_model(folder):
+        return None
+    states = [] if engine_state else ["optimizer.pt", "scheduler.pt"]
+    rng = sorted(p.name for p in folder.glob("rng_state*.pth")) or ["rng_state.pth"]
+    for name in states + rng:
+        problem = _torch_file_problem(folder / name)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _json_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"no {path.name}"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return f"{path.name} is empty or cut short"
+    return None
+
+
+def saved_model_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` does not hold a whole model saved with `save_pretrained` (its `config.json` parses, its
+    safetensors weights are whole), in a few words; None when it does."""
+    folder = Path(folder)
+    return _json_problem(folder / "config.json") or _weights_problem(folder, folder.name)
+
+
+def saved_adapter_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` does not hold a whole PEFT adapter saved with `save_pretrained` (its `adapter_config.json` parses,
+    its `adapter_model.safetensors` is whole), in a few words; None when it does."""
+    folder = Path(folder)
+    if not (folder / "adapter_model.safetensors").is_file():
+        return f"no adapter weights in {folder.name}"
+    return _json_problem(folder / "adapter_config.json") or _weights_problem(folder, folder.name)
+
+
+def _weights_problem(folder: Path, where: str) -> str | None:
+    """Why the safetensors weights saved in `folder` (adapter, single file or shards) are not whole; None if they are."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        problem = _json_problem(index)
+        if problem is not None:
+            return problem
+        files = sorted({folder / name for name in json.loads(index.read_text()).get("weight_map", {}).values()})
+    else:
+        files = [p for p in (folder / "adapter_model.safetensors", folder / "model.safetensors") if p.is_file()]
+    if not files:
+        return f"no weights for {where}"
+    for file in files:
+        if not _is_whole_safetensors(file):
+            return f"{where}'s {file.name} is missing or cut short"
+    return None
+
+
+def _is_whole_safetensors(path: Path) -> bool:
+    """True when `path` holds a safetensors header that parses and exactly the tensor bytes it announces."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if size < 8 + header_size:
+                return False
+            header = json.loads(f.read(header_size))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+    return size == 8 + header_size + max(ends, default=0)
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """`torch.save` writes a zip archive whose directory comes last: a file cut short has none."""
+    import zipfile
+
+    if not path.is_file():
+        return f"no {path.name}"
+    try:
+        with zipfile.ZipFile(path):
+            return None
+    except (OSError, zipfile.BadZipFile):
+        return f"{path.name} is empty or cut short"
+
+
+def _saved_with_only_model(folder: Path) -> bool:
+    config = folder / "srppo_config.json"
+    try:
+        return bool(json.loads(config.read_text()).get("save_only_model"))
+    except (OSError, ValueError):
+        return False
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -227,9 +361,12 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
         if entry.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit():
             steps.append((int(name[len("checkpoint-") :]), entry))
     for _, entry in sorted(steps, reverse=True):
-        if _is_complete_checkpoint(entry):
+        problem = checkpoint_problem(entry)
+        if problem is None:
             return str(entry)
-        logger.warning("Skipping %s: incomplete checkpoint (the run was killed while saving it).", entry)
+        logger.warning(
+            "Skipping %s: incomplete checkpoint (%s; the run was probably killed while saving it).", entry, problem
+        )
     return None
 
 

@@ -368,12 +368,14 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
     SFT LoRA adapter with `single_base`)."""
     from trl import SFTConfig, SFTTrainer
 
+    from .checkpointing import saved_model_problem
+
     output_root = Path(srppo_args.output_dir) / "sft"
     current = base_path
     for index, (name, dataset) in enumerate(stages):
         stage_dir = output_root / f"{index}-{name}"
         final_dir = output_root if index == len(stages) - 1 else stage_dir
-        if (sft_adapter_done if pipe.single_base else _sft_model_done)(final_dir):
+        if sft_adapter_done(final_dir) if pipe.single_base else saved_model_problem(final_dir) is None:
             logger.info("SFT stage %s already done in %s: reusing it (delete the folder to retrain).", name, final_dir)
             current = str(final_dir)
             continue
@@ -418,15 +420,6 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
     return current
 
 
-def _sft_model_done(folder: Path) -> bool:
-    """True when `folder` holds a saved full SFT model (a finished stage)."""
-    return (
-        (folder / "config.json").exists()
-        and (folder / "model.safetensors").exists()
-        or any(folder.glob("model-*.safetensors"))
-    )
-
-
 def _free_memory() -> None:
     import gc
 
@@ -468,10 +461,15 @@ def _save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) 
 
 
 def _move_into_place(tmp: Path, folder: Path) -> None:
-    """Renames the finished `tmp` to `folder`."""
+    """Renames the finished `tmp` to `folder`.
+
+    Into an existing `folder` the files move one by one with `config.json` last (an older one is removed first), so a
+    folder whose `config.json` parses holds the whole model even after a crash (`saved_model_problem`).
+    """
     if folder.exists():
         # `folder` may hold the earlier stages' sub-folders: move the new files in one by one.
-        for entry in tmp.iterdir():
+        (folder / "config.json").unlink(missing_ok=True)
+        for entry in sorted(tmp.iterdir(), key=lambda entry: entry.name == "config.json"):
             os.replace(entry, folder / entry.name)
         tmp.rmdir()
     else:

@@ -92,8 +92,12 @@ def check_single_base_run(pipe, srppo_args, model_args) -> None:
 
 
 def sft_adapter_done(folder: Path) -> bool:
-    """True when `folder` holds a saved LoRA adapter (a finished single-base SFT stage)."""
-    return (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    """True when `folder` holds a whole saved LoRA adapter (a finished single-base SFT stage): its
+    `adapter_config.json` parses and its safetensors file holds every byte its header announces (a crash mid-save
+    leaves a stage to retrain, not to reuse)."""
+    from .checkpointing import saved_adapter_problem
+
+    return saved_adapter_problem(folder) is None
 
 
 def load_single_base_sft_stage(current: str, base_path: str, model_args, peft_config):

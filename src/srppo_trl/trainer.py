@@ -472,6 +472,20 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             seed=self.args.seed,
         )
 
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        """Trainer's (accelerate's `skip_first_batches`), with `set_epoch` still reaching the sampler.
+
+        With several processes the sampler sits under `SkipBatchSampler` > `BatchSamplerShard` > `BatchSampler`, one
+        wrapper deeper than accelerate's `DataLoaderShard.set_epoch` and the Trainer look: a run resumed mid-epoch
+        would draw epoch 0's prompt order. The skipping wrapper is given the sampler, where `set_epoch` finds it.
+        """
+        resumed = super().get_resumed_dataloader(dataloader, num_batches)
+        for wrapper in (getattr(resumed, "batch_sampler", None), getattr(resumed, "sampler", None)):
+            sampler = _epoch_seeded_sampler(wrapper)
+            if sampler is not None and getattr(wrapper, "sampler", None) is None:
+                wrapper.sampler = sampler
+        return resumed
+
     # ------------------------------------------------------------------ the rollout buffer in Trainer's loop
 
     def _in_critic_warmup(self) -> bool:
@@ -728,6 +742,16 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
         self._metrics["eval"].clear()
         return metrics
+
+
+def _epoch_seeded_sampler(batch_sampler) -> EpochSeededRepeatSampler | None:
+    """The `EpochSeededRepeatSampler` under a chain of batch-sampler wrappers (`.batch_sampler`), if any."""
+    while batch_sampler is not None:
+        sampler = getattr(batch_sampler, "sampler", None)
+        if isinstance(sampler, EpochSeededRepeatSampler):
+            return sampler
+        batch_sampler = getattr(batch_sampler, "batch_sampler", None)
+    return None
 
 
 def _critic_init_kwargs(policy, args) -> dict | None:

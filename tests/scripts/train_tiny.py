@@ -1,7 +1,8 @@
-"""Train a tiny SRPPO model to completion and save it; used by tests/test_distributed.py.
+"""Train a tiny SRPPO model to completion and save it; used by tests/test_distributed.py and
+tests/test_crash_safe_resume.py (which kills it and resumes it with `--resume`).
 
     accelerate launch --num_processes 2 --cpu tests/scripts/train_tiny.py OUTPUT_DIR [--critic_warmup_steps N]
-        [--normalize_reward] [--value_bias_init]
+        [--normalize_reward] [--value_bias_init] [--max_steps N] [--save_steps N] [--num_ppo_epochs N] [--resume]
 
 With `--normalize_reward` every process also writes its running reward moments, the moments of every score of every
 buffer (gathered from all processes) and its critic head's bias, in `OUTPUT_DIR/report_rank<N>.json`.
@@ -16,9 +17,28 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
 from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+from srppo_trl.trainer import last_complete_checkpoint
+
+
+class AnnounceTraining(TrainerCallback):
+    """Prints a line when training begins (models built, checkpoint loaded), after each step and when training ends:
+    a test can time kills by them."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(f"training from step {state.global_step}", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):  # before the Trainer saves the step's checkpoint
+        if state.is_world_process_zero:
+            print(f"finished step {state.global_step}", flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(f"training ended at step {state.global_step}", flush=True)
 
 
 def main():
@@ -28,6 +48,9 @@ def main():
     parser.add_argument("--max_steps", type=int, default=4)
     parser.add_argument("--normalize_reward", action="store_true")
     parser.add_argument("--value_bias_init", action="store_true")
+    parser.add_argument("--save_steps", type=int, default=2)
+    parser.add_argument("--num_ppo_epochs", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="resume from the last complete checkpoint, if any")
     cli = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -39,7 +62,7 @@ def main():
         output_dir=cli.output_dir,
         per_device_train_batch_size=2,  # x 2 processes: a mini batch of 4 prompts
         num_mini_batches=1,
-        num_ppo_epochs=2,  # 2 optimizer steps per rollout buffer
+        num_ppo_epochs=cli.num_ppo_epochs,  # optimizer steps per rollout buffer (default 2)
         response_length=6,
         learning_rate=1e-3,
         critic_warmup_steps=cli.critic_warmup_steps,
@@ -47,7 +70,7 @@ def main():
         value_bias_init=cli.value_bias_init,
         max_steps=cli.max_steps,
         save_strategy="steps",
-        save_steps=2,
+        save_steps=cli.save_steps,
         report_to="none",
         seed=0,
         use_cpu=True,
@@ -66,6 +89,7 @@ def main():
         model=tiny_causal_lm(tokenizer, seed=1),
         reward_model=reward,
         train_dataset=prompts,
+        callbacks=[AnnounceTraining()],
     )
     scores = []
     if cli.normalize_reward:
@@ -77,7 +101,8 @@ def main():
             return buffer
 
         trainer.make_rollout_buffer = gather_scores
-    trainer.train()
+    resume = cli.resume and last_complete_checkpoint(cli.output_dir) is not None
+    trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(cli.output_dir + "/final")
     if cli.normalize_reward:
         everything = torch.cat(scores)

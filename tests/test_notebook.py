@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("SRPPO_NOTEBOOK_FAST", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The "python3" kernel spec may start `python` from PATH: make it this interpreter (the venv's), wherever pytest
+    # was started from.
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

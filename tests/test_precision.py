@@ -94,3 +94,38 @@ def test_rollouts_are_sampled_under_the_autocast_of_the_trained_passes(cpu_bf16,
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.generate_rollouts(batch)
     assert seen and all(seen)
+
+
+def test_frozen_weights_cast_once_samples_the_same_tokens_and_restores_the_flags():
+    """Under bf16 autocast the frozen weights are cast once per region instead of once per step: the same casts, so
+    the same sampled tokens; the weights are frozen again afterwards, also after an error."""
+    import torch
+
+    from srppo_trl.precision import frozen_weights_cast_once
+    from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=3).eval()
+    model.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)  # one trainable weight (a merged-adapter policy has some)
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+
+    def sample(cast_once):
+        torch.manual_seed(0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with frozen_weights_cast_once(model, enabled=cast_once):
+                assert all(p.requires_grad for p in model.parameters()) == cast_once
+                return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    assert torch.equal(sample(True), sample(False))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["lm_head.weight"]
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), frozen_weights_cast_once(model):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
+    with frozen_weights_cast_once(model):  # no autocast: nothing to cast, nothing marked
+        assert [name for name, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -73,3 +74,31 @@ def training_on_cpu(use_cpu: bool) -> bool:
         or (xpu is not None and xpu.is_available())
         or (mps is not None and mps.is_available())
     )
+
+
+@contextmanager
+def frozen_weights_cast_once(model, enabled: bool = True):
+    """Inside an autocast region, let the frozen fp32 weights of `model` be cast to the low precision once, not at every
+    forward (every decoding step of `generate`).
+
+    PyTorch's autocast keeps the low-precision copy of a weight for the rest of the region only for leaf tensors that
+    require grad; a frozen base (single-base mode, with the policy adapter merged into it for generation) would be cast
+    again at every step, which made single-base generation in bf16 twice as slow as plain `generate`. The frozen fp32
+    weights are marked as requiring grad while inside (generation runs under `no_grad`, so no graph is built) and
+    unmarked after: the same casts, done once, at the cost of holding their bf16 copies while the region lasts.
+    """
+    import torch
+
+    params = list(model.parameters()) if enabled else []
+    device = params[0].device.type if params else "cpu"
+    if not params or not torch.is_autocast_enabled(device):
+        yield
+        return
+    frozen = [p for p in params if not p.requires_grad and p.is_leaf and p.dtype == torch.float32]
+    for param in frozen:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)

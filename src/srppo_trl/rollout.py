@@ -24,6 +24,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .adapter_merge import lora_merged_for_generation
+from .precision import frozen_weights_cast_once
 
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,12 @@ class RolloutMixin:
             # Generation in the autocast of the trained passes (bf16/fp16: accelerate's), so the rollouts are sampled
             # in the precision their log-probs are scored and trained in. The unwrapped policy's own forward is not
             # the prepared model's, which accelerate wraps in autocast: without this it would sample in fp32.
-            with lora_merged_for_generation(unwrapped.policy, enabled=merge), self.accelerator.autocast():
+            sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+            with (
+                lora_merged_for_generation(unwrapped.policy, enabled=merge),
+                self.accelerator.autocast(),
+                frozen_weights_cast_once(unwrapped.policy, enabled=not sharded),
+            ):
                 response = sample_responses(
                     unwrapped.policy,
                     queries,

@@ -589,6 +589,35 @@ _DEPRECATED_ALIASES = {
 }
 
 
+def shared_config_values(srppo_args, config_cls, exclude=()) -> tuple[dict, set]:
+    """(the values of every field `config_cls` shares with the SRPPOConfig `srppo_args`, by name; the names of
+    `config_cls`'s fields less `exclude`)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init} - set(exclude)
+    values = {
+        f.name: getattr(srppo_args, f.name) for f in dataclasses.fields(srppo_args) if f.init and f.name in names
+    }
+    return values, names
+
+
+def apply_extra_fields(values: dict, names: set, extra: dict | None, field_name: str, config_name: str) -> dict:
+    """`values` updated with the recipe's `extra` fields (`field_name` in the YAML), refused with one sentence when
+    `config_name` has no such field; a deprecated alias set in `extra` replaces the new name's carried-over value."""
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - names)
+    if unknown:
+        raise ValueError(
+            f"{field_name} sets {unknown}, which {config_name} does not have (or the pipeline sets itself): remove "
+            "them or fix their names (see TRL's documentation of the config)."
+        )
+    for old, new in _DEPRECATED_ALIASES.items():
+        if old in extra and new not in extra:
+            values.pop(new, None)  # the alias decides only when the new name is unset
+    values.update(extra)
+    return values
+
+
 def build_group_config(pipe, srppo_args):
     """The GRPOConfig or RLOOConfig of `algorithm: grpo|rloo`, from the recipe's SRPPOConfig.
 
@@ -598,28 +627,14 @@ def build_group_config(pipe, srppo_args):
     `num_generations` is per_device_train_batch_size clipped to [2, 4]. `pipe.group_trainer_extra` sets any other
     field and overrides all of these.
     """
-    import dataclasses
 
     from trl import GRPOConfig, RLOOConfig
 
     config_cls = GRPOConfig if pipe.algorithm == "grpo" else RLOOConfig
-    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    values = {
-        f.name: getattr(srppo_args, f.name) for f in dataclasses.fields(srppo_args) if f.init and f.name in names
-    }
+    values, names = shared_config_values(srppo_args, config_cls)
     values.update({new: getattr(srppo_args, old) for old, new in GROUP_RENAMED.items()})
     values["num_generations"] = max(2, min(4, srppo_args.per_device_train_batch_size))
-    extra = dict(pipe.group_trainer_extra or {})
-    unknown = sorted(set(extra) - names)
-    if unknown:
-        raise ValueError(
-            f"group_trainer_extra sets {unknown}, which {config_cls.__name__} does not have: remove them or fix "
-            "their names (see the TRL documentation of the config)."
-        )
-    for old, new in _DEPRECATED_ALIASES.items():
-        if old in extra and new not in extra:
-            values.pop(new)  # the alias decides only when the new name is unset
-    values.update(extra)
+    apply_extra_fields(values, names, pipe.group_trainer_extra, "group_trainer_extra", config_cls.__name__)
     num_generations = values["num_generations"]
     generation_batch = values.get("generation_batch_size") or values["per_device_train_batch_size"] * (
         srppo_args.world_size * (values.get("steps_per_generation") or values["gradient_accumulation_steps"])

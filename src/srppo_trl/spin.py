@@ -396,28 +396,13 @@ def build_spin_dpo_values(pipe, srppo_args) -> dict:
     logging, saving, seed, ...); `pipe.spin_trainer_extra` sets DPOConfig's own fields (`beta`, `loss_type`,
     `max_length`, ...) and overrides the others. Unknown names are refused.
     """
-    import dataclasses
 
     from trl import DPOConfig
 
-    from .pipeline import _DEPRECATED_ALIASES
+    from .pipeline import apply_extra_fields, shared_config_values
 
-    names = {f.name for f in dataclasses.fields(DPOConfig) if f.init} - {"output_dir", "model_init_kwargs"}
-    values = {
-        f.name: getattr(srppo_args, f.name) for f in dataclasses.fields(srppo_args) if f.init and f.name in names
-    }
-    extra = dict(pipe.spin_trainer_extra or {})
-    unknown = sorted(set(extra) - names)
-    if unknown:
-        raise ValueError(
-            f"spin_trainer_extra sets {unknown}, which DPOConfig does not have (or the pipeline sets itself): remove "
-            "them or fix their names (see TRL's DPOConfig)."
-        )
-    for old, new in _DEPRECATED_ALIASES.items():
-        if old in extra and new not in extra:
-            values.pop(new, None)  # the alias decides only when the new name is unset
-    values.update(extra)
-    return values
+    values, names = shared_config_values(srppo_args, DPOConfig, exclude=("output_dir", "model_init_kwargs"))
+    return apply_extra_fields(values, names, pipe.spin_trainer_extra, "spin_trainer_extra", "DPOConfig")
 
 
 def spin_generation_config(pipe, seed: int) -> SPINGenerationConfig:

@@ -129,7 +129,11 @@ def test_single_base_pipeline_trains_an_sft_adapter_and_puts_every_role_on_one_b
 def test_single_base_pipeline_checkpoints_adapters_only_and_resumes_exactly(tiny_base, tmp_path, captured):
     captured["base"] = tiny_base
     save = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--eval_num_prompts", "0"]
-    straight = main(_argv(tiny_base, tmp_path / "straight", *save), default_config=CONFIG)
+    # resume_from_checkpoint true on a first run (nothing to resume yet) starts from scratch: rerun-after-crash safe.
+    straight = main(
+        _argv(tiny_base, tmp_path / "straight", *save, "--resume_from_checkpoint", "true"), default_config=CONFIG
+    )
+    assert captured["kwargs"] == {"resume_from_checkpoint": None}
     checkpoint = tmp_path / "straight" / "srppo" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").exists() and not list(checkpoint.glob("model*.safetensors"))
     critic_keys = load_file(checkpoint / "value_model" / "model.safetensors").keys()
@@ -143,7 +147,7 @@ def test_single_base_pipeline_checkpoints_adapters_only_and_resumes_exactly(tiny
     shutil.copytree(tmp_path / "straight" / "sft", resumed_dir / "sft")
     shutil.copytree(checkpoint, resumed_dir / "srppo" / "checkpoint-2")
     resumed = main(_argv(tiny_base, resumed_dir, *save, "--resume_from_checkpoint", "true"), default_config=CONFIG)
-    assert captured["kwargs"] == {"resume_from_checkpoint": True}
+    assert captured["kwargs"] == {"resume_from_checkpoint": str(resumed_dir / "srppo" / "checkpoint-2")}
     assert captured["trainer"].state.global_step == 4
     for name in ("adapter_model.safetensors", f"{CRITIC_ADAPTER}/adapter_model.safetensors"):
         a = load_file(Path(straight["srppo_model"]) / name)

@@ -244,6 +244,13 @@ def test_resume_mid_iteration_gives_the_weights_of_an_uninterrupted_run(tokenize
     assert (tmp_path / "b" / "iter-2" / "checkpoint-2").is_dir()
     assert not (tmp_path / "b" / "iter-2" / "model").exists()
 
+    # A later checkpoint cut short by a kill mid-save (its trainer_state.json empty) is skipped, not resumed from.
+    import shutil
+
+    broken = tmp_path / "b" / "iter-2" / "checkpoint-3"
+    shutil.copytree(tmp_path / "b" / "iter-2" / "checkpoint-2", broken)
+    (broken / "trainer_state.json").write_text("")
+
     # The rerun reuses iteration 1 and iteration 2's pairs (no generation) and resumes from checkpoint-2.
     def no_generation(*args, **kwargs):
         raise AssertionError("a resumed iteration must reuse its pairs")

@@ -350,8 +350,20 @@ def _saved_with_only_model(folder: Path) -> bool:
         return False
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The `checkpoint-N` folder of `output_dir` with the largest N that is complete (see `_is_complete_checkpoint`)."""
+def trainer_checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why the checkpoint of a plain TRL/transformers `Trainer` (e.g. the DPOTrainer of SPIN) in `folder` cannot be
+    resumed from, in a few words; None when its `trainer_state.json` parses and its weights are whole (a kill while
+    saving leaves either cut short, and `transformers.trainer_utils.get_last_checkpoint` would pick it anyway)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "no such folder"
+    return _json_problem(folder / TRAINER_STATE_NAME) or _weights_problem(folder, folder.name)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, problem=None) -> str | None:
+    """The `checkpoint-N` folder of `output_dir` with the largest N that is complete: `problem(folder)` is None
+    (default: `checkpoint_problem`, an SRPPOTrainer checkpoint; `trainer_checkpoint_problem` for other trainers)."""
+    problem_of = problem or checkpoint_problem
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
@@ -361,7 +373,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
         if entry.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit():
             steps.append((int(name[len("checkpoint-") :]), entry))
     for _, entry in sorted(steps, reverse=True):
-        problem = checkpoint_problem(entry)
+        problem = problem_of(entry)
         if problem is None:
             return str(entry)
         logger.warning(

@@ -528,7 +528,12 @@ def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts
         )
         before = _evaluate(trainer, eval_prompts, srppo_args.seed)
         before_samples = _sample_rewards(trainer, eval_prompts, pipe.eval_num_samples, srppo_args.seed)
-        trainer.train(resume_from_checkpoint=resume_argument(srppo_args.resume_from_checkpoint))
+        resume = resume_argument(srppo_args.resume_from_checkpoint)
+        if resume is True:  # the last complete checkpoint, or a fresh start when none exists yet (a first run)
+            from .checkpointing import last_complete_checkpoint
+
+            resume = last_complete_checkpoint(srppo_args.output_dir)
+        trainer.train(resume_from_checkpoint=resume)
         after = _evaluate(trainer, eval_prompts, srppo_args.seed)
         after_samples = _sample_rewards(trainer, eval_prompts, pipe.eval_num_samples, srppo_args.seed)
         trainer.sample_rewards = {"SFT": before_samples, "SRPPO": after_samples}

@@ -326,8 +326,7 @@ def run_spin(
 
     Returns one `SPINIteration` per iteration (also written to `<output_dir>/spin.json`).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
+    from .checkpointing import last_complete_checkpoint, trainer_checkpoint_problem
     from .pipeline import _save_sft_model
     from .tokenization import ensure_chat_template_bos
 
@@ -350,7 +349,9 @@ def run_spin(
         trainer = build_dpo_trainer(
             opponent, model_kwargs, dpo_values, folder, tokenizer, pairs, peft_config, callbacks
         )
-        checkpoint = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        # The last *complete* DPOTrainer checkpoint: a kill while saving leaves a folder that transformers'
+        # `get_last_checkpoint` would still pick (weights without trainer_state.json restart the schedule on them).
+        checkpoint = last_complete_checkpoint(folder, problem=trainer_checkpoint_problem)
         if checkpoint is not None:
             logger.info("SPIN iteration %d resumes from %s.", iteration, checkpoint)
         result = trainer.train(resume_from_checkpoint=checkpoint)

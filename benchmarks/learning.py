@@ -127,6 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="SRPPO: start the critic head's bias at the first buffer's mean return (SRPPOConfig.value_bias_init)",
     )
     p.add_argument(
+        "--sft-only",
+        action="store_true",
+        help="train (or reuse) the SFT model in <output-dir>/sft and exit: the start model of later --sft-model runs",
+    )
+    p.add_argument(
         "--label", default=None, help="suffix of the trainers' names in the results, e.g. 'warm-up 0' (for --report)"
     )
     args = p.parse_args(argv)
@@ -297,6 +302,7 @@ class WallClockBudget(TrainerCallback):
     def __init__(self, budget_s: float, eval_every_s: float, evaluate_fn, start_row: dict, label: str):
         self.budget_s, self.eval_every_s, self.evaluate_fn, self.label = budget_s, eval_every_s, evaluate_fn, label
         self.rows = [{"wall_s": 0.0, "step": 0, **start_row}]
+        self.critic_rows = []  # SRPPO only: the critic's error against the returns' spread, per logged step
         self.trainer = None
         self.start = None
         self.eval_s = 0.0
@@ -334,6 +340,11 @@ class WallClockBudget(TrainerCallback):
         if done:
             control.should_training_stop = True
         return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "val/abs_error" in logs:
+            keys = ("val/abs_error", "val/bias", "val/returns_spread", "critic_warmup")
+            self.critic_rows.append({"step": state.global_step, **{k.split("/")[-1]: logs.get(k) for k in keys}})
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.rows[-1]["step"] != state.global_step:  # stopped by max_steps or the data, not the budget
@@ -480,10 +491,18 @@ def load_prompts(args, tokenizer):
 # ---------------------------------------------------------------------------------------------- report
 
 
+def critic_fit(run: dict) -> str:
+    """SRPPO's critic on its last rollout buffer: `val/abs_error` / `val/returns_spread` (the error of the best
+    constant), e.g. "3.1 / 4.0"; "-" for trainers without a critic or runs recorded before the spread was logged."""
+    rows = [r for r in run.get("critic_rows", []) if r.get("returns_spread") is not None]
+    return f"{rows[-1]['abs_error']:.2f} / {rows[-1]['returns_spread']:.2f}" if rows else "-"
+
+
 def format_table(results: dict) -> str:
     lines = [
-        "| reward | trainer | start reward | final reward | final KL | steps | train s | s / step | eval s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| reward | trainer | start reward | final reward | final KL | steps | train s | s / step | eval s "
+        "| critic abs error / returns spread |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for reward, runs in results.items():
         for trainer, run in runs.items():
@@ -492,7 +511,7 @@ def format_table(results: dict) -> str:
             per_step = run["train_s"] / steps if steps else float("nan")
             lines.append(
                 f"| {reward} | {trainer} | {first['reward']:.3f} | {last['reward']:.3f} | {last['kl']:.3f} | {steps} "
-                f"| {run['train_s']:.0f} | {per_step:.1f} | {run['eval_s']:.0f} |"
+                f"| {run['train_s']:.0f} | {per_step:.1f} | {run['eval_s']:.0f} | {critic_fit(run)} |"
             )
     return "\n".join(lines)
 
@@ -570,6 +589,7 @@ def run_reward(kind: str, args, base_path: str, tokenizer, train_prompts, eval_p
         trainer.train()
         runs[name if args.label is None else f"{name} ({args.label})"] = {
             "rows": callback.rows,
+            "critic_rows": callback.critic_rows,
             "steps": trainer.state.global_step,
             "train_s": round(callback.train_s, 2),
             "eval_s": round(callback.eval_s, 2),
@@ -611,6 +631,8 @@ def main(argv=None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     base_path = resolve_base_model(args.base_model)
     tokenizer = load_tokenizer(base_path)
+    if args.sft_only:
+        return {"sft_model": ensure_sft(args, base_path, tokenizer)}
     train_prompts, eval_prompts = load_prompts(args, tokenizer)
     settings = {k: v for k, v in vars(args).items()}
     print(f"settings: {json.dumps(settings)}", flush=True)

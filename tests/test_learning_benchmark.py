@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
@@ -42,6 +43,13 @@ def test_learning_benchmark_records_rows_for_every_trainer_and_reward(tiny_base,
             assert all({"wall_s", "reward", "kl", "length", "eos_rate"} <= set(row) for row in run["rows"])
             assert run["rows"][0]["kl"] == 0.0  # the start model against itself
     assert "word_rate" in saved["rewards"]["scripted"]["runs"]["grpo"]["rows"][0]
+    # SRPPO's critic against the returns' spread, per logged buffer; trainers without a critic have none.
+    critic = saved["rewards"]["coherent"]["runs"]["srppo"]["critic_rows"]
+    assert critic and all(row["abs_error"] >= 0 and row["returns_spread"] >= 0 for row in critic)
+    assert saved["rewards"]["coherent"]["runs"]["grpo"]["critic_rows"] == []
+    table = (out / "results.md").read_text()
+    assert re.search(r"\| coherent \| srppo \|.* \d+\.\d\d / \d+\.\d\d \|", table)
+    assert re.search(r"\| coherent \| grpo \|.* - \|", table)
     assert (out / "learning.png").stat().st_size > 0
     assert "| coherent | rloo |" in (out / "results.md").read_text()
     assert result["machine"]["torch_threads"] == 1

@@ -516,6 +516,7 @@ def test_a_value_clip_far_below_the_critics_bias_is_warned_about_once(tokenizer,
     assert len(warnings) == (1 if warns else 0)
     assert trainer._metrics["train"]["val/bias"] == [pytest.approx(15.0)] * 8
     assert trainer._metrics["train"]["val/abs_error"] == [pytest.approx(15.0)] * 8
+    assert trainer._metrics["train"]["val/returns_spread"] == [pytest.approx(0.0)] * 8  # constant returns
 
 
 def test_a_critic_with_no_bias_is_not_warned_about(tokenizer, tmp_path, caplog):
@@ -527,3 +528,5 @@ def test_a_critic_with_no_bias_is_not_warned_about(tokenizer, tmp_path, caplog):
             trainer._log_rollout_metrics(_fake_buffer(torch.zeros(2, 4), returns))
     assert not [r for r in caplog.records if "cliprange_value" in r.getMessage()]
     assert trainer._metrics["train"]["val/abs_error"][-1] == pytest.approx(15.0)
+    # Returns of +15 and -15 around their mean 0 (padding excluded): a constant critic's error is 15 too.
+    assert trainer._metrics["train"]["val/returns_spread"][-1] == pytest.approx(15.0)

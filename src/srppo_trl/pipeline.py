@@ -825,7 +825,21 @@ def main(argv=None, default_config: str | None = None) -> dict:
     """Entry point of every recipe: parse, then run the pipeline."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pipe, srppo_args, model_args = parse_args(argv, default_config)
-    return run_pipeline(pipe, srppo_args, model_args)
+    results = run_pipeline(pipe, srppo_args, model_args)
+    leave_process_group()
+    return results
+
+
+def leave_process_group() -> None:
+    """Under `accelerate launch`, leave the process group before the interpreter exits.
+
+    A gloo group still up at exit can abort one process in a C++ destructor ("terminate called without an active
+    exception") after the run has finished and saved, which turns a good run into a failed launch. A no-op in a single
+    process.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -655,7 +655,9 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         metrics["critic_warmup"].append(float(buffer.get("warmup", False)))
 
     def _log_critic_error(self, buffer: dict, mask: torch.Tensor, mean) -> None:
-        """Logs `val/abs_error` (mean |return - value|) and `val/bias` (mean return - value) per rollout buffer, and
+        """Logs `val/abs_error` (mean |return - value|), `val/bias` (mean return - value) and `val/returns_spread`
+        (mean |return - the buffer's mean return|: the abs error of the best constant critic; a useful critic's
+        `val/abs_error` is well below it) per rollout buffer, and
         warns once when the bias exceeds 10x `cliprange_value` on 3 actor buffers in a row (critic warm-up buffers
         do not count: closing that gap is what they are for). The clipped value loss has no gradient once a value
         is `cliprange_value` from its rollout value, so a critic can close at most that much of a bias per buffer.
@@ -667,6 +669,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         metrics = self._metrics["train"]
         metrics["val/abs_error"].append(mean(ppo_math.masked_mean(error.abs(), mask).unsqueeze(0)))
         metrics["val/bias"].append(bias)
+        spread = (buffer["returns"] - ppo_math.masked_mean(buffer["returns"], mask)).abs()
+        metrics["val/returns_spread"].append(mean(ppo_math.masked_mean(spread, mask).unsqueeze(0)))
         if buffer.get("warmup", False):
             return
         self._biased_buffers = self._biased_buffers + 1 if clip is not None and abs(bias) > 10 * clip else 0

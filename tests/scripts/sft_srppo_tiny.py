@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
-from srppo_trl.pipeline import _save_sft_model
+from srppo_trl.pipeline import _save_sft_model, leave_process_group
 from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
 
@@ -269,10 +269,7 @@ def main():
         steps, optimizer = adam_after_warmup(out, tokenizer)
         deepspeed, rank = os.environ.get("ACCELERATE_USE_DEEPSPEED"), os.environ.get("RANK")
         print(f"engine={deepspeed} rank={rank} optimizer={optimizer} actor_adam_steps={steps}", flush=True)
-        # Leave the process group before exiting: one exit of 2 aborted in a C++ destructor ("terminate called without
-        # an active exception") with DeepSpeed's CPU Adam and the group still up.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        leave_process_group()
         return
     sft(out, tokenizer)
     copy_difference = critic_copy_difference(out, tokenizer)
@@ -284,6 +281,7 @@ def main():
         print(f"param_groups={groups}")
         print(f"critic_copy_max_difference={copy_difference}")
         print(f"global_step={trainer.state.global_step} resumed_global_step={resumed.state.global_step}")
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
+from srppo_trl.pipeline import leave_process_group
 from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
 from srppo_trl.trainer import last_complete_checkpoint
 
@@ -114,6 +115,7 @@ def main():
         (Path(cli.output_dir) / f"report_rank{rank}.json").write_text(json.dumps(report))
     if trainer.accelerator.is_main_process:
         print(f"world_size={trainer.accelerator.num_processes} global_step={trainer.state.global_step}")
+    leave_process_group()
 
 
 if __name__ == "__main__":

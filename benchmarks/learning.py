@@ -386,8 +386,8 @@ def ensure_sft(args, base_path: str, tokenizer) -> str:
         sft_max_steps=args.sft_max_steps,
     )
     run_args = SimpleNamespace(
-        output_dir=args.output_dir, bf16=False, seed=cfg["seed"], report_to="none", logging_steps=10,
-        activation_checkpointing=False,
+        output_dir=args.output_dir, bf16=False, fp16=False, use_cpu=False, seed=cfg["seed"], report_to="none",
+        logging_steps=10, activation_checkpointing=False,
     )  # fmt: skip
     stages, _, _ = build_stage_data(pipe)
     began = time.perf_counter()

@@ -81,3 +81,10 @@ def test_srppo_critic_options_reach_the_srppo_arm(tmp_path):
     assert trainer.args.critic_warmup_steps == 5
     defaults = module.parse_args(["--output-dir", str(tmp_path)])
     assert (defaults.normalize_reward, defaults.value_bias_init) == (False, False)  # opt-in
+
+
+def test_sft_only_trains_the_start_model_with_the_demo_sft_settings(tiny_base, tmp_path):
+    argv = ["--sft-only", "--base-model", str(tiny_base), "--output-dir", str(tmp_path), "--sft-max-steps", "1"]
+    result = _load_script().main(argv + ["--threads", "1"])
+    assert Path(result["sft_model"]) == tmp_path / "sft"
+    assert (tmp_path / "sft" / "model.safetensors").is_file()

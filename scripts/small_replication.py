@@ -43,6 +43,8 @@ import torch
 
 
 ARMS = ("base", "sft", "srppo", "sft_extended", "grpo", "spin")
+# Run order within a seed: the arms whose budget is SRPPO's stage time right after it, on the same machine.
+RUN_ORDER = ("sft", "srppo", "grpo", "spin", "sft_extended")
 LABELS = {
     "base": "Base",
     "sft": "SFT",
@@ -58,7 +60,8 @@ OPTION_GROUPS = {
     "sft": ("sft_epochs", "sft_lr", "sft_batch_size", "sft_max_length", "sft_max_steps"),
     "extended": ("extended_epochs",),
     "rl": ("num_prompts", "rollout_batch", "mini_batch", "ppo_epochs", "response_length", "max_prompt_length",
-           "actor_lr", "critic_lr", "critic_warmup", "kl_coef", "lam", "missing_eos_penalty"),
+           "actor_lr", "critic_lr", "critic_warmup", "kl_coef", "lam", "missing_eos_penalty", "normalize_reward",
+           "value_bias_init"),
     "grpo": ("grpo_num_generations", "grpo_max_steps"),
     "spin": ("spin_lr", "spin_epochs", "spin_beta", "spin_batch_size", "spin_max_new_tokens"),
 }  # fmt: skip
@@ -87,6 +90,14 @@ def parse(argv=None):
     add("--report-md", default="docs/replication.md")
     add("--report-png", default="docs/replication/replication.png")
     add("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="training precision (auto: bf16 autocast on a CPU with AVX-512 BF16/AMX, else fp32; evaluation is fp32 "
+        "either way). Recorded in each cell, not part of its config: a seed's GRPO and SPIN cells must run on the "
+        "machine class (precision and CPU) of its SRPPO cell, whose time is their budget",
+    )
     # ---- common: model, data, evaluation
     add("--base-model", default="smollm2", help="'smollm2' (offline) or a local model folder")
     add("--dataset-seed", type=int, default=42, help="the held-out / PPO prompt split (fixed across seeds)")
@@ -121,6 +132,18 @@ def parse(argv=None):
     add("--kl-coef", type=float, default=0.2)
     add("--lam", type=float, default=1.0)
     add("--missing-eos-penalty", type=float, default=1.0)
+    add(
+        "--normalize-reward",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="SRPPOConfig.normalize_reward: scores divided by their running std before the KL penalty",
+    )
+    add(
+        "--value-bias-init",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="SRPPOConfig.value_bias_init: the critic head's bias starts at the first buffer's mean return",
+    )
     # ---- GRPO
     add("--grpo-num-generations", type=int, default=4, help="completions per prompt")
     add("--grpo-max-steps", type=int, default=None, help="default: SRPPO's samples / samples per generation x "
@@ -173,11 +196,11 @@ def cell_name(arm: str, seed: int | None) -> str:
 
 
 def grid_cells(arms, seeds) -> list[tuple[str, int | None]]:
-    """The cells in run order: base once, then per seed SFT before the arms that start from it, SRPPO before the
-    arms whose budget is its time."""
+    """The cells in run order: base once, then per seed SFT before the arms that start from it, SRPPO and right
+    after it the arms whose budget is its time (`RUN_ORDER`)."""
     cells = [("base", None)] if "base" in arms else []
     for seed in seeds:
-        cells += [(arm, seed) for arm in ARMS if arm != "base" and arm in arms]
+        cells += [(arm, seed) for arm in RUN_ORDER if arm in arms]
     return cells
 
 
@@ -198,16 +221,31 @@ def longest_recorded_s(raw_dir: Path, arm: str | None) -> float:
     return max(times, default=0.0)
 
 
-def run_grid(cells, done, run_cell, max_minutes=None, estimate_s=lambda cell: 0.0, clock=time.monotonic, log=print):
+def run_grid(
+    cells,
+    done,
+    run_cell,
+    max_minutes=None,
+    estimate_s=lambda cell: 0.0,
+    clock=time.monotonic,
+    log=print,
+    blocked=lambda cell: None,
+):
     """Runs the cells not `done`, in order, until the next one would end after `max_minutes` (by `estimate_s`).
+    A cell for which `blocked(cell)` gives a reason is left for another run, and the grid goes on.
 
-    Returns {'ran': [...], 'skipped': [...], 'stopped_before': the first cell not started, or None}.
+    Returns {'ran': [...], 'skipped': [...], 'blocked': [...], 'stopped_before': the first cell not started, or None}.
     """
     start = clock()
-    result = {"ran": [], "skipped": [], "stopped_before": None}
+    result = {"ran": [], "skipped": [], "blocked": [], "stopped_before": None}
     for cell in cells:
         if done(cell):
             result["skipped"].append(cell)
+            continue
+        reason = blocked(cell)
+        if reason:
+            log(f"leaving {cell_name(*cell)} for another run: {reason}")
+            result["blocked"].append(cell)
             continue
         if max_minutes is not None and (clock() - start + estimate_s(cell)) / 60 > max_minutes:
             result["stopped_before"] = cell
@@ -230,6 +268,22 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' on a CPU with bf16 instructions (AVX-512 BF16, AMX), else 'fp32'."""
+    from srppo_trl.precision import cpu_has_fast_bf16
+
+    if precision == "auto":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return precision
+
+
+def machine_class(precision: str, cpu_flags: list[str]) -> str:
+    """What decides a cell's speed: the precision and the best of the CPU's vector extensions, e.g. 'bf16/amx_bf16'.
+    A seed's GRPO and SPIN cells take its SRPPO cell's time as budget, so they must run on the same class."""
+    best = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in cpu_flags), "other")
+    return f"{precision}/{best}"
 
 
 def machine_info() -> dict:
@@ -284,6 +338,8 @@ class Campaign:
         from srppo_trl.pipeline import build_stage_data, load_tokenizer, resolve_base_model
 
         self.args, self.out, self.raw_dir = args, Path(args.output), Path(args.raw_dir)
+        self.precision = resolve_precision(args.precision)
+        self.machine_class = machine_class(self.precision, machine_info()["cpu_flags"])
         self.base_path = resolve_base_model(args.base_model)
         self.tokenizer = load_tokenizer(self.base_path)
         self.pipe = self.pipeline_arguments()
@@ -316,7 +372,7 @@ class Campaign:
         # activation_checkpointing off: faster on CPU, memory is not the limit at 135M.
         return SRPPOConfig(
             output_dir=str(folder), seed=seed, report_to="none", logging_steps=1, save_strategy="no",
-            activation_checkpointing=False, **fields,
+            activation_checkpointing=False, bf16=self.precision == "bf16", **fields,
         )  # fmt: skip
 
     # ---- models the cells share
@@ -403,6 +459,7 @@ class Campaign:
         args = self.trainer_args(
             folder, seed, **self.srppo_fields(), critic_learning_rate=a.critic_lr, critic_warmup_steps=a.critic_warmup,
             kl_coef=a.kl_coef, cliprange_value=None, lam=a.lam, reward_clip=None,
+            normalize_reward=a.normalize_reward, value_bias_init=a.value_bias_init,
             missing_eos_penalty=a.missing_eos_penalty, stop_token="eos", reward_granularity="sequence",
             local_rollout_forward_batch_size=8, num_sample_generations=0,
         )  # fmt: skip
@@ -423,14 +480,30 @@ class Campaign:
         policy = trainer.accelerator.unwrap_model(trainer.model).policy
         return policy, record
 
-    def budget_s(self, seed) -> float:
+    def budget_problem(self, seed) -> str | None:
+        """Why this seed's GRPO and SPIN cells cannot run here now (None: they can)."""
         srppo = read_cell(self.raw_dir, "srppo", seed)
         if srppo is None or srppo["config_hash"] != config_hash(cell_config(self.args, "srppo", seed)):
-            raise SystemExit(
-                f"error: the GRPO and SPIN cells of seed {seed} take the SRPPO cell's stage time as their budget: "
-                "run the srppo arm of that seed first (with the same settings)."
+            return (
+                f"the GRPO and SPIN cells of seed {seed} take the SRPPO cell's stage time as their budget: run the "
+                "srppo arm of that seed first (with the same settings)"
             )
-        return srppo["training"]["stage_s"]
+        if srppo.get("machine_class") != self.machine_class:
+            return (
+                f"seed {seed}'s SRPPO cell ran on {srppo.get('machine_class')} and this machine is "
+                f"{self.machine_class}: its stage time is a budget only on the same class of machine"
+            )
+        return None
+
+    def blocked(self, cell) -> str | None:
+        arm, seed = cell
+        return self.budget_problem(seed) if arm in ("grpo", "spin") else None
+
+    def budget_s(self, seed) -> float:
+        problem = self.budget_problem(seed)
+        if problem:
+            raise SystemExit(f"error: {problem}.")
+        return read_cell(self.raw_dir, "srppo", seed)["training"]["stage_s"]
 
     def train_grpo(self, seed):
         from srppo_trl.pipeline import _trl_group_trainer
@@ -523,6 +596,7 @@ class Campaign:
             "arm": arm, "label": LABELS[arm], "seed": seed, "config_hash": config_hash(config), "config": config,
             "summary": summary, "per_prompt": per_prompt, "training": training,
             "timings": {"train_s": train_s, "eval_s": eval_s, "total_s": _since(start)}, "machine": machine,
+            "precision": self.precision, "machine_class": self.machine_class,
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }  # fmt: skip
         path = self.raw_dir / f"{cell_name(arm, seed)}.json"
@@ -875,7 +949,7 @@ def main(argv=None):
     def estimate_s(cell):  # its arm's longest finished cell, else the longest finished cell of any arm
         return longest_recorded_s(raw_dir, cell[0]) or longest_recorded_s(raw_dir, None)
 
-    result = run_grid(cells, done, run_cell, args.max_minutes, estimate_s=estimate_s)
+    result = run_grid(cells, done, run_cell, args.max_minutes, estimate_s=estimate_s, blocked=campaign.blocked)
     print(f"ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished one(s)")
     return result
 

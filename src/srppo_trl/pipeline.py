@@ -438,6 +438,8 @@ def _save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) 
     """
     import shutil
 
+    from .checkpointing import move_into_place
+
     accelerator, writer = trainer.accelerator, trainer.args.should_save
     tmp = folder.with_name(folder.name + ".tmp")
     if writer:
@@ -456,24 +458,8 @@ def _save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) 
         trainer.save_model(str(tmp))
     if writer:
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle of the SFT arguments: not part of the model
-        _move_into_place(tmp, folder)
+        move_into_place(tmp, folder)
     accelerator.wait_for_everyone()
-
-
-def _move_into_place(tmp: Path, folder: Path) -> None:
-    """Renames the finished `tmp` to `folder`.
-
-    Into an existing `folder` the files move one by one with `config.json` last (an older one is removed first), so a
-    folder whose `config.json` parses holds the whole model even after a crash (`saved_model_problem`).
-    """
-    if folder.exists():
-        # `folder` may hold the earlier stages' sub-folders: move the new files in one by one.
-        (folder / "config.json").unlink(missing_ok=True)
-        for entry in sorted(tmp.iterdir(), key=lambda entry: entry.name == "config.json"):
-            os.replace(entry, folder / entry.name)
-        tmp.rmdir()
-    else:
-        os.replace(tmp, folder)
 
 
 # ---------------------------------------------------------------------------------------------- stage 2

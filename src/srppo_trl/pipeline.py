@@ -363,10 +363,37 @@ def check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages,
 # ---------------------------------------------------------------------------------------------- stage 1
 
 
+def sft_config(pipe, srppo_args, stage_dir: Path):
+    """The SFTConfig of one SFT stage: the pipeline's `sft_*` fields, the SRPPOConfig's precision, seed, logging and
+    data-loader settings, and `pipe.sft_extra` over all of them."""
+    from trl import SFTConfig
+
+    values = dict(
+        output_dir=str(stage_dir),
+        learning_rate=pipe.sft_learning_rate,
+        num_train_epochs=pipe.sft_num_train_epochs,
+        max_steps=pipe.sft_max_steps,
+        per_device_train_batch_size=pipe.sft_per_device_train_batch_size,
+        gradient_accumulation_steps=pipe.sft_gradient_accumulation_steps,
+        max_length=pipe.sft_max_length,
+        bf16=srppo_args.bf16,
+        fp16=srppo_args.fp16,  # a GPU without bf16 (T4): fp16 mixed precision in SFT too
+        use_cpu=srppo_args.use_cpu,  # set by SRPPOConfig for bf16 on a CPU (TrainingArguments needs it there)
+        # False on a CPU-only run unless set (torch's DataLoader warns that pinning needs an accelerator).
+        dataloader_pin_memory=srppo_args.dataloader_pin_memory,
+        seed=srppo_args.seed,
+        report_to=srppo_args.report_to,
+        logging_steps=srppo_args.logging_steps,
+        save_strategy="no",
+        activation_checkpointing=srppo_args.activation_checkpointing,
+    )
+    return SFTConfig(**{**values, **(pipe.sft_extra or {})})
+
+
 def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_config) -> str:
     """Runs the SFT stages one after the other; returns the folder of the final SFT model (full weights, or the
     SFT LoRA adapter with `single_base`)."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from .checkpointing import saved_model_problem
 
@@ -379,24 +406,7 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
             logger.info("SFT stage %s already done in %s: reusing it (delete the folder to retrain).", name, final_dir)
             current = str(final_dir)
             continue
-        args = SFTConfig(
-            output_dir=str(stage_dir),
-            learning_rate=pipe.sft_learning_rate,
-            num_train_epochs=pipe.sft_num_train_epochs,
-            max_steps=pipe.sft_max_steps,
-            per_device_train_batch_size=pipe.sft_per_device_train_batch_size,
-            gradient_accumulation_steps=pipe.sft_gradient_accumulation_steps,
-            max_length=pipe.sft_max_length,
-            bf16=srppo_args.bf16,
-            fp16=srppo_args.fp16,  # a GPU without bf16 (T4): fp16 mixed precision in SFT too
-            use_cpu=srppo_args.use_cpu,  # set by SRPPOConfig for bf16 on a CPU (TrainingArguments needs it there)
-            seed=srppo_args.seed,
-            report_to=srppo_args.report_to,
-            logging_steps=srppo_args.logging_steps,
-            save_strategy="no",
-            activation_checkpointing=srppo_args.activation_checkpointing,
-            **(pipe.sft_extra or {}),
-        )
+        args = sft_config(pipe, srppo_args, stage_dir)
         stage_peft = peft_config
         if pipe.single_base:
             model, stage_peft = load_single_base_sft_stage(current, base_path, model_args, peft_config)

@@ -216,38 +216,98 @@ def test_a_run_resumed_mid_epoch_on_several_processes_draws_the_prompts_of_an_un
 # ---------------------------------------------------------------- the pipeline's SFT model
 
 
+def _interrupted_move(monkeypatch, tmp, folder, after: int) -> list[str]:
+    """`move_into_place(tmp, folder)` killed before its `after+1`-th rename; the names renamed into place."""
+    from srppo_trl.checkpointing import move_into_place
+
+    real_replace, done = os.replace, []
+
+    def replace(src, dst):
+        if len(done) == after:
+            raise KeyboardInterrupt("killed while moving the save into place")
+        real_replace(src, dst)
+        done.append(Path(dst).name)
+
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        move_into_place(tmp, folder)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        monkeypatch.setattr(os, "replace", real_replace)
+    return done
+
+
 def test_an_sft_model_moved_into_place_counts_as_done_only_once_every_file_is_in(tokenizer, tmp_path, monkeypatch):
     # The last SFT stage's model goes to `sft/`, which already holds the stages' own folders: its files move in one by
     # one. A crash after any of them must not leave a folder that the next run reuses as a finished SFT model.
     from srppo_trl.checkpointing import saved_model_problem
-    from srppo_trl.pipeline import _move_into_place
 
     saved = tmp_path / "saved"
     tiny_causal_lm(tokenizer).save_pretrained(saved)
     tokenizer.save_pretrained(saved)
     files = len(list(saved.iterdir()))
-    real_replace = os.replace
     for moved in range(files + 1):
         folder, tmp = tmp_path / f"sft-{moved}", tmp_path / f"sft-{moved}.tmp"
         (folder / "0-demo").mkdir(parents=True)  # the stage's own output folder
         shutil.copytree(saved, tmp)
-        done = []
-
-        def replace(src, dst, done=done, moved=moved):
-            if len(done) == moved:
-                raise KeyboardInterrupt("killed while moving the SFT model into place")
-            real_replace(src, dst)
-            done.append(Path(dst).name)
-
-        monkeypatch.setattr(os, "replace", replace)
-        try:
-            _move_into_place(tmp, folder)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            monkeypatch.setattr(os, "replace", real_replace)
+        done = _interrupted_move(monkeypatch, tmp, folder, after=moved)
         whole = moved == files
         assert (saved_model_problem(folder) is None) == whole, f"after moving {done}"
+
+
+def test_a_final_model_saved_over_an_older_one_is_never_a_mix_of_the_two(tokenizer, tmp_path, monkeypatch):
+    # The final SRPPO model goes into `output_dir`, which holds an earlier final model (policy at the root, critic in
+    # value_model/), checkpoints and logs. A crash after any rename leaves either a folder that is not taken for a
+    # whole model, or the whole new model; the checkpoints and logs are kept.
+    from srppo_trl.checkpointing import saved_model_problem
+
+    def save(folder, seed):
+        tiny_causal_lm(tokenizer, seed=seed).save_pretrained(folder)
+        tiny_causal_lm(tokenizer, seed=seed).save_pretrained(folder / "value_model")
+        tokenizer.save_pretrained(folder)
+
+    new = tmp_path / "new"
+    save(new, seed=2)
+    new_weights = (new / "model.safetensors").read_bytes()
+    renames = len(list(new.iterdir())) + 1  # value_model/ takes two renames: the old one aside, the new one in
+    for moved in range(renames + 1):
+        folder, tmp = tmp_path / f"out-{moved}", tmp_path / f".out-{moved}.tmp"
+        save(folder, seed=1)
+        (folder / "checkpoint-4").mkdir()
+        (folder / "value_model.old").mkdir()  # left by an earlier crash
+        shutil.copytree(new, tmp)
+        done = _interrupted_move(monkeypatch, tmp, folder, after=moved)
+        if saved_model_problem(folder) is None:
+            assert (folder / "model.safetensors").read_bytes() == new_weights, f"old and new mixed after {done}"
+            assert saved_model_problem(folder / "value_model") is None
+        assert (moved == renames) == (saved_model_problem(folder) is None), f"after moving {done}"
+        assert (folder / "checkpoint-4").is_dir()
+    assert not tmp.exists() and not (folder / "value_model.old").exists()
+
+
+def test_a_model_saved_over_a_sharded_one_leaves_no_stale_shard(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from srppo_trl.checkpointing import move_into_place, saved_model_problem
+
+    folder, tmp = tmp_path / "sft", tmp_path / "sft.tmp"
+    tiny_causal_lm(tokenizer, seed=1).save_pretrained(folder, max_shard_size="20KB")
+    (folder / "0-demo").mkdir()
+    assert (folder / "model.safetensors.index.json").is_file()
+    model = tiny_causal_lm(tokenizer, seed=2)
+    model.save_pretrained(tmp)
+    move_into_place(tmp, folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "0-demo",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    assert saved_model_problem(folder) is None
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    for name, param in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], param), name
 
 
 @pytest.mark.parametrize("damage", ["config-cut", "weights-cut", "weights-missing"])

@@ -2,7 +2,9 @@
 Each is refused with one sentence before any model is loaded.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -11,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from srppo_trl import ppo_math
 from srppo_trl.config import FIELD_RANGES, SRPPOConfig
-from srppo_trl.field_ranges import Range
+from srppo_trl.field_ranges import Range, choice_fields
 from srppo_trl.pipeline import PIPELINE_FIELD_RANGES, PipelineArguments, main
 
 
@@ -178,6 +181,82 @@ def test_values_on_the_edge_of_their_range_are_accepted(tmp_path):
     PipelineArguments(sft_max_steps=-1, eval_num_prompts=0, eval_num_samples=0, num_prompts=None)
     with pytest.raises(ValueError, match=r"sft_max_steps must be >= 1 or -1 \(by epochs\), got 0\."):
         PipelineArguments(sft_max_steps=0)
+
+
+# ------------------------------------------------------------------ string fields with a fixed set of values (Literal)
+CHOICES = {
+    SRPPOConfig: {
+        "kl_estimator": ("k1", "k3"),
+        "reward_granularity": ("sequence", "token"),
+        "stop_token": ("eos", None),
+        "vllm_mode": ("colocate", "server"),
+        "vllm_model_impl": ("vllm", "transformers"),
+    },
+    PipelineArguments: {
+        "setting": ("demo", "min", "medium", "diminished"),
+        "algorithm": ("ppo", "grpo", "rloo", "spin"),
+    },
+}
+
+
+@pytest.mark.parametrize("cls", list(CHOICES))
+def test_string_options_are_literal_fields(cls):
+    assert choice_fields(cls) == CHOICES[cls]
+
+
+def test_the_kl_estimator_choices_are_the_ones_ppo_math_implements():
+    assert set(choice_fields(SRPPOConfig)["kl_estimator"]) == set(ppo_math.KL_ESTIMATORS)
+
+
+def test_help_lists_the_choices_of_every_string_option():
+    from srppo_trl.pipeline import parse_args
+
+    with pytest.raises(SystemExit) as exit, contextlib.redirect_stdout(io.StringIO()) as out:
+        parse_args(["--help"])
+    assert exit.value.code == 0
+    help_text = " ".join(out.getvalue().split())
+    for choices in CHOICES.values():
+        for name, values in choices.items():
+            assert f"--{name} {{{','.join(str(v) for v in values)}}}" in help_text, name
+
+
+@pytest.mark.parametrize("name", ["kl_estimator", "reward_granularity", "stop_token", "vllm_mode", "setting"])
+def test_the_command_line_refuses_a_value_outside_the_choices(name, tmp_path):
+    from srppo_trl.pipeline import parse_args
+
+    with pytest.raises(SystemExit) as exit, contextlib.redirect_stderr(io.StringIO()) as err:
+        parse_args(["--output_dir", str(tmp_path), f"--{name}", "k9"])
+    assert exit.value.code == 2
+    assert f"argument --{name}" in err.getvalue() and "invalid choice: 'k9'" in err.getvalue()
+
+
+def test_the_command_line_accepts_a_choice_and_none(tmp_path):
+    from srppo_trl.pipeline import parse_args
+
+    pipe, args, _ = parse_args(
+        ["--output_dir", str(tmp_path), "--report_to", "none", "--kl_estimator", "k3", "--stop_token", "None",
+         "--algorithm", "grpo"]
+    )  # fmt: skip
+    assert (args.kl_estimator, args.stop_token, pipe.algorithm) == ("k3", None, "grpo")
+
+
+@pytest.mark.parametrize(
+    "cls, name, value, message",
+    [
+        (SRPPOConfig, "kl_estimator", "k9", "kl_estimator must be 'k1' or 'k3', got 'k9'."),
+        (SRPPOConfig, "reward_granularity", "word", "reward_granularity must be 'sequence' or 'token', got 'word'."),
+        (SRPPOConfig, "stop_token", "</s>", "stop_token must be 'eos' or None, got '</s>'."),
+        (SRPPOConfig, "vllm_mode", "remote", "vllm_mode must be 'colocate' or 'server', got 'remote'."),
+        (SRPPOConfig, "vllm_model_impl", "hf", "vllm_model_impl must be 'vllm' or 'transformers', got 'hf'."),
+        (PipelineArguments, "setting", "max", "setting must be 'demo', 'min', 'medium' or 'diminished', got 'max'."),
+        (PipelineArguments, "algorithm", "dpo", "algorithm must be 'ppo', 'grpo', 'rloo' or 'spin', got 'dpo'."),
+    ],
+)
+def test_a_value_outside_the_choices_given_in_python_is_one_sentence(cls, name, value, message, tmp_path):
+    kwargs = {"output_dir": str(tmp_path)} if cls is SRPPOConfig else {}
+    with pytest.raises(ValueError) as error:
+        cls(**kwargs, **{name: value})
+    assert str(error.value) == message
 
 
 @pytest.mark.parametrize(

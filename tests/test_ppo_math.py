@@ -9,7 +9,6 @@ from srppo_trl import ppo_math
 from srppo_trl.ppo_math import (
     KL_ESTIMATORS,
     compute_gae,
-    compute_gae_loop,
     entropy_from_logits,
     kl_k1,
     kl_k3,
@@ -366,7 +365,36 @@ def test_shape_rewards_rejects_bad_shapes():
 # GAE
 # ----------------------------------------------------------------------------------------------------------------------
 
+
+def compute_gae_loop(rewards, values, mask, gamma, lam):
+    """The tests' reference GAE, which `compute_gae` must match: the plain reversed loop over time (CleanRL's).
+
+    r, V <- r * m, V * m                                                        (whatever they hold outside the mask)
+    for t = T-1 .. 0:  A_t = r_t + gamma * V_{t+1} - V_t + gamma * lam * A_{t+1}    (V_T = A_T = 0)
+    R = A + V; A and R are 0 outside the mask. Shapes: [B, T] -> ([B, T], [B, T]).
+    """
+    mask = mask.bool()
+    dtype = torch.promote_types(rewards.dtype, values.dtype)
+    rewards = torch.where(mask, rewards.detach(), 0).to(dtype)
+    values = torch.where(mask, values.detach(), 0).to(dtype)
+    num_steps = rewards.shape[1]
+    last_gae = rewards.new_zeros(rewards.shape[0])
+    advantages_reversed = []
+    for t in reversed(range(num_steps)):
+        next_value = values[:, t + 1] if t < num_steps - 1 else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages_reversed.append(last_gae)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) if num_steps else torch.zeros_like(rewards)
+    returns = advantages + values
+    return torch.where(mask, advantages, 0), torch.where(mask, returns, 0)
+
+
 GAE_IMPLEMENTATIONS = [compute_gae, compute_gae_loop]
+
+
+def test_the_reference_loop_lives_in_the_tests_not_in_the_library():
+    assert not hasattr(ppo_math, "compute_gae_loop")
 
 
 @pytest.mark.parametrize("gae", GAE_IMPLEMENTATIONS)

@@ -589,6 +589,20 @@ def test_null_ref_context_disables_the_adapter_of_a_peft_policy(hub, tmp_path):
     assert not torch.allclose(with_adapter, base)
 
 
+def test_null_ref_context_activates_the_ref_adapter_and_restores_the_active_one(hub, tmp_path):
+    from peft import LoraConfig
+
+    trainer = _trainer(hub, tmp_path, ref_model=False, peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
+    policy = trainer.model.policy
+    policy.add_adapter("ref", LoraConfig(r=4, task_type="CAUSAL_LM"))
+    policy.add_adapter("other", LoraConfig(r=4, task_type="CAUSAL_LM"))
+    policy.set_adapter("other")  # not `model_adapter_name` (unset, i.e. "default"): the one active must come back
+    trainer.args.ref_adapter_name = "ref"
+    with trainer.null_ref_context():
+        assert policy.active_adapter == "ref"
+    assert policy.active_adapter == "other"
+
+
 def test_no_ref_model_means_a_frozen_copy_of_the_policy_as_in_trl112(hub, tmp_path):
     trainer = _trainer(hub, tmp_path, ref_model=False)
     policy = trainer.model.policy

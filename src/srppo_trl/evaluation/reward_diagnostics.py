@@ -40,6 +40,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .generation import evaluation_generation_config, generate_in_batches, model_device
+
 
 logger = logging.getLogger(__name__)
 
@@ -271,13 +273,6 @@ def shuffle_responses(responses: Sequence[str], seed: int = 0) -> list[str]:
 # ------------------------------------------------------------------------------------------ scoring, sampling
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - a model without parameters
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def score_responses(
     reward_model,
@@ -302,7 +297,7 @@ def score_responses(
     order = sorted(range(len(prompts)), key=lambda i: -sizes[i])
     rewards = np.zeros(len(prompts))
     lengths = np.zeros(len(prompts), dtype=np.int64)
-    device = _model_device(reward_model.sft_model)
+    device = model_device(reward_model.sft_model)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress):
         idx = order[start : start + batch_size]
         batch = encode_prompt_response(tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx], max_length)
@@ -340,48 +335,14 @@ def sample_responses(
         raise ValueError(f"temperature must be >= 0, got {temperature}.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids = _prompt_token_ids(tokenizer, prompts)
-    device = _model_device(model)
-    eos = tokenizer.eos_token_id
-    from ..rollout import checkpoint_generation_defaults_ignored, rollout_generation_config
-
-    if temperature > 0:
-        # Exactly softmax(logits / temperature) (top-p if asked), as in training: nothing from generation_config.json.
-        generation_config = rollout_generation_config(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, pad_token_id=pad, stop_token_id=eos
-        )
-    else:
-        generation_config = rollout_generation_config(
-            max_new_tokens=max_new_tokens, pad_token_id=pad, stop_token_id=eos
-        )
-        generation_config.do_sample = False
-    texts: list[str] = [""] * len(prompts)
-    token_ids: list[list[int]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
+    # Exactly softmax(logits / temperature) (top-p if asked), as in training: nothing from generation_config.json.
+    config = evaluation_generation_config(max_new_tokens, pad, tokenizer.eos_token_id, temperature, top_p)
+    device = model_device(model)
     devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices), checkpoint_generation_defaults_ignored(model):
-            torch.manual_seed(seed)
-            for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not show_progress):
-                rows = prompt_ids[start : start + batch_size]
-                width = max(len(r) for r in rows)
-                input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                attention_mask = torch.zeros_like(input_ids)
-                for i, ids in enumerate(rows):
-                    input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                    attention_mask[i, width - len(ids) :] = 1
-                output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=generation_config,
-                )
-                for i, row in enumerate(output[:, width:].tolist()):
-                    if eos in row:
-                        row = row[: row.index(eos) + 1]
-                    token_ids[start + i] = row
-                    texts[start + i] = tokenizer.decode(row, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        token_ids = generate_in_batches(model, prompt_ids, config, batch_size, desc=desc, show_progress=show_progress)
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in token_ids]
     return texts, token_ids
 
 

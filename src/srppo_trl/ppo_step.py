@@ -1,4 +1,4 @@
-"""Phases 3 and 4 of a rollout buffer: advantages and the PPO update.
+"""Phases 3 and 4 of a rollout buffer (`RolloutBuffer`): advantages and the PPO update.
 
 `compute_advantages` shapes the per-token rewards (KL penalty, score at EOS or per token), runs GAE and whitens the
 advantages over the whole buffer (all processes); `compute_loss` is the clipped policy loss plus `vf_coef` times the
@@ -9,12 +9,14 @@ their own parameter groups, learning-rate schedules and gradient clipping, as in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
 from . import ppo_math
+from .rollout import RolloutBuffer
 
 
 logger = logging.getLogger(__name__)
@@ -25,34 +27,54 @@ class PPOStepMixin:
 
     # ------------------------------------------------------------------ phase 3: advantages
 
-    def compute_advantages(self, scored: dict) -> dict:
-        """Per-token rewards (KL penalty + score at EOS, or the token-level reward), GAE advantages and returns."""
+    def compute_advantages(self, scored: RolloutBuffer) -> RolloutBuffer:
+        """Per-token rewards (KL penalty + score at EOS, or the token-level reward), GAE advantages and returns.
+
+        Returns the buffer with its phase-3 fields set: `kl`, `rewards`, `advantages`, `returns` and, with
+        `normalize_reward`, `normalized_scores`. With `value_bias_init` (first buffer only) `values` and the kept
+        `first_forward` come back shifted by the critic head's new bias.
+        """
         args = self.args
-        mask = scored["response_mask"].float()
-        kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator)
+        mask = scored.response_mask.float()
+        kl = ppo_math.kl_per_token(scored.logprobs, scored.ref_logprobs, args.kl_estimator)
         kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
-        if args.reward_granularity == "token" and "coherent_reward" in scored:
+        normalized_scores = None
+        if args.reward_granularity == "token" and scored.coherent_reward is not None:
             # Appendix E: the (per-token clipped) reward at every token; the missing-EOS penalty alone lands on the
             # last token.
             rewards = ppo_math.shape_rewards(
-                scored["eos_penalty"], kl, mask, args.kl_coef, token_scores=scored["token_scores"]
+                scored.eos_penalty, kl, mask, args.kl_coef, token_scores=scored.token_scores
             )
         else:
-            scores = scored["scores"]
+            scores = scored.scores
             if args.normalize_reward:
-                scores = scored["normalized_scores"] = self._normalize_reward(scores)
+                scores = normalized_scores = self._normalize_reward(scores)
             rewards = ppo_math.shape_rewards(scores, kl, mask, args.kl_coef)
         if args.whiten_rewards:
             rewards = self._whiten(rewards, mask, shift_mean=False)
-        advantages, returns = ppo_math.compute_gae(rewards, scored["values"], mask, args.gamma, args.lam)
+        values, first_forward = scored.values, scored.first_forward
+        advantages, returns = ppo_math.compute_gae(rewards, values, mask, args.gamma, args.lam)
         if args.value_bias_init and not self._value_bias_initialized:
-            scored["values"] = self._init_value_bias(rewards, scored["values"], mask)
-            advantages, returns = ppo_math.compute_gae(rewards, scored["values"], mask, args.gamma, args.lam)
+            shift = self._init_value_bias(rewards, values, mask)
+            values = (values + shift) * mask
+            if first_forward is not None:  # its graph gives the same gradients as a forward with the new bias
+                logprobs, first_values, entropy = first_forward
+                first_forward = (logprobs, first_values + shift, entropy)
+            advantages, returns = ppo_math.compute_gae(rewards, values, mask, args.gamma, args.lam)
         if args.whiten_advantages:
             advantages = self._whiten(advantages, mask)
-        scored.update(kl=kl, rewards=rewards, advantages=advantages, returns=returns)
-        self._check_finite(scored, ("scores", "logprobs", "ref_logprobs", "values", "advantages", "returns"))
-        return scored
+        buffer = dataclasses.replace(
+            scored,
+            values=values,
+            first_forward=first_forward,
+            normalized_scores=normalized_scores,
+            kl=kl,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+        )
+        self._check_finite(buffer, ("scores", "logprobs", "ref_logprobs", "values", "advantages", "returns"))
+        return buffer
 
     def _normalize_reward(self, scores: torch.Tensor) -> torch.Tensor:
         """`normalize_reward`: merge this buffer's scores (all processes) into the running moments, then return
@@ -82,9 +104,9 @@ class PPOStepMixin:
 
     def _init_value_bias(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`value_bias_init`: shift the critic head's bias by the `c` that makes the buffer's mean value (all
-        processes) equal its mean return (`ppo_math.mean_return_offset`); returns the buffer's values shifted by `c`.
-        The first micro-batch's kept forward (`reuse_first_forward`) is shifted too: `c` is a constant, so its graph
-        gives the same gradients as a forward with the new bias."""
+        processes) equal its mean return (`ppo_math.mean_return_offset`); returns `c` (a 0-d tensor on the values'
+        device and dtype), by which the caller shifts the values it already has: `c` is a constant, so a kept
+        forward's graph gives the same gradients as a forward with the new bias."""
         terms = ppo_math.mean_return_offset_terms(rewards, values, mask, self.args.gamma, self.args.lam)
         if self.accelerator.num_processes > 1:
             terms = self.accelerator.reduce(terms, "sum")
@@ -92,13 +114,9 @@ class PPOStepMixin:
         bias = self._value_head_bias()
         with torch.no_grad():
             bias.add_(offset.to(bias))
-        shift = offset.to(device=values.device, dtype=values.dtype)
-        if self._reused_forward is not None:
-            logprobs, reused_values, entropy = self._reused_forward
-            self._reused_forward = (logprobs, reused_values + shift, entropy)
         self._value_bias_initialized = True
         logger.info("value_bias_init: critic head bias shifted by %.4g (mean value = mean return).", offset.item())
-        return (values + shift) * mask
+        return offset.to(device=values.device, dtype=values.dtype)
 
     def _value_head_bias(self) -> nn.Parameter | None:
         """The trainable bias of the critic's scalar head (`score` / `classifier`, or PEFT's trained copy of it);
@@ -119,14 +137,15 @@ class PPOStepMixin:
         mean, var = ppo_math.moments_to_mean_var(moments)
         return ppo_math.masked_whiten(values, mask, shift_mean=shift_mean, mean=mean, var=var)
 
-    def _check_finite(self, tensors: dict, keys) -> None:
+    def _check_finite(self, tensors: RolloutBuffer, keys) -> None:
         """Raise `FloatingPointError` naming the step, the tensor and the rollout-buffer rows that are NaN or inf.
 
         Every process takes part (one all-reduce), so all of them stop together when one of them sees a bad value.
         """
         problems = []
         for key in keys:
-            bad = (~torch.isfinite(tensors[key])).reshape(len(tensors[key]), -1).any(-1).nonzero().flatten()
+            tensor = getattr(tensors, key)
+            bad = (~torch.isfinite(tensor)).reshape(len(tensor), -1).any(-1).nonzero().flatten()
             if len(bad):
                 problems.append(f"{key} in rows {bad.tolist()[:8]}")
         if self._any_process(bool(problems)):
@@ -148,14 +167,17 @@ class PPOStepMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Clipped policy loss + vf_coef * clipped value loss on one micro-batch of the rollout buffer.
 
+        `inputs`: a micro-batch from `_prepare_inputs`: the buffer's `query`, `query_mask`, `response`,
+        `response_mask`, `logprobs`, `values`, `advantages` and `returns` at its rows, its `warmup` flag, the `rows`
+        themselves, and `first_forward`: the buffer's kept forward on the buffer's first micro-batch, else None.
         During critic warm-up only the value loss is used, so the policy's parameters get no gradient and stay put.
         """
         args = self.args
         mask = inputs["response_mask"].float()
-        if inputs.get("reuse_forward") and self._reused_forward is not None:
+        if inputs.get("first_forward") is not None:
             # The buffer's first micro-batch: the forward that gave its old log-probs and values (see
             # `make_rollout_buffer`) is this loss's forward too.
-            (logprobs, values, entropy), self._reused_forward = self._reused_forward, None
+            logprobs, values, entropy = inputs["first_forward"]
         else:
             logprobs, values, entropy = self._policy_and_values(
                 model, inputs["query"], inputs["query_mask"], inputs["response"], inputs["response_mask"], True

@@ -98,7 +98,7 @@ def main():
 
         def gather_scores(batch):
             buffer = make_buffer(batch)
-            scores.append(trainer.accelerator.gather(buffer["scores"].double()))
+            scores.append(trainer.accelerator.gather(buffer.scores.double()))
             return buffer
 
         trainer.make_rollout_buffer = gather_scores

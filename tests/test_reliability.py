@@ -50,7 +50,7 @@ def _args(output_dir, **overrides):
         report_to="none",
         seed=0,
         data_seed=0,
-        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so this test is unchanged.
+        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's, pinned so this test is unchanged.
         temperature=1.0,
         stop_token="eos",
         activation_checkpointing=False,

@@ -53,14 +53,15 @@ NEUTRAL_SAMPLING_FIELDS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `==` on tensors has no single truth value
 class RolloutBuffer:
     """One local rollout batch, filled phase by phase: `generate_rollouts` -> `score_rollouts` ->
-    `compute_advantages` -> `compute_loss` (`SRPPOTrainer.make_rollout_buffer` runs the first three).
+    `compute_advantages` (`SRPPOTrainer.make_rollout_buffer` runs them in turn), then read by `compute_loss` one
+    micro-batch at a time.
 
     Each phase takes the buffer and returns a copy with its own fields set (`dataclasses.replace`: the tensors are
-    shared, not copied). Shapes: B rollouts, P prompt tokens (left-padded), R response tokens (right-padded). Every
-    [B, R] tensor is 0 on response padding. A field is None until its phase has run, and stays None in the modes that
+    shared, not copied). Shapes: B rollouts, P prompt tokens (left-padded), R response tokens (right-padded; the
+    padding is where `response_mask` is 0). A field is None until its phase has run, and stays None in the modes that
     do not produce it.
 
     For code written against the former dict buffer, `buffer["scores"]`, `"scores" in buffer` and `buffer.get(...)`

@@ -244,11 +244,11 @@ def test_kl_to_sft_is_zero_at_the_start_under_bf16_autocast(tokenizer, tmp_path,
     trainer.make_rollout_buffer = lambda batch: buffers.append(original(batch)) or buffers[-1]
     trainer.train()
     buffer = buffers[0]
-    assert buffer["response_mask"].sum() > 0
-    assert torch.equal(buffer["logprobs"], buffer["ref_logprobs"])
+    assert buffer.response_mask.sum() > 0
+    assert torch.equal(buffer.logprobs, buffer.ref_logprobs)
     assert trainer.state.log_history[0]["objective/kl"] == 0.0
     for key in ("logprobs", "ref_logprobs", "advantages", "returns", "values"):
-        assert buffer[key].dtype == torch.float32, key
+        assert getattr(buffer, key).dtype == torch.float32, key
     if critic_top_layers is not None:
         assert critic.shared_lower_layers.hits > 0  # the critic read rows the autocast SFT pass cached
 

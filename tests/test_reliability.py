@@ -50,7 +50,7 @@ def _args(output_dir, **overrides):
         report_to="none",
         seed=0,
         data_seed=0,
-        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so this test is unchanged.
+        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's, pinned so this test is unchanged.
         temperature=1.0,
         stop_token="eos",
         activation_checkpointing=False,
@@ -268,7 +268,7 @@ def test_inf_logprobs_are_caught_before_any_update(tokenizer, tmp_path):
 
     def inf_logprobs(rollouts):
         scored = original(rollouts)
-        scored["logprobs"][2, 0] = -float("inf")
+        scored.logprobs[2, 0] = -float("inf")
         return scored
 
     trainer.score_rollouts = inf_logprobs
@@ -442,19 +442,19 @@ def _hand_made_rollouts(trainer, tokenizer):
     words = tokenizer("the quick brown fox jumps", add_special_tokens=False)["input_ids"]
     rows = [words[:1] + [eos] * 5, words[:3] + [eos] * 3, words[:5] + [eos], words[:5] + words[:1]]  # last: no EOS
     response = torch.tensor([row[:6] for row in rows])
-    from srppo_trl.trainer import response_mask_after_stop
+    from srppo_trl.trainer import RolloutBuffer, response_mask_after_stop
 
     response_mask, has_stop = response_mask_after_stop(response, eos)
-    return {
-        "query": batch["input_ids"], "query_mask": batch["attention_mask"], "response": response,
-        "response_mask": response_mask, "has_stop": has_stop,
-    }  # fmt: skip
+    return RolloutBuffer(
+        query=batch["input_ids"], query_mask=batch["attention_mask"], response=response,
+        response_mask=response_mask, has_stop=has_stop,
+    )  # fmt: skip
 
 
 def _unpadded(rollouts, i):
     """Row i without padding: (prompt + response tokens up to the first EOS) as a [1, L] tensor, and the prompt length."""
-    prompt = rollouts["query"][i][rollouts["query_mask"][i].bool()]
-    response = rollouts["response"][i][rollouts["response_mask"][i].bool()]
+    prompt = rollouts.query[i][rollouts.query_mask[i].bool()]
+    response = rollouts.response[i][rollouts.response_mask[i].bool()]
     return torch.cat([prompt, response]).unsqueeze(0), len(prompt)
 
 
@@ -462,15 +462,15 @@ def test_pad_equal_to_eos_gives_the_reward_of_the_unpadded_response(pad_is_eos, 
     data = Dataset.from_dict({"prompt": ["hi", "What is 12 plus 7?", "List three fruits", "Explain the sky"]})
     trainer = _build(pad_is_eos, tmp_path, data=data, per_device_train_batch_size=1, num_mini_batches=4)
     rollouts = _hand_made_rollouts(trainer, pad_is_eos)
-    assert rollouts["query_mask"].sum(-1).unique().numel() > 1  # the prompts really are left-padded (with EOS)
-    assert rollouts["response_mask"].sum(-1).tolist() == [2, 4, 6, 6]  # up to the first EOS, which counts
+    assert rollouts.query_mask.sum(-1).unique().numel() > 1  # the prompts really are left-padded (with EOS)
+    assert rollouts.response_mask.sum(-1).tolist() == [2, 4, 6, 6]  # up to the first EOS, which counts
     scored = trainer.score_rollouts(rollouts)
     for i in range(4):
         ids, prompt_length = _unpadded(rollouts, i)
         response_mask = torch.zeros_like(ids)
         response_mask[:, prompt_length:] = 1
         direct = trainer.reward_model(ids, torch.ones_like(ids), response_mask)
-        torch.testing.assert_close(scored["coherent_reward"][i], direct[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scored.coherent_reward[i], direct[0], rtol=1e-4, atol=1e-5)
 
 
 def test_pad_equal_to_eos_sequence_classifier_reads_the_score_at_the_first_eos(pad_is_eos, tmp_path):
@@ -491,7 +491,7 @@ def test_pad_equal_to_eos_sequence_classifier_reads_the_score_at_the_first_eos(p
         with torch.no_grad():
             hidden = classifier.model(input_ids=ids).last_hidden_state[:, -1]  # the response's last token: its EOS
             direct = classifier.score(hidden).squeeze(-1)
-        torch.testing.assert_close(scored["scores"][i], direct[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scored.scores[i], direct[0], rtol=1e-4, atol=1e-5)
 
 
 def test_pad_equal_to_eos_trains_end_to_end(pad_is_eos, tmp_path):

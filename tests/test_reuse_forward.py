@@ -1,4 +1,4 @@
-"""The buffer's first micro-batch reuses its loss forward for its old log-probs and values (issue 15, target 3).
+"""The buffer's first micro-batch reuses its loss forward for its old log-probs and values.
 
 Before the first optimizer step of a rollout buffer, the scoring pass of the policy and critic and the forward of the
 first micro-batch's loss compute the same thing. `reuse_first_forward` (default on) runs that forward once, keeps its

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from srppo_trl import CoherentRewardModel, SRPPOTrainer, ppo_math
 from srppo_trl.logprobs import sequence_logprobs
-from srppo_trl.rollout import response_mask_after_stop, sample_responses
+from srppo_trl.rollout import RolloutBuffer, response_mask_after_stop, sample_responses
 from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
 from srppo_trl.tokenization import bos_token_added_to_text, ensure_chat_template_bos, tokenize_prompt
 
@@ -75,7 +75,7 @@ def test_rollouts_sample_the_full_softmax_whatever_the_checkpoint_says(tokenizer
     assert policy.generation_config.top_k == 3
     trainer = _trainer(tokenizer, tmp_path / "run", policy=policy, response_length=1)
     torch.manual_seed(0)
-    first = trainer.generate_rollouts(_batch(trainer, 512))["response"][:, 0]
+    first = trainer.generate_rollouts(_batch(trainer, 512)).response[:, 0]
     # A flat distribution over ~385 tokens gives ~280 distinct tokens in 512 draws; top-k 3 would give at most 3.
     assert len(set(first.tolist())) > 150
     assert policy.generation_config.top_k == 3  # the checkpoint's own config is left as it was
@@ -91,11 +91,11 @@ def test_rollout_logprobs_equal_the_teacher_forced_ones(tokenizer, tmp_path, tem
         policy, batch["input_ids"], batch["attention_mask"], trainer.generation_config, 8, tokenizer.pad_token_id, True
     )
     response_mask, has_stop = response_mask_after_stop(response, trainer.args.stop_token_id)
-    rollouts = {"query": batch["input_ids"], "query_mask": batch["attention_mask"], "response": response,
-                "response_mask": response_mask, "has_stop": has_stop}  # fmt: skip
+    rollouts = RolloutBuffer(query=batch["input_ids"], query_mask=batch["attention_mask"], response=response,
+                             response_mask=response_mask, has_stop=has_stop)  # fmt: skip
     scored = trainer.score_rollouts(rollouts)
-    mask = rollouts["response_mask"].bool()
-    torch.testing.assert_close(scored["logprobs"][mask], behaviour[mask], atol=1e-4, rtol=1e-4)
+    mask = rollouts.response_mask.bool()
+    torch.testing.assert_close(scored.logprobs[mask], behaviour[mask], atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- 2. schedules
@@ -160,10 +160,10 @@ def test_token_level_reward_is_clipped_per_token_and_the_eos_penalty_lands_alone
     )
     torch.manual_seed(0)
     buffer = trainer.compute_advantages(trainer.score_rollouts(trainer.generate_rollouts(_batch(trainer, 8))))
-    query, response = buffer["query"], buffer["response"]
-    mask = buffer["response_mask"]
+    query, response = buffer.query, buffer.response
+    mask = buffer.response_mask
     input_ids = torch.cat([query, response], 1)
-    attention = torch.cat([buffer["query_mask"], mask], 1)
+    attention = torch.cat([buffer.query_mask, mask], 1)
     full_mask = torch.cat([torch.zeros_like(query), mask], 1)
     reward = trainer.reward_model
     per_token = (
@@ -171,14 +171,14 @@ def test_token_level_reward_is_clipped_per_token_and_the_eos_penalty_lands_alone
         - sequence_logprobs(reward.base_model, input_ids, attention, full_mask)
     )[:, query.shape[1] :]
     assert per_token.abs().max() > clip  # the clip binds somewhere, or the test proves nothing
-    expected = -kl_coef * buffer["kl"] + per_token.clamp(-clip, clip) * mask
+    expected = -kl_coef * buffer.kl + per_token.clamp(-clip, clip) * mask
     last = mask.sum(-1) - 1
     rows = torch.arange(len(mask))
-    expected[rows, last] -= penalty * (~buffer["has_stop"]).float()
-    assert (~buffer["has_stop"]).any()
-    torch.testing.assert_close(buffer["rewards"], expected, atol=1e-5, rtol=1e-5)
+    expected[rows, last] -= penalty * (~buffer.has_stop).float()
+    assert (~buffer.has_stop).any()
+    torch.testing.assert_close(buffer.rewards, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        buffer["scores"], (per_token.clamp(-clip, clip) * mask).sum(-1) - penalty * (~buffer["has_stop"]).float()
+        buffer.scores, (per_token.clamp(-clip, clip) * mask).sum(-1) - penalty * (~buffer.has_stop).float()
     )
 
 
@@ -218,9 +218,9 @@ def test_stop_token_none_generates_to_full_length(tokenizer, tmp_path):
     _force_eos(policy, tokenizer.eos_token_id)
     trainer = _trainer(tokenizer, tmp_path, policy=policy, stop_token=None, response_length=6)
     out = trainer.generate_rollouts(_batch(trainer, 4))
-    assert out["response"].shape == (4, 6)
-    assert (out["response"] == tokenizer.eos_token_id).all()  # EOS sampled, but it does not end the response
-    assert out["response_mask"].all() and not out["has_stop"].any()
+    assert out.response.shape == (4, 6)
+    assert (out.response == tokenizer.eos_token_id).all()  # EOS sampled, but it does not end the response
+    assert out.response_mask.all() and not out.has_stop.any()
 
 
 def test_stop_token_eos_stops_at_the_first_eos(tokenizer, tmp_path):
@@ -228,8 +228,8 @@ def test_stop_token_eos_stops_at_the_first_eos(tokenizer, tmp_path):
     _force_eos(policy, tokenizer.eos_token_id)
     trainer = _trainer(tokenizer, tmp_path, policy=policy, response_length=6)
     out = trainer.generate_rollouts(_batch(trainer, 4))
-    assert out["has_stop"].all()
-    assert out["response_mask"].sum(-1).tolist() == [1, 1, 1, 1]
+    assert out.has_stop.all()
+    assert out.response_mask.sum(-1).tolist() == [1, 1, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------- 5. gradient clipping
@@ -350,15 +350,15 @@ def test_entropy_metric_is_the_entropy_of_the_sampling_distribution(tokenizer, t
     trainer.train()
     logged = trainer.state.log_history[0]["policy/entropy_avg"]
     buffer = buffers[0]
-    input_ids = torch.cat([buffer["query"], buffer["response"]], 1)
-    attention = torch.cat([buffer["query_mask"], buffer["response_mask"]], 1)
-    width = buffer["response"].shape[1]
+    input_ids = torch.cat([buffer.query, buffer.response], 1)
+    attention = torch.cat([buffer.query_mask, buffer.response_mask], 1)
+    width = buffer.response.shape[1]
     with torch.no_grad():
         logits, _ = start(input_ids=input_ids, attention_mask=attention, logits_to_keep=width + 1)
     entropy = torch.distributions.Categorical(logits=logits[:, :-1].float() / 0.8).entropy()
-    expected = ppo_math.masked_mean(entropy, buffer["response_mask"]).item()
+    expected = ppo_math.masked_mean(entropy, buffer.response_mask).item()
     assert logged == pytest.approx(expected, rel=1e-4)
-    nll = -ppo_math.masked_mean(buffer["logprobs"], buffer["response_mask"]).item()
+    nll = -ppo_math.masked_mean(buffer.logprobs, buffer.response_mask).item()
     assert abs(nll - expected) > 0.1  # the old metric (sampled-token NLL) is measurably different here
 
 
@@ -486,18 +486,20 @@ def _fake_buffer(values, returns, warmup=False):
     mask[:, -1] = 0  # padding: its (huge, opposite) errors must not count
     returns = returns.clone()
     returns[:, -1] = -1000.0
-    return {
-        "response_mask": mask,
-        "response": torch.zeros(rows, length, dtype=torch.long),
-        "scores": torch.zeros(rows),
-        "kl": torch.zeros(rows, length),
-        "rewards": torch.zeros(rows, length),
-        "logprobs": torch.zeros(rows, length),
-        "values": values,
-        "returns": returns,
-        "has_stop": torch.ones(rows),
-        "warmup": warmup,
-    }
+    return RolloutBuffer(
+        query=torch.zeros(rows, 1, dtype=torch.long),
+        query_mask=torch.ones(rows, 1, dtype=torch.long),
+        response_mask=mask,
+        response=torch.zeros(rows, length, dtype=torch.long),
+        scores=torch.zeros(rows),
+        kl=torch.zeros(rows, length),
+        rewards=torch.zeros(rows, length),
+        logprobs=torch.zeros(rows, length),
+        values=values,
+        returns=returns,
+        has_stop=torch.ones(rows),
+        warmup=warmup,
+    )
 
 
 @pytest.mark.parametrize("clip, warns", [(0.2, True), (None, False), (5.0, False)])

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 from srppo_trl import CoherentRewardModel, SRPPOTrainer, ppo_math
 from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
-from srppo_trl.trainer import response_mask_after_stop
+from srppo_trl.trainer import RolloutBuffer, response_mask_after_stop
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_warmup_buffers_are_dropped_before_the_first_actor_update(tokenizer, tmp
 
     trainer.make_rollout_buffer = spy
     trainer.train()
-    assert [b["warmup"] for b in buffers] == [True, False]
+    assert [b.warmup for b in buffers] == [True, False]
     assert buffers[0] is not buffers[1]
 
 
@@ -141,11 +141,12 @@ def test_score_lands_on_the_eos_token_not_on_padding(tokenizer, tmp_path):
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert has_stop.tolist() == [True, True, False]
     zeros = torch.zeros(3, 5)
-    scored = {
-        "response_mask": mask, "scores": torch.tensor([2.0, -1.0, 0.5]), "token_scores": zeros,
-        "logprobs": zeros, "ref_logprobs": zeros, "values": zeros, "has_stop": has_stop,
-    }  # fmt: skip
-    rewards = trainer.compute_advantages(scored)["rewards"]
+    scored = RolloutBuffer(
+        query=torch.full((3, 1), 7), query_mask=torch.ones(3, 1, dtype=torch.long), response=response,
+        response_mask=mask, scores=torch.tensor([2.0, -1.0, 0.5]), token_scores=zeros,
+        logprobs=zeros, ref_logprobs=zeros, values=zeros, has_stop=has_stop,
+    )  # fmt: skip
+    rewards = trainer.compute_advantages(scored).rewards
     expected = torch.zeros(3, 5)
     expected[0, 2], expected[1, 1], expected[2, 4] = 2.0, -1.0, 0.5
     assert torch.equal(rewards, expected)
@@ -168,9 +169,9 @@ def test_missing_eos_penalty_applies_only_to_truncated_responses(tokenizer, tmp_
     trainer = _trainer(tokenizer, tmp_path, missing_eos_penalty=3.0, response_length=4)
     batch = trainer._collate([trainer.train_dataset[i] for i in range(4)])
     rollouts = trainer.generate_rollouts(batch)
-    rollouts["has_stop"] = torch.tensor([True, False, True, False])
+    rollouts.has_stop = torch.tensor([True, False, True, False])
     scored = trainer.score_rollouts(rollouts)
-    assert torch.allclose(scored["coherent_reward"] - scored["scores"], torch.tensor([0.0, 3.0, 0.0, 3.0]))
+    assert torch.allclose(scored.coherent_reward - scored.scores, torch.tensor([0.0, 3.0, 0.0, 3.0]))
 
 
 def test_shared_sft_forward_serves_kl_and_reward(tokenizer, tmp_path):
@@ -184,11 +185,11 @@ def test_shared_sft_forward_serves_kl_and_reward(tokenizer, tmp_path):
     handle.remove()
     assert len(calls) == 1  # one SFT forward per chunk, for both uses
     direct = trainer.reward_model.sft_log_probs(
-        torch.cat([scored["query"], scored["response"]], 1),
-        torch.cat([scored["query_mask"], scored["response_mask"]], 1),
-        torch.cat([torch.zeros_like(scored["query_mask"]), scored["response_mask"]], 1),
-    )[:, scored["query"].shape[1] :]
-    assert torch.allclose(scored["ref_logprobs"], direct * scored["response_mask"])
+        torch.cat([scored.query, scored.response], 1),
+        torch.cat([scored.query_mask, scored.response_mask], 1),
+        torch.cat([torch.zeros_like(scored.query_mask), scored.response_mask], 1),
+    )[:, scored.query.shape[1] :]
+    assert torch.allclose(scored.ref_logprobs, direct * scored.response_mask)
 
 
 def test_save_model_writes_policy_and_tokenizer_in_safetensors(tokenizer, tmp_path):
@@ -310,14 +311,14 @@ def test_normalize_reward_uses_the_running_moments_of_every_score_so_far(tokeniz
     trainer = _trainer(tokenizer, tmp_path, normalize_reward=True, max_steps=3)  # 3 buffers of 4 responses
     buffers = _buffers_of(trainer)
     trainer.train()
-    scores = [b["scores"].double() for b in buffers]
+    scores = [b.scores.double() for b in buffers]
     for k, buffer in enumerate(buffers):
         seen = torch.cat(scores[: k + 1])  # this buffer's scores included
         expected = (scores[k] - seen.mean()) / (seen.var() + 1e-8).sqrt()  # unbiased variance, as OpenRLHF's std
-        torch.testing.assert_close(buffer["normalized_scores"].double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(buffer.normalized_scores.double(), expected, rtol=1e-5, atol=1e-5)
         # The normalised score, not the raw one, is what the KL-shaped rewards carry.
-        kl_part = -trainer.args.kl_coef * buffer["kl"].sum(-1)
-        torch.testing.assert_close(buffer["rewards"].sum(-1), buffer["normalized_scores"] + kl_part)
+        kl_part = -trainer.args.kl_coef * buffer.kl.sum(-1)
+        torch.testing.assert_close(buffer.rewards.sum(-1), buffer.normalized_scores + kl_part)
     assert trainer._reward_moments[0].item() == 12
     logged = [h["reward_norm/std"] for h in trainer.state.log_history if "reward_norm/std" in h]
     assert logged[-1] == pytest.approx(torch.cat(scores).std().item(), rel=1e-5)
@@ -331,7 +332,7 @@ def _values_now(trainer, buffer):
     """The critic's values on the buffer's responses, from a fresh forward (the weights as they are now)."""
     with torch.no_grad():
         _, values = trainer._policy_and_values(
-            trainer.model, buffer["query"], buffer["query_mask"], buffer["response"], buffer["response_mask"]
+            trainer.model, buffer.query, buffer.query_mask, buffer.response, buffer.response_mask
         )
     return values
 
@@ -358,12 +359,12 @@ def test_value_bias_init_starts_the_critic_at_the_first_buffers_mean_return(
     mask_mean = ppo_math.masked_mean
 
     def check(buffer):  # right after the first buffer is made, before any critic update
-        mask = buffer["response_mask"]
-        seen.append((mask_mean(_values_now(trainer, buffer), mask).item(), mask_mean(buffer["returns"], mask).item()))
-        if trainer._reused_forward is not None:  # the first micro-batch's kept forward has the new bias too
-            micro = len(trainer._reused_forward[1])
+        mask = buffer.response_mask
+        seen.append((mask_mean(_values_now(trainer, buffer), mask).item(), mask_mean(buffer.returns, mask).item()))
+        if buffer.first_forward is not None:  # the first micro-batch's kept forward has the new bias too
+            micro = len(buffer.first_forward[1])
             torch.testing.assert_close(
-                trainer._reused_forward[1].detach() * mask[:micro], _values_now(trainer, buffer)[:micro] * mask[:micro]
+                buffer.first_forward[1].detach() * mask[:micro], _values_now(trainer, buffer)[:micro] * mask[:micro]
             )
 
     buffers = _buffers_of(trainer, on_buffer=lambda b: check(b) if not seen else None)
@@ -371,9 +372,7 @@ def test_value_bias_init_starts_the_critic_at_the_first_buffers_mean_return(
     (mean_value, mean_return) = seen[0]
     if value_bias_init:
         assert mean_value == pytest.approx(mean_return, abs=1e-4)
-        assert mask_mean(buffers[0]["values"], buffers[0]["response_mask"]).item() == pytest.approx(
-            mean_return, abs=1e-4
-        )
+        assert mask_mean(buffers[0].values, buffers[0].response_mask).item() == pytest.approx(mean_return, abs=1e-4)
         assert trainer._value_bias_initialized
     else:
         assert abs(mean_value - mean_return) > 1e-2  # a fresh head starts near 0, far from the returns

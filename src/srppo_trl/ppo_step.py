@@ -1,58 +1,81 @@
-"""Phases 3 and 4 of a rollout buffer: advantages and the PPO update.
+"""Phase 3 of a rollout buffer (`RolloutBuffer` in, `RolloutBuffer` out), and what the PPO update needs.
 
 `compute_advantages` shapes the per-token rewards (KL penalty, score at EOS or per token), runs GAE and whitens the
-advantages over the whole buffer (all processes); `compute_loss` is the clipped policy loss plus `vf_coef` times the
-clipped value loss on one micro-batch (the value loss alone during the critic warm-up). The actor and the critic have
-their own parameter groups, learning-rate schedules and gradient clipping, as in OpenRLHF. The math itself is in
-`ppo_math.py`. `PPOStepMixin` is a part of `SRPPOTrainer`.
+advantages over the whole buffer (all processes). The update itself (phase 4: `compute_loss`, the optimizer with its
+actor and critic parameter groups, their learning-rate schedules and gradient clipping) is made of `Trainer` overrides
+in `SRPPOTrainer`; this module holds its helpers: the actor's optimizer-state reset after the critic warm-up and the
+per-role schedule. The math itself is in `ppo_math.py`. `PPOStepMixin` is a part of `SRPPOTrainer`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
 from . import ppo_math
+from .rollout import RolloutBuffer
 
 
 logger = logging.getLogger(__name__)
 
 
 class PPOStepMixin:
-    """`SRPPOTrainer`'s advantage, loss, optimizer, scheduler and gradient-clipping methods."""
+    """`SRPPOTrainer`'s advantage phase and the helpers of its update (the `Trainer` overrides `compute_loss`,
+    `create_optimizer`, `create_scheduler` and `_clip_grad_norm` are in `SRPPOTrainer` itself)."""
 
     # ------------------------------------------------------------------ phase 3: advantages
 
-    def compute_advantages(self, scored: dict) -> dict:
-        """Per-token rewards (KL penalty + score at EOS, or the token-level reward), GAE advantages and returns."""
+    def compute_advantages(self, scored: RolloutBuffer) -> RolloutBuffer:
+        """Per-token rewards (KL penalty + score at EOS, or the token-level reward), GAE advantages and returns.
+
+        Returns the buffer with its phase-3 fields set: `kl`, `rewards`, `advantages`, `returns` and, with
+        `normalize_reward`, `normalized_scores`. With `value_bias_init` (first buffer only) `values` and the kept
+        `first_forward` come back shifted by the critic head's new bias.
+        """
         args = self.args
-        mask = scored["response_mask"].float()
-        kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], args.kl_estimator)
+        mask = scored.response_mask.float()
+        kl = ppo_math.kl_per_token(scored.logprobs, scored.ref_logprobs, args.kl_estimator)
         kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
-        if args.reward_granularity == "token" and "coherent_reward" in scored:
+        normalized_scores = None
+        if args.reward_granularity == "token" and scored.coherent_reward is not None:
             # Appendix E: the (per-token clipped) reward at every token; the missing-EOS penalty alone lands on the
             # last token.
             rewards = ppo_math.shape_rewards(
-                scored["eos_penalty"], kl, mask, args.kl_coef, token_scores=scored["token_scores"]
+                scored.eos_penalty, kl, mask, args.kl_coef, token_scores=scored.token_scores
             )
         else:
-            scores = scored["scores"]
+            scores = scored.scores
             if args.normalize_reward:
-                scores = scored["normalized_scores"] = self._normalize_reward(scores)
+                scores = normalized_scores = self._normalize_reward(scores)
             rewards = ppo_math.shape_rewards(scores, kl, mask, args.kl_coef)
         if args.whiten_rewards:
             rewards = self._whiten(rewards, mask, shift_mean=False)
-        advantages, returns = ppo_math.compute_gae(rewards, scored["values"], mask, args.gamma, args.lam)
+        values, first_forward = scored.values, scored.first_forward
+        advantages, returns = ppo_math.compute_gae(rewards, values, mask, args.gamma, args.lam)
         if args.value_bias_init and not self._value_bias_initialized:
-            scored["values"] = self._init_value_bias(rewards, scored["values"], mask)
-            advantages, returns = ppo_math.compute_gae(rewards, scored["values"], mask, args.gamma, args.lam)
+            shift = self._init_value_bias(rewards, values, mask)
+            values = (values + shift) * mask
+            if first_forward is not None:  # its graph gives the same gradients as a forward with the new bias
+                logprobs, first_values, entropy = first_forward
+                first_forward = (logprobs, first_values + shift, entropy)
+            advantages, returns = ppo_math.compute_gae(rewards, values, mask, args.gamma, args.lam)
         if args.whiten_advantages:
             advantages = self._whiten(advantages, mask)
-        scored.update(kl=kl, rewards=rewards, advantages=advantages, returns=returns)
-        self._check_finite(scored, ("scores", "logprobs", "ref_logprobs", "values", "advantages", "returns"))
-        return scored
+        buffer = dataclasses.replace(
+            scored,
+            values=values,
+            first_forward=first_forward,
+            normalized_scores=normalized_scores,
+            kl=kl,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+        )
+        self._check_finite(buffer, ("scores", "logprobs", "ref_logprobs", "values", "advantages", "returns"))
+        return buffer
 
     def _normalize_reward(self, scores: torch.Tensor) -> torch.Tensor:
         """`normalize_reward`: merge this buffer's scores (all processes) into the running moments, then return
@@ -82,9 +105,9 @@ class PPOStepMixin:
 
     def _init_value_bias(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`value_bias_init`: shift the critic head's bias by the `c` that makes the buffer's mean value (all
-        processes) equal its mean return (`ppo_math.mean_return_offset`); returns the buffer's values shifted by `c`.
-        The first micro-batch's kept forward (`reuse_first_forward`) is shifted too: `c` is a constant, so its graph
-        gives the same gradients as a forward with the new bias."""
+        processes) equal its mean return (`ppo_math.mean_return_offset`); returns `c` (a 0-d tensor on the values'
+        device and dtype), by which the caller shifts the values it already has: `c` is a constant, so a kept
+        forward's graph gives the same gradients as a forward with the new bias."""
         terms = ppo_math.mean_return_offset_terms(rewards, values, mask, self.args.gamma, self.args.lam)
         if self.accelerator.num_processes > 1:
             terms = self.accelerator.reduce(terms, "sum")
@@ -92,13 +115,9 @@ class PPOStepMixin:
         bias = self._value_head_bias()
         with torch.no_grad():
             bias.add_(offset.to(bias))
-        shift = offset.to(device=values.device, dtype=values.dtype)
-        if self._reused_forward is not None:
-            logprobs, reused_values, entropy = self._reused_forward
-            self._reused_forward = (logprobs, reused_values + shift, entropy)
         self._value_bias_initialized = True
         logger.info("value_bias_init: critic head bias shifted by %.4g (mean value = mean return).", offset.item())
-        return (values + shift) * mask
+        return offset.to(device=values.device, dtype=values.dtype)
 
     def _value_head_bias(self) -> nn.Parameter | None:
         """The trainable bias of the critic's scalar head (`score` / `classifier`, or PEFT's trained copy of it);
@@ -119,14 +138,15 @@ class PPOStepMixin:
         mean, var = ppo_math.moments_to_mean_var(moments)
         return ppo_math.masked_whiten(values, mask, shift_mean=shift_mean, mean=mean, var=var)
 
-    def _check_finite(self, tensors: dict, keys) -> None:
+    def _check_finite(self, tensors: RolloutBuffer, keys) -> None:
         """Raise `FloatingPointError` naming the step, the tensor and the rollout-buffer rows that are NaN or inf.
 
         Every process takes part (one all-reduce), so all of them stop together when one of them sees a bad value.
         """
         problems = []
         for key in keys:
-            bad = (~torch.isfinite(tensors[key])).reshape(len(tensors[key]), -1).any(-1).nonzero().flatten()
+            tensor = getattr(tensors, key)
+            bad = (~torch.isfinite(tensor)).reshape(len(tensor), -1).any(-1).nonzero().flatten()
             if len(bad):
                 problems.append(f"{key} in rows {bad.tolist()[:8]}")
         if self._any_process(bool(problems)):
@@ -143,121 +163,7 @@ class PPOStepMixin:
         total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum")
         return bool(total.item() > 0)
 
-    # ------------------------------------------------------------------ phase 4: PPO losses
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Clipped policy loss + vf_coef * clipped value loss on one micro-batch of the rollout buffer.
-
-        During critic warm-up only the value loss is used, so the policy's parameters get no gradient and stay put.
-        """
-        args = self.args
-        mask = inputs["response_mask"].float()
-        if inputs.get("reuse_forward") and self._reused_forward is not None:
-            # The buffer's first micro-batch: the forward that gave its old log-probs and values (see
-            # `make_rollout_buffer`) is this loss's forward too.
-            (logprobs, values, entropy), self._reused_forward = self._reused_forward, None
-        else:
-            logprobs, values, entropy = self._policy_and_values(
-                model, inputs["query"], inputs["query_mask"], inputs["response"], inputs["response_mask"], True
-            )
-        vf_loss, vf_stats = ppo_math.value_loss(
-            values, inputs["values"], inputs["returns"], mask, args.cliprange_value
-        )
-        loss = args.vf_coef * vf_loss
-        pg_loss, pg_stats = ppo_math.policy_loss(
-            logprobs, inputs["logprobs"], inputs["advantages"], mask, args.cliprange
-        )
-        if not inputs["warmup"]:
-            loss = loss + pg_loss
-        if self._any_process(not torch.isfinite(loss).item()):
-            rows = inputs.get("rows", torch.arange(len(mask)))
-            bad = (~torch.isfinite(logprobs.detach()) | ~torch.isfinite(values.detach())) & mask.bool()
-            raise FloatingPointError(
-                f"Non-finite loss at optimizer step {self.state.global_step} (policy loss {pg_loss.item()}, value "
-                f"loss {vf_loss.item()}; non-finite new log-probs or values in rows "
-                f"{rows[bad.any(-1).cpu()].tolist()[:8]} of the rollout buffer): lower the learning rate, or check "
-                "the models for NaN weights."
-            )
-        metrics = self._metrics["train"]
-        metrics["loss/policy_avg"].append(pg_loss.item())
-        metrics["loss/value_avg"].append(vf_loss.item())
-        metrics["policy/approxkl_avg"].append(pg_stats["approxkl"].item())
-        metrics["policy/clipfrac_avg"].append(pg_stats["clipfrac"].item())
-        metrics["val/clipfrac_avg"].append(vf_stats["clipfrac"].item())
-        metrics["val/ratio"].append(pg_stats["ratio"].item())
-        metrics["policy/entropy_avg"].append(ppo_math.masked_mean(entropy, mask).item())
-        return loss
-
-    def create_optimizer(self, model=None):
-        """Trainer's optimizer, its parameter groups split by role: the actor's first, then the critic's at
-        `critic_learning_rate`. Each group carries `"srppo_role"` ("actor" or "critic") for the scheduler and the
-        gradient clipping."""
-        user_optimizer = self.optimizer is not None
-        optimizer = super().create_optimizer(model)
-        if user_optimizer:
-            # An optimizer passed in (`optimizers=(opt, sched)`) is used as given: its groups and its scheduler match.
-            logger.warning(
-                "Using the optimizer passed in as is: critic_learning_rate and the per-role schedules do not apply."
-            )
-            return optimizer
-        if any("srppo_role" in group for group in optimizer.param_groups):
-            return optimizer  # already split (create_optimizer called twice)
-        critic_lr = self.args.critic_learning_rate
-        critic_ids = {id(p) for p in self._critic_parameters()}
-        actor_groups, critic_groups = [], []
-        for group in optimizer.param_groups:
-            policy_params = [p for p in group["params"] if id(p) not in critic_ids]
-            critic_params = [p for p in group["params"] if id(p) in critic_ids]
-            if policy_params:
-                actor_groups.append({**group, "params": policy_params, "srppo_role": "actor"})
-            if critic_params:
-                lr = group["lr"] if critic_lr is None else critic_lr
-                critic_groups.append({**group, "params": critic_params, "lr": lr, "srppo_role": "critic"})
-        optimizer.param_groups.clear()
-        for group in actor_groups + critic_groups:
-            group.pop("initial_lr", None)  # set again by the scheduler from "lr"
-            optimizer.add_param_group(group)
-        return optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """One learning-rate schedule per role, as in OpenRLHF where actor and critic have their own scheduler.
-
-        The critic's schedule runs over all `num_training_steps`. The actor's starts at its first real update, after
-        the `critic_warmup_steps` rollout buffers of critic-only training: its warm-up and decay span the remaining
-        steps, and its learning rate is 0 before. (One shared schedule would spend the actor's warm-up and part of its
-        decay while it is frozen.) Resume restores both, since they live in one `LambdaLR` whose step count the
-        Trainer saves.
-        """
-        if self.lr_scheduler is not None:
-            return self.lr_scheduler
-        optimizer = self.optimizer if optimizer is None else optimizer
-        offset = self.args.critic_warmup_steps * self.args.steps_per_rollout
-        if not all("srppo_role" in group for group in optimizer.param_groups):
-            # Not our optimizer (DeepSpeed's own `optimizer` block, or one passed in): no roles to schedule apart.
-            logger.warning(
-                "The optimizer's parameter groups are not split into actor and critic (an optimizer from the DeepSpeed "
-                "config or passed in): one schedule for all of them, and critic_learning_rate does not apply."
-            )
-            return super().create_scheduler(num_training_steps, optimizer)
-        roles = [group["srppo_role"] for group in optimizer.param_groups]
-        critic = _schedule_lambda(self.args, num_training_steps)
-        actor = _schedule_lambda(self.args, max(num_training_steps - offset, 1))
-        if offset == 0 or critic is None or actor is None:
-            if offset and (critic is None or actor is None):
-                logger.warning(
-                    "lr_scheduler_type=%s has no per-step schedule to shift: the actor's schedule runs during the "
-                    "critic warm-up too.",
-                    self.args.lr_scheduler_type,
-                )
-            return super().create_scheduler(num_training_steps, optimizer)
-
-        def actor_lambda(step: int) -> float:
-            return 0.0 if step < offset else actor(step - offset)
-
-        lambdas = [actor_lambda if role == "actor" else critic for role in roles]
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        self._created_lr_scheduler = True
-        return self.lr_scheduler
+    # ------------------------------------------------------------------ helpers of the PPO update
 
     def _reset_actor_optimizer_state_at_first_actor_step(self) -> None:
         """At the first actor update after a critic warm-up, start the actor's optimizer state afresh.
@@ -285,27 +191,6 @@ class PPOStepMixin:
 
     def _critic_parameters(self) -> list[nn.Parameter]:
         return list(self.accelerator.unwrap_model(self.model).value_model.parameters())
-
-    def _clip_grad_norm(self, model):
-        """Clip the actor's and the critic's gradients to `max_grad_norm` each (OpenRLHF clips each model on its own):
-        one joint norm would let the critic's large early gradients shrink the actor's step. Returns the actor's
-        pre-clip norm (logged as `grad_norm`); the critic's is logged as `critic/grad_norm`.
-
-        Under DeepSpeed (which clips inside its engine) and FSDP (whose sharded norm spans the wrapped module) we keep
-        their joint clipping.
-        """
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._clip_grad_norm(model)
-        self.accelerator.unscale_gradients()
-        critic_ids = {id(p) for p in self._critic_parameters()}
-        actor = [p for p in model.parameters() if id(p) not in critic_ids and p.grad is not None]
-        critic = [p for p in model.parameters() if id(p) in critic_ids and p.grad is not None]
-        max_norm = self.args.max_grad_norm
-        zero = torch.zeros((), device=self.accelerator.device)
-        actor_norm = nn.utils.clip_grad_norm_(actor, max_norm) if actor else zero
-        critic_norm = nn.utils.clip_grad_norm_(critic, max_norm) if critic else zero
-        self._metrics["train"]["critic/grad_norm"].append(float(critic_norm))
-        return actor_norm
 
 
 def _optimizer_chain(optimizer) -> list:
@@ -361,7 +246,7 @@ def reset_optimizer_state(optimizer, role: str) -> bool:
     return True
 
 
-def _schedule_lambda(args, num_training_steps: int):
+def lr_schedule_lambda(args, num_training_steps: int):
     """The multiplier function (step -> factor of the peak lr) of `args.lr_scheduler_type` over `num_training_steps`,
     or None for schedules that are not a `LambdaLR` (e.g. reduce_lr_on_plateau)."""
     from transformers import get_scheduler

@@ -10,14 +10,16 @@ inherited. (TRL's former PPOTrainer passed `top_k=0`; its GRPO trainer passes it
 same reason, transformers#42762.)
 
 This module is the place where other rollout engines (vLLM) plug in: `sample_responses` takes prompts and returns
-response token ids.
+response token ids. It also defines `RolloutBuffer`, the value each phase of an update takes and returns.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,6 +51,81 @@ NEUTRAL_SAMPLING_FIELDS = {
     "renormalize_logits": False,
     "remove_invalid_values": False,
 }
+
+
+@dataclass(eq=False)  # compared by identity: `==` on tensors has no single truth value
+class RolloutBuffer:
+    """One local rollout batch, filled phase by phase: `generate_rollouts` -> `score_rollouts` ->
+    `compute_advantages` (`SRPPOTrainer.make_rollout_buffer` runs them in turn), then read by `compute_loss` one
+    micro-batch at a time.
+
+    Each phase takes the buffer and returns a copy with its own fields set (`dataclasses.replace`: the tensors are
+    shared, not copied). Shapes: B rollouts, P prompt tokens (left-padded), R response tokens (right-padded; the
+    padding is where `response_mask` is 0). A field is None until its phase has run, and stays None in the modes that
+    do not produce it.
+
+    For code written against the former dict buffer, `buffer["scores"]`, `"scores" in buffer` and `buffer.get(...)`
+    read the fields (a field that is None is absent); new code uses the attributes.
+    """
+
+    # Phase 1, `generate_rollouts`.
+    query: torch.Tensor  # (B, P) prompt token ids, left-padded
+    query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    response: torch.Tensor  # (B, R) sampled token ids, right-padded with the pad token
+    response_mask: torch.Tensor  # (B, R) 1 up to and including the first stop token
+    has_stop: torch.Tensor  # (B,) bool: the response ended with the stop token (else truncated at R)
+    sampling_logprobs: torch.Tensor | None = None  # (B, R) vLLM's log-probs of the sampled tokens (vLLM only)
+
+    # Set by `make_rollout_buffer` before scoring.
+    micro_batches: list[list[torch.Tensor]] | None = None  # per PPO epoch, the rows of each micro-batch
+    # (log-probs, values, entropy), each (micro, R), of rows [0, micro) with their graph kept: the policy and critic
+    # forward of the first micro-batch's loss, run before scoring (`reuse_first_forward`). `score_rollouts` takes
+    # those rows' old log-probs and values from it; `compute_loss` backpropagates through it once.
+    first_forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # Phase 2, `score_rollouts`.
+    logprobs: torch.Tensor | None = None  # (B, R) the policy's log-probs of the response tokens (PPO's old ones)
+    values: torch.Tensor | None = None  # (B, R) the critic's values
+    ref_logprobs: torch.Tensor | None = None  # (B, R) the KL reference's log-probs
+    token_scores: torch.Tensor | None = None  # (B, R) the per-token reward (reward_granularity="token"), else 0
+    eos_penalty: torch.Tensor | None = None  # (B,) -missing_eos_penalty where the stop token is missing, else 0
+    scores: torch.Tensor | None = None  # (B,) the sequence reward after reward_clip and the missing-EOS penalty
+    coherent_reward: torch.Tensor | None = None  # (B,) log p_SFT - log p_PT before clipping (coherent reward only)
+
+    # Phase 3, `compute_advantages`.
+    normalized_scores: torch.Tensor | None = None  # (B,) the scores normalised by running moments (normalize_reward)
+    kl: torch.Tensor | None = None  # (B, R) the per-token KL estimate to the reference
+    rewards: torch.Tensor | None = None  # (B, R) the shaped rewards: -kl_coef * kl plus the score at the last token
+    advantages: torch.Tensor | None = None  # (B, R) GAE advantages (whitened with whiten_advantages)
+    returns: torch.Tensor | None = None  # (B, R) advantages + values: the critic's targets
+    warmup: bool = False  # a critic warm-up buffer: the loss is the value loss alone
+
+    def select(self, rows) -> RolloutBuffer:
+        """The buffer of the given rows (an index tensor or a slice) of every per-rollout tensor. The micro-batch
+        rows and the kept first forward refer to the whole buffer's rows and are left out."""
+        picked = {
+            f.name: value[rows]
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        return RolloutBuffer(**picked, warmup=self.warmup)
+
+    # Read access by key, for code written against the former dict buffer.
+
+    def __getitem__(self, key: str):
+        value = getattr(self, key, None) if key in _BUFFER_FIELDS else None
+        if value is None:
+            raise KeyError(f"The rollout buffer has no {key!r} (no such field, or this run does not fill it).")
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return key in _BUFFER_FIELDS and getattr(self, key) is not None
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
+
+
+_BUFFER_FIELDS = frozenset(f.name for f in dataclasses.fields(RolloutBuffer))
 
 
 def response_mask_after_stop(responses: torch.Tensor, stop_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,11 +261,11 @@ class RolloutMixin:
     # ------------------------------------------------------------------ phase 1: generate
 
     @torch.no_grad()
-    def generate_rollouts(self, batch: dict) -> dict:
-        """Sample one response per prompt from the policy.
+    def generate_rollouts(self, batch: dict) -> RolloutBuffer:
+        """Sample one response per prompt of `batch` (left-padded `input_ids` and `attention_mask`, (B, P)).
 
-        Returns {'query' [B, P], 'query_mask' [B, P], 'response' [B, R], 'response_mask' [B, R], 'has_stop' [B]}:
-        the response mask covers the tokens up to and including the first stop token.
+        Returns a `RolloutBuffer` with its phase-1 fields: `query`, `query_mask`, `response`, `response_mask` (the
+        tokens up to and including the first stop token), `has_stop`, and with vLLM `sampling_logprobs`.
         """
         from trl.models.utils import unwrap_model_for_generation
 
@@ -224,20 +301,20 @@ class RolloutMixin:
                 )
         return self._rollouts(queries, query_masks, response)
 
-    def _rollouts(self, queries, query_masks, response, **extra) -> dict:
+    def _rollouts(self, queries, query_masks, response, sampling_logprobs=None) -> RolloutBuffer:
         response_mask, has_stop = response_mask_after_stop(response, self.args.stop_token_id)
-        return {
-            "query": queries,
-            "query_mask": query_masks,
-            "response": response,
-            "response_mask": response_mask,
-            "has_stop": has_stop,
-            **extra,
-        }
+        return RolloutBuffer(
+            query=queries,
+            query_mask=query_masks,
+            response=response,
+            response_mask=response_mask,
+            has_stop=has_stop,
+            sampling_logprobs=sampling_logprobs,
+        )
 
-    def _vllm_rollouts(self, queries, query_masks) -> dict:
-        """Phase 1 with vLLM: push the policy's weights if they changed since the last push, then sample. Adds
-        'sampling_logprobs' [B, R]: vLLM's log-probs of the sampled tokens (compared with the trainer's own in the
+    def _vllm_rollouts(self, queries, query_masks) -> RolloutBuffer:
+        """Phase 1 with vLLM: push the policy's weights if they changed since the last push, then sample. Sets
+        `sampling_logprobs`: vLLM's log-probs of the sampled tokens (compared with the trainer's own in the
         `rollout/sampling_logprob_diff` metric)."""
         from .vllm_rollout import vllm_sample
 
@@ -251,6 +328,7 @@ class RolloutMixin:
 
 
 __all__ = [
+    "RolloutBuffer",
     "RolloutMixin",
     "NEUTRAL_SAMPLING_FIELDS",
     "checkpoint_generation_defaults_ignored",

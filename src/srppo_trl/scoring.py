@@ -1,4 +1,4 @@
-"""Phase 2 of a rollout buffer: score the sampled responses.
+"""Phase 2 of a rollout buffer: score the sampled responses (`RolloutBuffer` in, `RolloutBuffer` out).
 
 One forward of policy + critic (log-probs and values), one of the SFT model (serving both the KL reference and the
 coherent reward when `ref_model` is the reward's SFT model), one of the pretrained model; or a sequence-classification
@@ -8,6 +8,7 @@ reward clip and the missing-EOS penalty. `ScoringMixin` is a part of `SRPPOTrain
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import torch
@@ -17,6 +18,7 @@ from . import ppo_math
 from .coherent_reward import CoherentRewardModel
 from .logprobs import gather_logprobs, position_ids_from_attention_mask, sequence_logprobs
 from .modeling import eval_mode
+from .rollout import RolloutBuffer
 
 
 def _is_sequence_classifier(model: nn.Module) -> bool:
@@ -53,27 +55,27 @@ class ScoringMixin:
         return logprobs, values, entropy
 
     @torch.no_grad()
-    def score_rollouts(self, rollouts: dict, first_outputs: tuple | None = None) -> dict:
+    def score_rollouts(self, rollouts: RolloutBuffer) -> RolloutBuffer:
         """Policy log-probs, critic values, reference log-probs and the reward of each rollout.
 
-        Adds 'logprobs', 'values', 'ref_logprobs', 'token_scores' [B, R] and 'scores' [B] (the sequence reward,
-        after `reward_clip` and `missing_eos_penalty`). With a coherent reward and `ref_model` its SFT model, the
-        SFT log-probs are computed once and serve both the KL reference and the reward.
+        Returns the buffer with its phase-2 fields set: `logprobs`, `values`, `ref_logprobs`, `token_scores`,
+        `eos_penalty`, `scores` (the sequence reward, after `reward_clip` and `missing_eos_penalty`) and, with the
+        coherent reward, `coherent_reward`. With a coherent reward and `ref_model` its SFT model, the SFT log-probs
+        are computed once and serve both the KL reference and the reward.
 
-        `first_outputs`: (log-probs, values) of the first n rollouts, already computed (the loss forward of the
-        buffer's first micro-batch, see `SRPPOTrainer.make_rollout_buffer`, which sets `self._first_outputs`):
-        those rows skip the policy and critic.
+        When `rollouts.first_forward` holds the first rows' policy and critic forward (the loss forward of the
+        buffer's first micro-batch, see `SRPPOTrainer.make_rollout_buffer`), those rows take their log-probs and
+        values from it and skip the policy and critic pass.
         """
-        if first_outputs is None:
-            first_outputs = getattr(self, "_first_outputs", None)
         chunk = self.args.local_rollout_forward_batch_size
-        done = 0 if first_outputs is None else len(first_outputs[0])
+        first = rollouts.first_forward
+        done = 0 if first is None else len(first[0])
         parts = defaultdict(list)
-        for start in range(0, len(rollouts["query"]), chunk):
-            piece = {k: v[start : start + chunk] for k, v in rollouts.items()}
+        for start in range(0, len(rollouts.query), chunk):
+            piece = rollouts.select(slice(start, start + chunk))
             known = None
             if start < done:  # the chunk's first rows already have their policy outputs
-                known = tuple(t[start : min(start + chunk, done)].detach() for t in first_outputs)
+                known = tuple(t[start : min(start + chunk, done)].detach() for t in first[:2])
             # Every pass in the autocast of the trained ones (accelerate's, with bf16/fp16: the prepared model's
             # forward runs in it), the frozen SFT/PT/reference passes included: in one precision the KL to the SFT
             # model is exactly 0 at the start, and the SFT pass of single-base mode is the policy's own computation.
@@ -82,13 +84,13 @@ class ScoringMixin:
                 scored = self._score_chunk(piece, known)
             for key, value in scored.items():
                 parts[key].append(value)
-        scored = dict(rollouts)
-        scored.update({k: torch.cat(v) for k, v in parts.items()})
-        return scored
+        return dataclasses.replace(rollouts, **{k: torch.cat(v) for k, v in parts.items()})
 
-    def _score_chunk(self, piece: dict, known: tuple | None = None) -> dict:
-        query, query_mask = piece["query"], piece["query_mask"]
-        response, response_mask = piece["response"], piece["response_mask"]
+    def _score_chunk(self, piece: RolloutBuffer, known: tuple | None = None) -> dict:
+        """The phase-2 fields of a chunk of rollouts, as a dict of field name -> tensor. `known`: (log-probs, values)
+        of its first rows, already computed."""
+        query, query_mask = piece.query, piece.query_mask
+        response, response_mask = piece.response, piece.response_mask
         context = query.shape[1]
         input_ids = torch.cat([query, response], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
@@ -140,7 +142,7 @@ class ScoringMixin:
             scores = scores.clamp(-clip, clip)
         eos_penalty = torch.zeros_like(scores)
         if self.args.missing_eos_penalty is not None and self.args.stop_token_id is not None:
-            eos_penalty = torch.where(piece["has_stop"], eos_penalty, eos_penalty - self.args.missing_eos_penalty)
+            eos_penalty = torch.where(piece.has_stop, eos_penalty, eos_penalty - self.args.missing_eos_penalty)
         out["eos_penalty"] = eos_penalty  # [B], lands on the last token alone
         out["scores"] = scores + eos_penalty
         out["token_scores"] = token_scores * mask if token_level else torch.zeros_like(logprobs)

@@ -1,21 +1,29 @@
 """`SRPPOTrainer`: PPO with a critic on current TRL, rewarded by the coherent reward.
 
-One rollout buffer reads as a straight line through the methods of this class:
+One update reads as a straight line through `make_rollout_buffer`, each phase taking and returning a `RolloutBuffer`
+(`rollout.py`: typed fields with their shapes):
 
-    prompts -> generate_rollouts (policy) -> score_rollouts (policy + critic in one pass; SFT once for both the KL and
-    the reward; PT) -> compute_advantages (KL shaping, score at EOS, GAE) -> compute_loss over num_ppo_epochs x
-    num_mini_batches optimizer steps (clipped policy loss, clipped value loss) -> log
+    prompts -> generate_rollouts (policy) -> _split_into_micro_batches (and the first micro-batch's loss forward,
+    kept) -> score_rollouts (policy + critic in one pass; SFT once for both the KL and the reward; PT) ->
+    compute_advantages (KL shaping, score at EOS, GAE) -> log; then `_prepare_inputs` hands its micro-batches to
+    compute_loss over num_ppo_epochs x num_mini_batches optimizer steps (clipped policy loss, clipped value loss)
 
 It runs inside `transformers.Trainer`'s own loop, the way TRL's GRPO/RLOO trainers do: the dataloader yields one
 rollout batch of prompts, repeated once per micro-step of the buffer; `_prepare_inputs` generates and scores the
 buffer at its first micro-step and hands out shuffled micro-batches afterwards. Optimizer, scheduler, gradient
 accumulation, logging, checkpoints and resume are the `Trainer`'s. We deliberately differ from TRL's former
 `PPOTrainer`, which replaced `train()` with its own loop and so could not resume.
+
+The `Trainer` methods we override for the update are in this class (`_prepare_inputs`, `training_step`,
+`compute_loss`, `create_optimizer`, `create_scheduler`, `_clip_grad_norm`, `log`, `evaluate`, the data loading);
+the phases and their helpers are in the mixins: `RolloutMixin` (`rollout.py`), `ScoringMixin` (`scoring.py`),
+`PPOStepMixin` (`ppo_step.py`); saving and resuming in `CheckpointMixin`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections import defaultdict
@@ -44,8 +52,8 @@ from .modeling import (
     keep_value_head_in_fp32,
     prepare_kbit,
 )
-from .ppo_step import PPOStepMixin
-from .rollout import RolloutMixin, response_mask_after_stop, rollout_generation_config
+from .ppo_step import PPOStepMixin, lr_schedule_lambda
+from .rollout import RolloutBuffer, RolloutMixin, response_mask_after_stop, rollout_generation_config
 from .scoring import ScoringMixin, _is_reward_function, _is_sequence_classifier
 from .single_base import is_single_base
 from .trl112_compat import TRL112CompatMixin, _TRL112Callback
@@ -237,10 +245,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._warned_value_clip = False
         self._biased_buffers = 0  # consecutive actor buffers with a critic bias over 10x cliprange_value
-        self._buffer = None  # the current rollout buffer: a dict of [B_local, ...] tensors
-        self._reused_forward = None  # (log-probs, values, entropy) with graph of the buffer's first micro-batch
-        self._first_outputs = None  # its detached (log-probs, values), read by `score_rollouts`
-        self._reuse_next_buffer = False  # set by `_prepare_inputs` for `make_rollout_buffer`
+        self._buffer: RolloutBuffer | None = None  # the current rollout buffer (B_local rows)
         self._actor_state_reset_at = None  # the global step at which the actor's optimizer state was last reset
         # Checkpointed (`CheckpointMixin._trainer_extra_state`): running [count, mean, m2] of the scores
         # (`normalize_reward`), the moments before the last buffer merged and its index, and `value_bias_init`'s flag.
@@ -491,64 +496,67 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
     def _in_critic_warmup(self) -> bool:
         return self.state.global_step // self.args.steps_per_rollout < self.args.critic_warmup_steps
 
-    def make_rollout_buffer(self, batch: dict, reuse_first_forward: bool | None = None) -> dict:
-        """Generate, score and compute advantages for one local rollout batch; log the rollout metrics.
+    def make_rollout_buffer(self, batch: dict, reuse_first_forward: bool | None = None) -> RolloutBuffer:
+        """One local rollout batch of prompts -> the `RolloutBuffer` PPO trains on, one phase after the other:
+        `generate_rollouts` -> `_split_into_micro_batches` -> `score_rollouts` -> `compute_advantages`; then the
+        rollout metrics are logged. Override it (or any phase) to inspect or change the buffer.
 
-        With `reuse_first_forward` (None: as `_prepare_inputs` decided for this buffer), the first micro-batch's policy and critic forward runs here with its graph kept:
-        its detached outputs are that micro-batch's old log-probs and values, and its PPO loss (the next
-        `compute_loss`) backpropagates through the same forward instead of running another one. Before the first
-        optimizer step of the buffer the two forwards are the same computation, so only a pass is saved.
+        `reuse_first_forward` (None: `_reuses_first_forward()`, which is True at the first micro-step of a buffer
+        during training with `args.reuse_first_forward`) runs the first micro-batch's policy and critic forward here
+        with its graph kept (`buffer.first_forward`): its detached outputs are that micro-batch's old log-probs and
+        values, and its PPO loss backpropagates through the same forward instead of running another one. Before the
+        first optimizer step of the buffer the two forwards are the same computation, so only a pass is saved.
         """
         if reuse_first_forward is None:
-            reuse_first_forward = self._reuse_next_buffer
-        rollouts = self.generate_rollouts(batch)
-        size, micro = len(rollouts["query"]), self.args.per_device_train_batch_size
-        # One shuffle per PPO epoch, each split into micro-batches of per_device_train_batch_size rows.
+            reuse_first_forward = self._reuses_first_forward()
+        buffer = self.generate_rollouts(batch)
+        buffer = self._split_into_micro_batches(buffer, reuse_first_forward)
+        buffer = self.score_rollouts(buffer)
+        buffer = self.compute_advantages(buffer)
+        buffer.warmup = self._in_critic_warmup()
+        self._log_rollout_metrics(buffer)
+        return buffer
+
+    def _split_into_micro_batches(self, buffer: RolloutBuffer, keep_first_forward: bool) -> RolloutBuffer:
+        """Sets `micro_batches`: one shuffle of the rows per PPO epoch, each split into micro-batches of
+        `per_device_train_batch_size` rows. With `keep_first_forward`, the rows are first put in epoch 0's order, so
+        that the first micro-batch is rows [0, micro), and its loss forward is run and kept (`first_forward`); the
+        later epochs' orders are mapped to the new row positions, so every micro-batch holds the same rollouts."""
+        size, micro = len(buffer.query), self.args.per_device_train_batch_size
         orders = [torch.randperm(size) for _ in range(self.args.num_ppo_epochs)]
-        first_outputs = None
-        if reuse_first_forward:
-            # Put the rows in epoch 0's order, so that the first micro-batch is rows [0, micro); the later epochs'
-            # orders are mapped to the new row positions, so every micro-batch holds the same rollouts as without
-            # reuse.
+        first_forward = None
+        if keep_first_forward:
             first = orders[0]
             position = torch.empty_like(first)
             position[first] = torch.arange(size)
-            rollouts = {k: v[first] if isinstance(v, torch.Tensor) else v for k, v in rollouts.items()}
+            buffer = buffer.select(first)
             orders = [position[order] for order in orders]
-            self._reused_forward = self._loss_forward({k: v[:micro] for k, v in rollouts.items()})
-            first_outputs = self._reused_forward[:2]
-        # Handed over as an attribute, so that a `score_rollouts` overridden or wrapped with TRL 1.12's one-argument
-        # signature keeps working (it then scores every row itself).
-        self._first_outputs = first_outputs
-        try:
-            scored = self.score_rollouts(rollouts)
-        finally:
-            self._first_outputs = None
-        buffer = self.compute_advantages(scored)
-        buffer["warmup"] = self._in_critic_warmup()
-        self._log_rollout_metrics(buffer)
-        buffer["order"] = [order.split(micro) for order in orders]
-        return buffer
+            first_forward = self._loss_forward(buffer.select(slice(0, micro)))
+        return dataclasses.replace(
+            buffer, micro_batches=[order.split(micro) for order in orders], first_forward=first_forward
+        )
 
-    def _loss_forward(self, inputs: dict):
+    def _loss_forward(self, rows: RolloutBuffer):
         """The policy and critic forward of `compute_loss` on one micro-batch: (log-probs, values, entropy), with
         the graph (the model the Trainer trains, in its autocast context)."""
         with torch.enable_grad(), self.compute_loss_context_manager():
             return self._policy_and_values(
-                self.model_wrapped,
-                inputs["query"],
-                inputs["query_mask"],
-                inputs["response"],
-                inputs["response_mask"],
-                True,
+                self.model_wrapped, rows.query, rows.query_mask, rows.response, rows.response_mask, True
             )
 
-    def _can_reuse_first_forward(self) -> bool:
-        # Under DeepSpeed and FSDP the forward of the wrapped engine is followed by its backward with no other pass
-        # of the same parameters in between; keeping a forward's graph across the scoring passes is not done there.
-        return self.args.reuse_first_forward and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+    def _reuses_first_forward(self) -> bool:
+        """Whether the buffer made now keeps its first micro-batch's loss forward: with `args.reuse_first_forward`,
+        during training, at the first micro-step of a buffer (a resume inside a buffer starts later: its first
+        micro-batch is not trained again), and not under DeepSpeed or FSDP. Their engines follow a forward of the
+        wrapped model by its backward with no other pass of the same parameters in between, so a forward's graph is
+        not kept across the scoring passes there."""
+        if not self.args.reuse_first_forward or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return False
+        return self._step is not None and self._step % self._micro_steps_per_rollout() == 0
 
     def _prepare_inputs(self, batch: dict) -> dict:
+        """Trainer's hook between the dataloader and `compute_loss`: makes the rollout buffer at its first micro-step
+        (or at the first micro-step of a resumed run) and hands out its micro-batches: see `compute_loss`."""
         if not self.model.training:
             return batch
         if self._step is None:
@@ -557,21 +565,21 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         index = self._step % micro_steps
         if index == 0 or self._buffer is None:
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            self._reused_forward = None
-            # (A resume mid-buffer starts at index > 0.) Handed over as an attribute, so that an overridden or wrapped
-            # `make_rollout_buffer(batch)` keeps working.
-            self._reuse_next_buffer = index == 0 and self._can_reuse_first_forward()
+            self._buffer = None  # the last buffer's tensors (and a kept forward never trained) can go
             shared = self._shared_lower_layers()
             if shared is not None:
                 shared.clear()
             self._buffer = self.make_rollout_buffer(batch)
+        buffer = self._buffer
         per_epoch = micro_steps // self.args.num_ppo_epochs
-        rows = self._buffer["order"][index // per_epoch][index % per_epoch]
+        rows = buffer.micro_batches[index // per_epoch][index % per_epoch]
         keys = ("query", "query_mask", "response", "response_mask", "logprobs", "values", "advantages", "returns")
-        micro = {k: self._buffer[k][rows] for k in keys}
-        micro["warmup"] = self._buffer["warmup"]
+        micro = {k: getattr(buffer, k)[rows] for k in keys}
+        micro["warmup"] = buffer.warmup
         micro["rows"] = rows  # for error messages
-        micro["reuse_forward"] = index == 0 and self._reused_forward is not None
+        # The kept forward is handed to the loss once, and only to the micro-batch it was run on.
+        micro["first_forward"] = buffer.first_forward if index == 0 else None
+        buffer.first_forward = None
         return micro
 
     def _contiguous_lm_heads(self):
@@ -620,41 +628,181 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             shared.clear()  # the buffer is done: its rows will not be seen again
         return loss
 
+    # ------------------------------------------------------------------ phase 4: the PPO update (Trainer overrides)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Clipped policy loss + vf_coef * clipped value loss on one micro-batch of the rollout buffer.
+
+        `inputs`: a micro-batch from `_prepare_inputs`: the buffer's `query`, `query_mask`, `response`,
+        `response_mask`, `logprobs`, `values`, `advantages` and `returns` at its rows, its `warmup` flag, the `rows`
+        themselves, and `first_forward`: the buffer's kept forward on the buffer's first micro-batch, else None.
+        During critic warm-up only the value loss is used, so the policy's parameters get no gradient and stay put.
+        """
+        args = self.args
+        mask = inputs["response_mask"].float()
+        if inputs.get("first_forward") is not None:
+            # The buffer's first micro-batch: the forward that gave its old log-probs and values (see
+            # `make_rollout_buffer`) is this loss's forward too.
+            logprobs, values, entropy = inputs["first_forward"]
+        else:
+            logprobs, values, entropy = self._policy_and_values(
+                model, inputs["query"], inputs["query_mask"], inputs["response"], inputs["response_mask"], True
+            )
+        vf_loss, vf_stats = ppo_math.value_loss(
+            values, inputs["values"], inputs["returns"], mask, args.cliprange_value
+        )
+        loss = args.vf_coef * vf_loss
+        pg_loss, pg_stats = ppo_math.policy_loss(
+            logprobs, inputs["logprobs"], inputs["advantages"], mask, args.cliprange
+        )
+        if not inputs["warmup"]:
+            loss = loss + pg_loss
+        if self._any_process(not torch.isfinite(loss).item()):
+            rows = inputs.get("rows", torch.arange(len(mask)))
+            bad = (~torch.isfinite(logprobs.detach()) | ~torch.isfinite(values.detach())) & mask.bool()
+            raise FloatingPointError(
+                f"Non-finite loss at optimizer step {self.state.global_step} (policy loss {pg_loss.item()}, value "
+                f"loss {vf_loss.item()}; non-finite new log-probs or values in rows "
+                f"{rows[bad.any(-1).cpu()].tolist()[:8]} of the rollout buffer): lower the learning rate, or check "
+                "the models for NaN weights."
+            )
+        metrics = self._metrics["train"]
+        metrics["loss/policy_avg"].append(pg_loss.item())
+        metrics["loss/value_avg"].append(vf_loss.item())
+        metrics["policy/approxkl_avg"].append(pg_stats["approxkl"].item())
+        metrics["policy/clipfrac_avg"].append(pg_stats["clipfrac"].item())
+        metrics["val/clipfrac_avg"].append(vf_stats["clipfrac"].item())
+        metrics["val/ratio"].append(pg_stats["ratio"].item())
+        metrics["policy/entropy_avg"].append(ppo_math.masked_mean(entropy, mask).item())
+        return loss
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, its parameter groups split by role: the actor's first, then the critic's at
+        `critic_learning_rate`. Each group carries `"srppo_role"` ("actor" or "critic") for the scheduler and the
+        gradient clipping."""
+        user_optimizer = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        if user_optimizer:
+            # An optimizer passed in (`optimizers=(opt, sched)`) is used as given: its groups and its scheduler match.
+            logger.warning(
+                "Using the optimizer passed in as is: critic_learning_rate and the per-role schedules do not apply."
+            )
+            return optimizer
+        if any("srppo_role" in group for group in optimizer.param_groups):
+            return optimizer  # already split (create_optimizer called twice)
+        critic_lr = self.args.critic_learning_rate
+        critic_ids = {id(p) for p in self._critic_parameters()}
+        actor_groups, critic_groups = [], []
+        for group in optimizer.param_groups:
+            policy_params = [p for p in group["params"] if id(p) not in critic_ids]
+            critic_params = [p for p in group["params"] if id(p) in critic_ids]
+            if policy_params:
+                actor_groups.append({**group, "params": policy_params, "srppo_role": "actor"})
+            if critic_params:
+                lr = group["lr"] if critic_lr is None else critic_lr
+                critic_groups.append({**group, "params": critic_params, "lr": lr, "srppo_role": "critic"})
+        optimizer.param_groups.clear()
+        for group in actor_groups + critic_groups:
+            group.pop("initial_lr", None)  # set again by the scheduler from "lr"
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """One learning-rate schedule per role, as in OpenRLHF where actor and critic have their own scheduler.
+
+        The critic's schedule runs over all `num_training_steps`. The actor's starts at its first real update, after
+        the `critic_warmup_steps` rollout buffers of critic-only training: its warm-up and decay span the remaining
+        steps, and its learning rate is 0 before. (One shared schedule would spend the actor's warm-up and part of its
+        decay while it is frozen.) Resume restores both, since they live in one `LambdaLR` whose step count the
+        Trainer saves.
+        """
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        optimizer = self.optimizer if optimizer is None else optimizer
+        offset = self.args.critic_warmup_steps * self.args.steps_per_rollout
+        if not all("srppo_role" in group for group in optimizer.param_groups):
+            # Not our optimizer (DeepSpeed's own `optimizer` block, or one passed in): no roles to schedule apart.
+            logger.warning(
+                "The optimizer's parameter groups are not split into actor and critic (an optimizer from the DeepSpeed "
+                "config or passed in): one schedule for all of them, and critic_learning_rate does not apply."
+            )
+            return super().create_scheduler(num_training_steps, optimizer)
+        roles = [group["srppo_role"] for group in optimizer.param_groups]
+        critic = lr_schedule_lambda(self.args, num_training_steps)
+        actor = lr_schedule_lambda(self.args, max(num_training_steps - offset, 1))
+        if offset == 0 or critic is None or actor is None:
+            if offset and (critic is None or actor is None):
+                logger.warning(
+                    "lr_scheduler_type=%s has no per-step schedule to shift: the actor's schedule runs during the "
+                    "critic warm-up too.",
+                    self.args.lr_scheduler_type,
+                )
+            return super().create_scheduler(num_training_steps, optimizer)
+
+        def actor_lambda(step: int) -> float:
+            return 0.0 if step < offset else actor(step - offset)
+
+        lambdas = [actor_lambda if role == "actor" else critic for role in roles]
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _clip_grad_norm(self, model):
+        """Clip the actor's and the critic's gradients to `max_grad_norm` each (OpenRLHF clips each model on its own):
+        one joint norm would let the critic's large early gradients shrink the actor's step. Returns the actor's
+        pre-clip norm (logged as `grad_norm`); the critic's is logged as `critic/grad_norm`.
+
+        Under DeepSpeed (which clips inside its engine) and FSDP (whose sharded norm spans the wrapped module) we keep
+        their joint clipping.
+        """
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        critic_ids = {id(p) for p in self._critic_parameters()}
+        actor = [p for p in model.parameters() if id(p) not in critic_ids and p.grad is not None]
+        critic = [p for p in model.parameters() if id(p) in critic_ids and p.grad is not None]
+        max_norm = self.args.max_grad_norm
+        zero = torch.zeros((), device=self.accelerator.device)
+        actor_norm = nn.utils.clip_grad_norm_(actor, max_norm) if actor else zero
+        critic_norm = nn.utils.clip_grad_norm_(critic, max_norm) if critic else zero
+        self._metrics["train"]["critic/grad_norm"].append(float(critic_norm))
+        return actor_norm
+
     # ------------------------------------------------------------------ logging
 
-    def _log_rollout_metrics(self, buffer: dict, mode: str = "train") -> None:
-        mask = buffer["response_mask"].float()
+    def _log_rollout_metrics(self, buffer: RolloutBuffer, mode: str = "train") -> None:
+        mask = buffer.response_mask.float()
         gather = self.accelerator.gather_for_metrics
 
         def mean(x):
             return gather(x.detach().float().reshape(-1)).mean().item()
 
-        non_score = -self.args.kl_coef * buffer["kl"].sum(-1) if "kl" in buffer else None
+        non_score = -self.args.kl_coef * buffer.kl.sum(-1) if buffer.kl is not None else None
         metrics = self._metrics[mode]
-        metrics["objective/scores"].append(mean(buffer["scores"]))
-        if "normalized_scores" in buffer:
-            metrics["objective/normalized_scores"].append(mean(buffer["normalized_scores"]))
-        if "coherent_reward" in buffer:
-            metrics["objective/coherent_reward"].append(mean(buffer["coherent_reward"]))
+        metrics["objective/scores"].append(mean(buffer.scores))
+        if buffer.normalized_scores is not None:
+            metrics["objective/normalized_scores"].append(mean(buffer.normalized_scores))
+        if buffer.coherent_reward is not None:
+            metrics["objective/coherent_reward"].append(mean(buffer.coherent_reward))
         if non_score is not None:
-            metrics["objective/kl"].append(mean(buffer["kl"].sum(-1)))
+            metrics["objective/kl"].append(mean(buffer.kl.sum(-1)))
             metrics["objective/non_score_reward"].append(mean(non_score))
-            metrics["objective/rlhf_reward"].append(mean(buffer["rewards"].sum(-1)))
-            metrics["objective/entropy"].append(mean(-buffer["logprobs"].sum(-1)))
-            metrics["val/mean"].append(mean(ppo_math.masked_mean(buffer["values"], mask).unsqueeze(0)))
-            if mode == "train" and "returns" in buffer:
+            metrics["objective/rlhf_reward"].append(mean(buffer.rewards.sum(-1)))
+            metrics["objective/entropy"].append(mean(-buffer.logprobs.sum(-1)))
+            metrics["val/mean"].append(mean(ppo_math.masked_mean(buffer.values, mask).unsqueeze(0)))
+            if mode == "train" and buffer.returns is not None:
                 self._log_critic_error(buffer, mask, mean)
-        if "sampling_logprobs" in buffer and "logprobs" in buffer:
+        if buffer.sampling_logprobs is not None and buffer.logprobs is not None:
             # vLLM's log-probs of the sampled tokens against the trainer's (teacher-forced, the PPO ratio's old ones).
-            diff = (buffer["sampling_logprobs"] - buffer["logprobs"]).abs()
+            diff = (buffer.sampling_logprobs - buffer.logprobs).abs()
             metrics["rollout/sampling_logprob_diff"].append(mean(ppo_math.masked_mean(diff, mask).unsqueeze(0)))
-        eos = (buffer["response"] == self.processing_class.eos_token_id) & mask.bool()
+        eos = (buffer.response == self.processing_class.eos_token_id) & mask.bool()
         metrics["val/num_eos_tokens"].append(gather(eos.sum().reshape(1).float()).sum().item())
         metrics["completions/mean_length"].append(mean(mask.sum(-1)))
-        metrics["completions/eos_rate"].append(mean(buffer["has_stop"]))
-        metrics["critic_warmup"].append(float(buffer.get("warmup", False)))
+        metrics["completions/eos_rate"].append(mean(buffer.has_stop))
+        metrics["critic_warmup"].append(float(buffer.warmup))
 
-    def _log_critic_error(self, buffer: dict, mask: torch.Tensor, mean) -> None:
+    def _log_critic_error(self, buffer: RolloutBuffer, mask: torch.Tensor, mean) -> None:
         """Logs `val/abs_error` (mean |return - value|), `val/bias` (mean return - value) and `val/returns_spread`
         (mean |return - the buffer's mean return|: the abs error of the best constant critic; a useful critic's
         `val/abs_error` is well below it) per rollout buffer, and
@@ -664,14 +812,14 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         A heuristic: with lam=1 a fitted critic still has a large |return - value| (the returns' spread), hence the
         signed bias."""
         clip = self.args.cliprange_value
-        error = buffer["returns"] - buffer["values"]
+        error = buffer.returns - buffer.values
         bias = mean(ppo_math.masked_mean(error, mask).unsqueeze(0))  # every process gathers, before any return
         metrics = self._metrics["train"]
         metrics["val/abs_error"].append(mean(ppo_math.masked_mean(error.abs(), mask).unsqueeze(0)))
         metrics["val/bias"].append(bias)
-        spread = (buffer["returns"] - ppo_math.masked_mean(buffer["returns"], mask)).abs()
+        spread = (buffer.returns - ppo_math.masked_mean(buffer.returns, mask)).abs()
         metrics["val/returns_spread"].append(mean(ppo_math.masked_mean(spread, mask).unsqueeze(0)))
-        if buffer.get("warmup", False):
+        if buffer.warmup:
             return
         self._biased_buffers = self._biased_buffers + 1 if clip is not None and abs(bias) > 10 * clip else 0
         if self._biased_buffers < 3 or self._warned_value_clip:
@@ -731,17 +879,17 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             finally:
                 if shared is not None:
                     shared.clear()
-            mask = scored["response_mask"].float()
-            kl = ppo_math.kl_per_token(scored["logprobs"], scored["ref_logprobs"], self.args.kl_estimator)
-            scored["kl"] = torch.where(mask.bool(), kl, torch.zeros_like(kl))
-            scores = scored["scores"]
+            mask = scored.response_mask.float()
+            kl = ppo_math.kl_per_token(scored.logprobs, scored.ref_logprobs, self.args.kl_estimator)
+            scored.kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+            scores = scored.scores
             if self.args.normalize_reward and self._reward_moments[0] > 0:
                 # The training statistics as they are (not updated by evaluation), so that rewards and values are in
                 # the same units as in training.
-                scores = scored["normalized_scores"] = ppo_math.normalize_scores(
+                scores = scored.normalized_scores = ppo_math.normalize_scores(
                     scores, *ppo_math.running_mean_var(self._reward_moments)
                 )
-            scored["rewards"] = ppo_math.shape_rewards(scores, scored["kl"], mask, self.args.kl_coef)
+            scored.rewards = ppo_math.shape_rewards(scores, scored.kl, mask, self.args.kl_coef)
             self._log_rollout_metrics(scored, mode="eval")
         metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
         self._metrics["eval"].clear()
@@ -771,4 +919,4 @@ def _count_prompt_tokens(example: dict) -> dict:
     return {"prompt_length": len(example["input_ids"])}
 
 
-__all__ = ["VALUE_MODEL_DIR", "SRPPOTrainer", "last_complete_checkpoint", "response_mask_after_stop"]
+__all__ = ["VALUE_MODEL_DIR", "RolloutBuffer", "SRPPOTrainer", "last_complete_checkpoint", "response_mask_after_stop"]

@@ -75,7 +75,7 @@ def main():
         report_to="none",
         seed=0,
         use_cpu=True,
-        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so this test is unchanged.
+        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's, pinned so this test is unchanged.
         temperature=1.0,
         stop_token="eos",
         activation_checkpointing=False,
@@ -98,7 +98,7 @@ def main():
 
         def gather_scores(batch):
             buffer = make_buffer(batch)
-            scores.append(trainer.accelerator.gather(buffer["scores"].double()))
+            scores.append(trainer.accelerator.gather(buffer.scores.double()))
             return buffer
 
         trainer.make_rollout_buffer = gather_scores

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SRPPO's critic remedies against GRPO and RLOO on the coherent reward: the same start model (the demo's SFT model),
-# the same training time per run (MINUTES, default 5), bf16, 2 seeds side by side, each pinned to one core with one
-# torch thread. Raw results.json per (variant, seed) land in RESULTS as they finish; the table and plot at the end:
+# the same training time per run (MINUTES of CPU time, default 5: equal compute even if other jobs share the cores),
+# bf16, 2 seeds side by side, each pinned to one core with one torch thread. Raw results.json per (variant, seed) land in RESULTS as they finish; the table and plot at the end:
 #
 #   bash benchmarks/critic_remedies.sh                 # ~45 min on a 2-core AVX-512 BF16 machine
 #   COMMIT=1 bash benchmarks/critic_remedies.sh        # also commit each finished pair of raw files
@@ -21,7 +21,7 @@ mkdir -p "$OUT" "$RESULTS"
 # The start model, once (2 threads): the demo YAML's SFT stage.
 OMP_NUM_THREADS=2 $PY benchmarks/learning.py --sft-only --output-dir "$OUT" --threads 2
 
-COMMON=(--reward coherent --sft-model "$OUT/sft" --budget-min "$MINUTES" --eval-every-s 150 --eval-prompts 16
+COMMON=(--reward coherent --sft-model "$OUT/sft" --budget-min "$MINUTES" --budget-clock cpu --eval-every-s 150 --eval-prompts 16
         --threads 1 --precision "$PRECISION" --lam 1 --cliprange-value none)
 # name | trainers | options
 VARIANTS=(

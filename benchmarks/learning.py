@@ -127,6 +127,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="SRPPO: start the critic head's bias at the first buffer's mean return (SRPPOConfig.value_bias_init)",
     )
     p.add_argument(
+        "--budget-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what --budget-min and --eval-every-s count: wall time (an idle machine) or this process's CPU time "
+        "(equal compute when other jobs share the cores; with --threads 1 and the run pinned to one core, CPU seconds "
+        "are the seconds it ran). The rows' `wall_s` is then CPU seconds",
+    )
+    p.add_argument(
         "--sft-only",
         action="store_true",
         help="train (or reuse) the SFT model in <output-dir>/sft and exit: the start model of later --sft-model runs",
@@ -295,12 +303,18 @@ def evaluate(policy, start_model, tokenizer, reward_fn, prompts, max_new_tokens:
 class WallClockBudget(TrainerCallback):
     """Stops training once `budget_s` seconds of training time are spent; evaluates every `eval_every_s` of them.
 
+    `clock`: `time.perf_counter` (wall time: an idle machine) or `time.process_time` (this process's CPU time, all
+    its threads: the same budget of compute when other jobs share the cores, e.g. one thread pinned per core).
+
     Training time is wall time since `on_train_begin` minus the time spent in this callback's evaluations. Rows:
     {"wall_s", "step", "reward", "kl", ...}; the first row is the start model (`start_row`, step 0).
     """
 
-    def __init__(self, budget_s: float, eval_every_s: float, evaluate_fn, start_row: dict, label: str):
+    def __init__(
+        self, budget_s: float, eval_every_s: float, evaluate_fn, start_row: dict, label: str, clock=time.perf_counter
+    ):
         self.budget_s, self.eval_every_s, self.evaluate_fn, self.label = budget_s, eval_every_s, evaluate_fn, label
+        self.clock = clock
         self.rows = [{"wall_s": 0.0, "step": 0, **start_row}]
         self.critic_rows = []  # SRPPO only: the critic's error against the returns' spread, per logged step
         self.trainer = None
@@ -309,17 +323,17 @@ class WallClockBudget(TrainerCallback):
         self.next_eval = eval_every_s
 
     def train_seconds(self) -> float:
-        return time.perf_counter() - self.start - self.eval_s
+        return self.clock() - self.start - self.eval_s
 
     def _policy(self):
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         return getattr(model, "policy", model)  # SRPPO wraps policy and critic
 
     def _evaluate(self, step: int, train_s: float) -> None:
-        began = time.perf_counter()
+        began = self.clock()
         row = {"wall_s": round(train_s, 2), "step": step, **self.evaluate_fn(self._policy())}
-        self.eval_s += time.perf_counter() - began
-        row["eval_s"] = round(time.perf_counter() - began, 2)
+        self.eval_s += self.clock() - began
+        row["eval_s"] = round(self.clock() - began, 2)
         self.rows.append(row)
         print(
             f"[{self.label}] {train_s:7.1f} s  step {step:4d}  reward {row['reward']:8.3f}  KL {row['kl']:7.3f}  "
@@ -328,7 +342,7 @@ class WallClockBudget(TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        self.start = self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
         train_s = self.train_seconds()
@@ -368,11 +382,10 @@ def frozen(model):
 
 def ensure_sft(args, base_path: str, tokenizer) -> str:
     """The demo's SFT stage (demo YAML's SFT settings) run once and cached in `<output-dir>/sft`."""
-    from types import SimpleNamespace
-
     import yaml
     from trl import ModelConfig
 
+    from srppo_trl import SRPPOConfig
     from srppo_trl.pipeline import PipelineArguments, build_stage_data, run_sft
 
     cfg = yaml.safe_load(DEMO_YAML.read_text())
@@ -385,9 +398,10 @@ def ensure_sft(args, base_path: str, tokenizer) -> str:
         sft_max_length=cfg["sft_max_length"],
         sft_max_steps=args.sft_max_steps,
     )
-    run_args = SimpleNamespace(
-        output_dir=args.output_dir, bf16=False, fp16=False, use_cpu=False, seed=cfg["seed"], report_to="none",
-        logging_steps=10, activation_checkpointing=False,
+    # A real SRPPOConfig (run_sft reads the precision, device and logging fields of the pipeline's trainer config).
+    run_args = SRPPOConfig(
+        output_dir=args.output_dir, seed=cfg["seed"], report_to="none", logging_steps=10,
+        activation_checkpointing=False,
     )  # fmt: skip
     stages, _, _ = build_stage_data(pipe)
     began = time.perf_counter()
@@ -532,7 +546,7 @@ def plot(results: dict, path: Path) -> None:
         axes[0][col].set_title(f"{reward} reward: held-out mean reward")
         axes[1][col].set_title(f"{reward} reward: KL to the start model (nats / response)")
         for row in (0, 1):
-            axes[row][col].set_xlabel("training wall-clock (min, evaluation excluded)")
+            axes[row][col].set_xlabel("training time (min, evaluation excluded; --budget-clock)")
             axes[row][col].grid(alpha=0.3)
             axes[row][col].legend()
     fig.tight_layout()
@@ -578,7 +592,8 @@ def run_reward(kind: str, args, base_path: str, tokenizer, train_prompts, eval_p
     partial = {"start_model": start_path, "start_eval_s": round(start_eval_s, 2), "runs": runs}
     for name in args.trainers:
         label = f"{kind}/{name}"
-        callback = WallClockBudget(args.budget_min * 60, args.eval_every_s, evaluate_fn, start_row, label)
+        clock = time.process_time if args.budget_clock == "cpu" else time.perf_counter
+        callback = WallClockBudget(args.budget_min * 60, args.eval_every_s, evaluate_fn, start_row, label, clock)
         torch.manual_seed(args.seed)
         began = time.perf_counter()
         trainer = build_trainer(

@@ -866,15 +866,24 @@ def critic_section(srppo_cells: dict) -> list[str]:
     buffer (a useful critic ends its warm-up with an error well below the returns' spread)."""
     if not srppo_cells:
         return []
-    lines = ["", "## SRPPO's critic", "", "| seed | warm-up buffers | actor buffers | last warm-up buffer: abs error / "
-             "bias (nats) | last buffer: abs error / bias (nats) |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["", "## SRPPO's critic", "", "Per rollout buffer: the critic's mean |return - value|, the mean return - "
+             "value, and the returns' spread (mean |return - mean return|: the error of the best constant critic), "
+             "in the units of the trained returns (normalised scores when `normalize_reward` is on).", "",
+             "| seed | warm-up buffers | actor buffers | last warm-up buffer: abs error / bias / spread | last buffer: "
+             "abs error / bias / spread |", "|---|---:|---:|---:|---:|"]  # fmt: skip
     for seed, cell in sorted(srppo_cells.items(), key=_seed_key):
         buffers = [e for e in cell["training"].get("log_history", []) if "val/abs_error" in e]
         warmup = [e for e in buffers if e.get("critic_warmup")]
         actor = [e for e in buffers if not e.get("critic_warmup")]
 
         def pair(entries):
-            return f"{entries[-1]['val/abs_error']:.2f} / {entries[-1]['val/bias']:+.2f}" if entries else "-"
+            if not entries:
+                return "-"
+            last = entries[-1]
+            spread = last.get("val/returns_spread")
+            return f"{last['val/abs_error']:.2f} / {last['val/bias']:+.2f} / " + (
+                "-" if spread is None else f"{spread:.2f}"
+            )
 
         lines.append(f"| {seed} | {len(warmup)} | {len(actor)} | {pair(warmup)} | {pair(buffers)} |")
     return lines

@@ -88,3 +88,26 @@ def test_sft_only_trains_the_start_model_with_the_demo_sft_settings(tiny_base, t
     result = _load_script().main(argv + ["--threads", "1"])
     assert Path(result["sft_model"]) == tmp_path / "sft"
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+
+
+def test_the_budget_counts_the_chosen_clock_without_the_evaluations():
+    """A fake clock: training stops at the first step past the budget; evaluation time is not counted."""
+    from types import SimpleNamespace
+
+    now = [100.0]
+
+    def evaluate(policy):
+        now[0] += 50.0  # an evaluation takes 50 s of the clock
+        return {"reward": 0.0, "kl": 0.0, "length": 1.0, "eos_rate": 1.0}
+
+    callback = _load_script().WallClockBudget(30.0, 20.0, evaluate, {"reward": 0.0}, "test", clock=lambda: now[0])
+    callback.trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=None)
+    callback.on_train_begin(None, None, None)
+    step, control = 0, SimpleNamespace(should_training_stop=False)
+    while not control.should_training_stop and step < 10:
+        step += 1
+        now[0] += 10.0  # a step takes 10 s
+        callback.on_step_end(None, SimpleNamespace(global_step=step), control)
+    # 10 s per step: an evaluation after step 2 (20 s), the budget reached at step 3 (30 s: evaluations excluded).
+    assert step == 3 and [row["step"] for row in callback.rows] == [0, 2, 3]
+    assert callback.train_seconds() == 30.0 and callback.eval_s == 100.0

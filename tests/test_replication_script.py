@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -137,6 +138,7 @@ def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(scrip
         assert diff in text
     assert "## Cost of each cell" in text and "| srppo_seed0 |" in text and "## Machine" in text
     assert "## SRPPO's critic" in text and "| 0 | 1 | 1 |" in text  # 1 warm-up buffer, then 1 actor buffer
+    assert re.search(r"\| 0 \| 1 \| 1 \| \d+\.\d\d / [+-]\d+\.\d\d / \d+\.\d\d \|", text)  # error / bias / spread
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_instructions(script, monkeypatch):

@@ -63,7 +63,7 @@ def _coherent_reward_errors(paths, sft32, sft16, sequences, attention, response_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from srppo_trl.logprobs import sequence_logprobs
+    from srppo_trl.models.logprobs import sequence_logprobs
 
     pt32 = AutoModelForCausalLM.from_pretrained(paths["pt"], dtype=torch.float32).eval()
     pt16 = AutoModelForCausalLM.from_pretrained(paths["pt"], dtype=torch.bfloat16).eval()
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from srppo_trl.logprobs import sequence_logprobs
+    from srppo_trl.models.logprobs import sequence_logprobs
 
     torch.set_num_threads(args.threads)
     paths = bc.prepare_models(args.cache_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from srppo_trl.pipeline import main
-from srppo_trl.precision import cpu_has_fast_bf16, training_on_cpu
+from srppo_trl.trainer.precision import cpu_has_fast_bf16, training_on_cpu
 
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smollm2_demo.yaml"

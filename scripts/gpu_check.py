@@ -435,7 +435,7 @@ class PhaseMeter:
 
 def _instrument(meter: PhaseMeter):
     """Wraps the pipeline's phases in `meter`; returns a function that undoes it."""
-    import srppo_trl.pipeline as pipeline
+    import srppo_trl.pipeline.run as pipeline
     from srppo_trl.trainer import SRPPOTrainer
 
     targets = [

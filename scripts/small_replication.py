@@ -433,7 +433,7 @@ class Campaign:
         return srppo["training"]["stage_s"]
 
     def train_grpo(self, seed):
-        from srppo_trl.pipeline import _trl_group_trainer
+        from srppo_trl.pipeline.run import _trl_group_trainer
 
         a = self.args
         budget = self.budget_s(seed)
@@ -469,7 +469,7 @@ class Campaign:
         from datasets import concatenate_datasets
 
         from srppo_trl.pipeline import model_init_kwargs
-        from srppo_trl.spin import build_spin_dpo_values, run_spin, spin_generation_config
+        from srppo_trl.pipeline.spin import build_spin_dpo_values, run_spin, spin_generation_config
 
         a = self.args
         budget = self.budget_s(seed)
@@ -564,9 +564,9 @@ def sample_scores(policy, reward, tokenizer, prompts, num_samples, response_leng
     """Per prompt, the mean over `num_samples` responses sampled at temperature 1 (stopping at EOS, at most
     `response_length` tokens, as in training) of: the sequence-level coherent reward, the KL to the SFT model
     (sum over response tokens of log pi - log pi_SFT), the length in tokens and whether it ended at EOS."""
-    from srppo_trl.logprobs import sequence_logprobs
-    from srppo_trl.rollout import response_mask_after_stop, rollout_generation_config, sample_responses
-    from srppo_trl.tokenization import tokenize_prompt
+    from srppo_trl.data.tokenization import tokenize_prompt
+    from srppo_trl.models.logprobs import sequence_logprobs
+    from srppo_trl.trainer.rollout import response_mask_after_stop, rollout_generation_config, sample_responses
 
     torch.manual_seed(seed)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

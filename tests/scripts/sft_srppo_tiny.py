@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
-from srppo_trl.pipeline import _save_sft_model, leave_process_group
+from srppo_trl.pipeline.run import _save_sft_model, leave_process_group
 from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
 
@@ -133,7 +133,7 @@ def critic_copy_difference(out: Path, tokenizer) -> float:
     partitioned), and return the largest difference between the critic's backbone and the SFT file's weights."""
     from safetensors.torch import load_file
 
-    from srppo_trl.modeling import _gathered
+    from srppo_trl.models.modeling import _gathered
 
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(8)]})
     args = SRPPOConfig(
@@ -172,7 +172,7 @@ def adam_after_warmup(out: Path, tokenizer) -> tuple[list[int], str]:
     """`--adam_after_warmup`: SRPPO with AdamW, one critic warm-up buffer of 2 optimizer steps, then one actor step;
     returns the step counts held in the actor's Adam state on this process (1: the actor's first update was a fresh
     Adam step, whatever the warm-up's zero gradients did to its state) and the class of the optimizer holding it."""
-    from srppo_trl.ppo_step import _optimizer_chain, _params_holding_state
+    from srppo_trl.trainer.ppo_step import _optimizer_chain, _params_holding_state
 
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(8)]})
     args = SRPPOConfig(

@@ -84,7 +84,7 @@ def single_base(tmp):
     from peft import LoraConfig, get_peft_model
 
     from srppo_trl import SRPPOTrainer
-    from srppo_trl.single_base import build_single_base
+    from srppo_trl.models.single_base import build_single_base
     from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..rollout import checkpoint_generation_defaults_ignored, rollout_generation_config
-from ..tokenization import tokenize_prompt
+from ..data.tokenization import tokenize_prompt
+from ..trainer.rollout import checkpoint_generation_defaults_ignored, rollout_generation_config
 
 
 def _as_messages(prompt) -> list[dict]:

@@ -433,7 +433,7 @@ class Campaign:
         return srppo["training"]["stage_s"]
 
     def train_grpo(self, seed):
-        from srppo_trl.pipeline.run import _trl_group_trainer
+        from srppo_trl.pipeline import trl_group_trainer
 
         a = self.args
         budget = self.budget_s(seed)
@@ -452,7 +452,7 @@ class Campaign:
         pipe = self.pipeline_arguments(algorithm="grpo", group_trainer_extra=extra)
         args = self.trainer_args(folder, seed, **self.srppo_fields(), kl_coef=a.kl_coef)
         reward = self.reward(seed)
-        trainer = _trl_group_trainer(pipe, args, self.load(sft), reward, self.tokenizer, self.prompts, None)
+        trainer = trl_group_trainer(pipe, args, self.load(sft), reward, self.tokenizer, self.prompts, None)
         stop = WallClockBudget(start + budget)
         trainer.add_callback(stop.callback)
         trainer.train()

@@ -77,7 +77,7 @@ def test_single_base_pipeline_trains_an_sft_adapter_and_puts_every_role_on_one_b
 
     captured["base"] = tiny_base
     offline = []  # (row, active adapter) of each offline-benchmark call; the benchmark itself is not run
-    monkeypatch.setattr(pipeline, "_offline_scores", lambda m, t, n: offline.append(m.active_adapter) or {"ifeval": 0})
+    monkeypatch.setattr(pipeline, "offline_scores", lambda m, t, n: offline.append(m.active_adapter) or {"ifeval": 0})
     result = main(_argv(tiny_base, tmp_path, "--offline_eval_n", "1"), default_config=CONFIG)
 
     # Stage 1 wrote a trained LoRA adapter (B starts at 0: non-zero means SFT moved it), no full weights.

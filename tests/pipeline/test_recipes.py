@@ -194,7 +194,7 @@ def test_prompts_the_trainer_would_refuse_fail_before_sft(override, message, tin
 
 
 class _FakeSFTTrainer:
-    """What `_save_sft_model` uses of an SFTTrainer, on one process of a multi-process run."""
+    """What `save_sft_model` uses of an SFTTrainer, on one process of a multi-process run."""
 
     def __init__(self, writer):
         from types import SimpleNamespace
@@ -217,10 +217,10 @@ class _FakeSFTTrainer:
 
 @pytest.mark.parametrize("writer", [True, False])
 def test_sft_model_is_saved_through_the_trainer_by_the_saving_process_only(writer, tmp_path):
-    from srppo_trl.pipeline.run import _save_sft_model
+    from srppo_trl.pipeline.run import save_sft_model
 
     trainer, folder = _FakeSFTTrainer(writer), tmp_path / "sft"
-    _save_sft_model(trainer, tokenizer=None, folder=folder)
+    save_sft_model(trainer, tokenizer=None, folder=folder)
     assert trainer.saved == [str(tmp_path / "sft.tmp")] and trainer.waits == 2
     assert trainer.model.config.use_cache is True
     assert not (tmp_path / "sft.tmp").exists()

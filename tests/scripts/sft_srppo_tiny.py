@@ -4,7 +4,7 @@ tests/test_sharded_engines.py, under `accelerate launch` with a DDP, FSDP or Dee
     accelerate launch --config_file CONFIG tests/scripts/sft_srppo_tiny.py OUTPUT_DIR
 
 Writes, under OUTPUT_DIR:
-    sft/                  the SFT model (pipeline._save_sft_model: Trainer.save_model, gathered, main process)
+    sft/                  the SFT model (pipeline.save_sft_model: Trainer.save_model, gathered, main process)
     run/checkpoint-{2,4}  SRPPO checkpoints (one every rollout buffer)
     run/final             `save_model` of the uninterrupted SRPPO run (policy + critic in value_model/)
     resumed/final         `save_model` of a second SRPPO run resumed from run/checkpoint-2
@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
-from srppo_trl.pipeline.run import _save_sft_model, leave_process_group
+from srppo_trl.pipeline.run import leave_process_group, save_sft_model
 from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
 
@@ -73,7 +73,7 @@ def sft(out: Path, tokenizer):
     # `from_pretrained` then partitions the weights as it loads them.
     trainer = SFTTrainer(model=str(out / "base"), args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
-    _save_sft_model(trainer, tokenizer, out / "sft")
+    save_sft_model(trainer, tokenizer, out / "sft")
 
 
 def srppo(out: Path, output_dir: Path, tokenizer, max_steps: int, resume: str | None = None):

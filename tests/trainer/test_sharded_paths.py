@@ -124,13 +124,13 @@ def test_with_peft_the_built_critic_is_a_lora_adapter_with_a_trainable_head(toke
 
 
 def test_vocabulary_size_of_a_zero3_partitioned_model_is_its_full_size(tokenizer):
-    from srppo_trl.models.coherent_reward import _vocab_size
+    from srppo_trl.models.coherent_reward import vocab_size
 
     model = tiny_causal_lm(tokenizer)
     weight = model.get_output_embeddings().weight
     # What ZeRO-3 (`zero3_init_flag`) leaves in each process: an empty tensor, the full shape in `ds_shape`.
     weight.ds_shape, weight.data = weight.shape, torch.empty(0)
-    assert _vocab_size(model) == len(tokenizer)
+    assert vocab_size(model) == len(tokenizer)
 
 
 def test_a_zero3_partitioned_critic_is_checked_without_a_forward(tokenizer, monkeypatch):

@@ -25,7 +25,8 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _vocab_size(model: nn.Module) -> int:
+def vocab_size(model: nn.Module) -> int:
+    """The number of rows of `model`'s output embeddings (the logits' width), also under ZeRO-3 partitioning."""
     embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
         # A weight partitioned by DeepSpeed ZeRO-3 (`zero3_init_flag`) is empty here; its full shape is `ds_shape`.
@@ -35,7 +36,7 @@ def _vocab_size(model: nn.Module) -> int:
 
 def check_same_vocabulary(sft_model: nn.Module, base_model: nn.Module) -> None:
     """Raise `ValueError` when two causal LMs cannot score the same token ids."""
-    sft_vocab, base_vocab = _vocab_size(sft_model), _vocab_size(base_model)
+    sft_vocab, base_vocab = vocab_size(sft_model), vocab_size(base_model)
     if sft_vocab != base_vocab:
         raise ValueError(
             f"The SFT model has a vocabulary of {sft_vocab} tokens but the pretrained model has {base_vocab}: the "

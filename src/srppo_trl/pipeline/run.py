@@ -413,7 +413,7 @@ def run_sft(pipe, srppo_args, model_args, base_path, tokenizer, stages, peft_con
         )
         trainer.train()
         # single_base keeps the adapter as it is: stage 2 puts it back on the same base weights, no merge.
-        _save_sft_model(trainer, tokenizer, final_dir, merge_peft=peft_config is not None and not pipe.single_base)
+        save_sft_model(trainer, tokenizer, final_dir, merge_peft=peft_config is not None and not pipe.single_base)
         current = str(final_dir)
         del trainer, model
         _free_memory()  # before the next stage loads its model
@@ -428,7 +428,7 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) -> None:
+def save_sft_model(trainer, tokenizer, folder: Path, merge_peft: bool = False) -> None:
     """Saves the trained SFT model (full weights) to `folder`, atomically; every process must call it.
 
     Without PEFT, `trainer.save_model` writes a temporary folder (it gathers ZeRO-3 / FSDP shards on every process and
@@ -538,7 +538,7 @@ def run_rl(pipe, srppo_args, model_args, sft_path, base_path, tokenizer, prompts
         after_samples = _sample_rewards(trainer, eval_prompts, pipe.eval_num_samples, srppo_args.seed)
         trainer.sample_rewards = {"SFT": before_samples, "SRPPO": after_samples}
         return trainer, before, after
-    trainer = _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config)
+    trainer = trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config)
     trainer.train()
     return trainer, {}, {}
 
@@ -654,7 +654,7 @@ def build_group_config(pipe, srppo_args):
     return config_cls(**values)
 
 
-def _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config):
+def trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, peft_config):
     """GRPO / RLOO from TRL with the coherent reward as a callable (the paper's named alternatives)."""
     from trl import GRPOTrainer, RLOOTrainer
 
@@ -677,7 +677,8 @@ def _trl_group_trainer(pipe, srppo_args, policy, reward, tokenizer, prompts, pef
 # ---------------------------------------------------------------------------------------------- report
 
 
-def _offline_scores(model, tokenizer, n) -> dict:
+def offline_scores(model, tokenizer, n) -> dict:
+    """The offline benchmark's summary for `model` (`n` prompts per split, greedy, seed 0); `{}` when `n` is 0."""
     if n <= 0:
         return {}
     from ..evaluation import evaluate_offline
@@ -746,12 +747,12 @@ def run_pipeline(pipe: PipelineArguments, srppo_args, model_args) -> dict:
         rows = {"SFT": dict(before), "SRPPO": dict(after)}
         if pipe.offline_eval_n > 0 and pipe.algorithm == "ppo":
             policy = trainer.accelerator.unwrap_model(trainer.model).policy
-            rows["SRPPO"].update(_offline_scores(policy, tokenizer, pipe.offline_eval_n))
+            rows["SRPPO"].update(offline_scores(policy, tokenizer, pipe.offline_eval_n))
             if pipe.reward_model is None:  # the reward's SFT model (single-base: the "sft" adapter active)
                 with trainer.reward_model.sft_context() as sft:
-                    rows["SFT"].update(_offline_scores(sft, tokenizer, pipe.offline_eval_n))
+                    rows["SFT"].update(offline_scores(sft, tokenizer, pipe.offline_eval_n))
             else:
-                rows["SFT"].update(_offline_scores(trainer.ref_model, tokenizer, pipe.offline_eval_n))
+                rows["SFT"].update(offline_scores(trainer.ref_model, tokenizer, pipe.offline_eval_n))
         result["results"] = rows
         samples = getattr(trainer, "sample_rewards", None)
         if samples and samples.get("SFT") and samples.get("SRPPO"):

@@ -328,7 +328,7 @@ def run_spin(
     """
     from ..data.tokenization import ensure_chat_template_bos
     from ..trainer.checkpointing import last_complete_checkpoint, trainer_checkpoint_problem
-    from .run import _save_sft_model
+    from .run import save_sft_model
 
     check_spin_inputs(demonstrations, iterations)
     generation = generation or SPINGenerationConfig()
@@ -355,7 +355,7 @@ def run_spin(
         if checkpoint is not None:
             logger.info("SPIN iteration %d resumes from %s.", iteration, checkpoint)
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        _save_sft_model(trainer, tokenizer, model_dir, merge_peft=peft_config is not None)
+        save_sft_model(trainer, tokenizer, model_dir, merge_peft=peft_config is not None)
         logged = [entry for entry in trainer.state.log_history if "rewards/margins" in entry]
         metrics = {"train_loss": result.training_loss, **({k: logged[-1][k] for k in logged[-1]} if logged else {})}
         records.append(SPINIteration(iteration, opponent, str(model_dir), metrics=metrics, **counts))
@@ -441,7 +441,7 @@ def run_spin_stage(pipe, srppo_args, model_args, sft_path, tokenizer, stages, pe
     from accelerate import PartialState
     from datasets import concatenate_datasets
 
-    from .run import _offline_scores, load_causal_lm, model_init_kwargs
+    from .run import load_causal_lm, model_init_kwargs, offline_scores
 
     demonstrations = concatenate_datasets([d.select_columns(["messages"]) for _, d in stages])
     output_dir = Path(srppo_args.output_dir)
@@ -464,7 +464,7 @@ def run_spin_stage(pipe, srppo_args, model_args, sft_path, tokenizer, stages, pe
             model = load_causal_lm(path, kwargs)
             if "quantization_config" not in kwargs:
                 model.to(PartialState().device)
-            rows[name] = _offline_scores(model, tokenizer, pipe.offline_eval_n)
+            rows[name] = offline_scores(model, tokenizer, pipe.offline_eval_n)
             del model
         result["results"] = rows
     return result

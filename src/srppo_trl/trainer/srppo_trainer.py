@@ -29,7 +29,8 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, create_model_from_path
 
 from ..data.builders import check_lengths, prompt_input_ids
-from ..models.coherent_reward import CoherentRewardModel, _vocab_size, check_same_vocabulary
+from ..models.coherent_reward import CoherentRewardModel, check_same_vocabulary
+from ..models.coherent_reward import vocab_size as _vocab_size
 from ..models.contiguous_lm_head import contiguous_lm_head_input
 from ..models.modeling import (
     PolicyAndValueWrapper,

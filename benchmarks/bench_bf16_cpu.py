@@ -1,4 +1,4 @@
-"""bf16 against fp32 on this CPU: seconds and log-prob error of the passes an SRPPO update runs (issue 15, item 6).
+"""bf16 against fp32 on this CPU: seconds and log-prob error of the passes an SRPPO update runs.
 
 On the benchmark's fixed batch (`bench_common.py`: SmolLM2-135M-Instruct, 8 prompts x 32 sampled tokens, or
 `--shape large`), in one process, one after the other, each pass timed `--reps` times after one warm-up:

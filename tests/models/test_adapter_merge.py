@@ -1,4 +1,4 @@
-"""LoRA rollouts with the adapter merged into the base weights (issue 15, target 1): same tokens, weights restored
+"""LoRA rollouts with the adapter merged into the base weights: same tokens, weights restored
 bit for bit, no LoRA branch on the decoding path, and a fallback for what cannot be merged exactly.
 
 Tiny models (srppo_trl.testing) in fp32, 8-token responses.

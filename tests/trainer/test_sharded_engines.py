@@ -1,4 +1,4 @@
-"""Sharded engines on CPU (issue 13): SFT -> SRPPO under `accelerate launch` with the repo's own accelerate configs.
+"""Sharded engines on CPU: SFT -> SRPPO under `accelerate launch` with the repo's own accelerate configs.
 
 What runs on a CPU-only machine (accelerate 1.15, torch 2.13, DeepSpeed 0.19; details in docs/troubleshooting.md):
 - DeepSpeed ZeRO-3 (its CPU accelerator, gloo): runs. `test_deepspeed_zero3_matches_ddp` launches two processes with

@@ -1,10 +1,10 @@
 """Rollouts of a LoRA policy at the speed of the plain model: the adapter folded into the base weights, then undone.
 
-A LoRA layer computes `W x + s B (A x)`: two extra small matmuls per targeted layer at every decoding step, which made
-single-base rollouts 1.2x (CPU) to 2-3x (GPU) slower than `generate` of a plain model (issue 15). For generation we
-add `s B A` to `W` once, run the layers as plain linears, and afterwards copy the saved `W` back, so the weights
-after a rollout are bit-identical to those before (PEFT's own `merge_adapter` / `unmerge_adapter` subtracts the delta
-again, which is not exact in floating point, and it would leave the shared base of single-base mode drifting).
+A LoRA layer computes `W x + s B (A x)`: two extra small matmuls per targeted layer at every decoding step, which make
+LoRA rollouts markedly slower than `generate` of a plain model. For generation we add `s B A` to `W` once, run the
+layers as plain linears, and afterwards copy the saved `W` back, so the weights after a rollout are bit-identical to
+those before (PEFT's own `merge_adapter` / `unmerge_adapter` subtracts the delta again, which is not exact in floating
+point, and it would leave the shared base of single-base mode drifting).
 
 The saved copy of each targeted weight lives on the CPU (on a GPU this costs host memory and two copies, not GPU
 memory). In fp32 the merged layer `(W + s B A) x` equals `W x + s B (A x)` up to rounding (~1e-7 relative), so the

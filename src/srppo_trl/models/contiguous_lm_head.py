@@ -2,12 +2,8 @@
 
 transformers' causal LMs compute `lm_head(hidden[:, -logits_to_keep:])`. That slice of a [B, T, H] tensor cannot be
 viewed as a matrix, so `torch.matmul` runs it as a batched matmul against the weight expanded B times (`bmm`),
-slower on CPU than the matrix product of a copy of the slice.
-`python benchmarks/bench_contiguous_lm_head.py --lm-head-only` (random weights of the shape of SmolLM2's
-49152-token head, one thread) measured the forward at 0.62-0.65x (8 x 33 positions) and 0.74x (32 x 65), and prints
-whether the logits are bitwise equal (they were, on both shapes); with the backward the gain is smaller and noisier
-(0.70-0.77x; 0.87x to 1.12x at 32 x 65). A whole single-base update: 0.95-0.96x (the same script, without the flag).
-A forward pre-hook on the output embeddings copies the (small) slice first.
+slower on CPU than the matrix product of a copy of the slice. A forward pre-hook on the output embeddings copies the
+(small) slice first; the logits stay bitwise equal. `python benchmarks/bench_contiguous_lm_head.py` times it.
 
 Single-position inputs are left alone: that is every generation step (prefill and decoding score one position), so
 sampled tokens do not change at all. On exit the hooks are removed.

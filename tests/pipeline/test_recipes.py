@@ -20,7 +20,7 @@ RECIPES = Path(__file__).parents[2] / "recipes"
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 PAPER_RECIPES = sorted(
     p.stem for p in (RECIPES / "configs").glob("*.yaml") if not p.stem.startswith("smollm2") and "spin" not in p.stem
-)  # SPIN recipes: tests/test_spin.py
+)  # SPIN recipes: tests/pipeline/test_spin.py
 
 
 @pytest.fixture(scope="module")

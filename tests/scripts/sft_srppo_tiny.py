@@ -1,5 +1,5 @@
 """SFT -> SRPPO on tiny models, with a checkpoint, a resume from it and a final `save_model`; for
-tests/test_sharded_engines.py, under `accelerate launch` with a DDP, FSDP or DeepSpeed config.
+tests/trainer/test_sharded_engines.py, under `accelerate launch` with a DDP, FSDP or DeepSpeed config.
 
     accelerate launch --config_file CONFIG tests/scripts/sft_srppo_tiny.py OUTPUT_DIR
 

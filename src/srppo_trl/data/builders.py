@@ -665,7 +665,7 @@ def check_sft_data(dataset: Dataset, name: str) -> None:
 
 def prompt_input_ids(prompt, tokenizer) -> list[int]:
     """The token ids `SRPPOTrainer` generates from: plain text as is, chat messages through the chat template, led by
-    the BOS the tokenizer adds to text (`srppo_trl.tokenization.tokenize_prompt`)."""
+    the BOS the tokenizer adds to text (`srppo_trl.data.tokenization.tokenize_prompt`)."""
     from .tokenization import tokenize_prompt
 
     return tokenize_prompt(tokenizer, prompt)

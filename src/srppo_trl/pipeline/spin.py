@@ -47,7 +47,7 @@ SUMMARY_FILE = "spin.json"
 @dataclass
 class SPINGenerationConfig:
     """How the opponent samples its (rejected) responses. Every field that changes the sampling distribution is set
-    (`srppo_trl.rollout.rollout_generation_config` sets the rest to neutral values): nothing comes from the
+    (`srppo_trl.trainer.rollout.rollout_generation_config` sets the rest to neutral values): nothing comes from the
     checkpoint's `generation_config.json`. Defaults: the SPIN repository's `generate_vllm.py` (temperature 1,
     top-p 1, no top-k, 256 new tokens)."""
 

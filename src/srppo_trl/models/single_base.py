@@ -346,7 +346,7 @@ def build_single_base(base_model: nn.Module, sft_adapter=None, critic_top_layers
             adapter's rank, alpha and target modules) on its top `k` decoder layers only, so it starts exactly at
             the SFT backbone, as the default one. Its lower layers are the frozen SFT model's: no backward runs
             through them, and the SFT scoring pass and the critic passes of a rollout buffer compute them once per
-            row ([`srppo_trl.shared_lower_layers.SharedLowerLayers`], installed by `SRPPOTrainer`). A critic with
+            row ([`shared_lower_layers.SharedLowerLayers`], installed by `SRPPOTrainer`). A critic with
             fewer trainable layers may fit the returns less well: see docs/performance.md for what it buys and what
             was measured of its learning.
 

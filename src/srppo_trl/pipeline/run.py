@@ -4,7 +4,7 @@
     stage 2  CoherentRewardModel(SFT, pretrained) and SRPPOTrainer on the prompt set (policy and critic from SFT)
              -> `<output_dir>/srppo`, or TRL's GRPOTrainer / RLOOTrainer with the coherent reward as a callable
     single_base: true  SFT trains a LoRA adapter on the base, and stage 2 puts the policy and critic adapters on the
-             same copy of the base weights (`srppo_trl.single_base_pipeline`)
+             same copy of the base weights (`srppo_trl.pipeline.single_base`)
     report   SFT vs SRPPO on held-out prompts -> `<output_dir>/results.json` and `results.md`
 
 A recipe is a YAML file parsed by TRL's `TrlParser` into (`PipelineArguments`, `SRPPOConfig`, `ModelConfig`), so
@@ -124,7 +124,7 @@ class PipelineArguments:
         },
     )
 
-    # ---- stage 2 with algorithm: spin (see srppo_trl.spin and docs/spin.md) ----
+    # ---- stage 2 with algorithm: spin (see srppo_trl.pipeline.spin and docs/spin.md) ----
     spin_iterations: int = field(
         default=1, metadata={"help": "SPIN: self-play iterations (the paper's SPIN baseline is the first one)."}
     )

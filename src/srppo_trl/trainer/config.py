@@ -205,7 +205,7 @@ class SRPPOConfig(_BaseConfig):
             "larger than one GPU's memory, at the cost of slower generation."
         },
     )
-    # ---- vLLM rollouts (TRL GRPOConfig's names and defaults; see `srppo_trl.vllm_rollout`) ----
+    # ---- vLLM rollouts (TRL GRPOConfig's names and defaults; see `srppo_trl.trainer.vllm_rollout`) ----
     use_vllm: bool = field(
         default=False,
         metadata={

@@ -127,7 +127,7 @@ def test_same_package_and_lower_layer_imports_pass(tmp_path):
 
 STABLE_PATHS = {
     "srppo_trl": ["CoherentRewardModel", "SRPPOConfig", "SRPPOTrainer", "build_value_model"],
-    "srppo_trl.trainer": ["SRPPOTrainer", "SRPPOConfig", "last_complete_checkpoint"],
+    "srppo_trl.trainer": ["SRPPOTrainer", "SRPPOConfig", "last_complete_checkpoint", "response_mask_after_stop"],
     "srppo_trl.pipeline": ["PipelineArguments", "run_pipeline", "main", "load_causal_lm", "model_init_kwargs"],
     "srppo_trl.single_base": ["build_single_base", "is_single_base", "SFT_ADAPTER"],
     "srppo_trl.coherent_reward": ["CoherentRewardModel", "check_same_tokenizer", "check_same_vocabulary"],

@@ -9,11 +9,13 @@ evaluation); `demo.py` reads the demo files in this folder (`demo_sft.jsonl`, `d
 """
 
 from importlib import import_module
+from importlib.util import find_spec
 
 
 def __getattr__(name):
-    if not name.startswith("_"):
-        builders = import_module(f"{__name__}.builders")
-        if hasattr(builders, name):
-            return getattr(builders, name)
+    # A submodule imports as usual; any other public name is `builders`'s, loaded on first use.
+    if not name.startswith("_") and find_spec(f"{__name__}.{name}") is None:
+        module = import_module(f"{__name__}.builders")
+        if hasattr(module, name):
+            return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

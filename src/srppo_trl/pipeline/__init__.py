@@ -8,11 +8,13 @@
 """
 
 from importlib import import_module
+from importlib.util import find_spec
 
 
 def __getattr__(name):
-    if not name.startswith("_"):
-        run = import_module(f"{__name__}.run")
-        if hasattr(run, name):
-            return getattr(run, name)
+    # A submodule imports as usual; any other public name is `run`'s, loaded on first use.
+    if not name.startswith("_") and find_spec(f"{__name__}.{name}") is None:
+        module = import_module(f"{__name__}.run")
+        if hasattr(module, name):
+            return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,19 +108,23 @@ def _rewrite_from_package(line: str) -> list[str]:
     return lines
 
 
-def rewrite(text: str, path: Path) -> str:
+def _changes(text: str, path: Path) -> list[tuple[str, list[str]]]:
+    """Each line of `text` with what it becomes (one line, or several for a split `from srppo_trl import`)."""
     package = _package_of(path)
     root = None
     if package is not None:
         parts = path.resolve().parts
         root = Path(*parts[: parts.index(PACKAGE) + 1])
-    out = []
+    changes = []
     for line in text.split("\n"):
-        if package is not None:
-            line = _rewrite_relative(line, package, root)
-        line = ABSOLUTE.sub(lambda m: f"{PACKAGE}.{MOVED[m.group(1)]}", line)
-        out.extend(_rewrite_from_package(line))
-    return "\n".join(out)
+        new = _rewrite_relative(line, package, root) if package is not None else line
+        new = ABSOLUTE.sub(lambda m: f"{PACKAGE}.{MOVED[m.group(1)]}", new)
+        changes.append((line, _rewrite_from_package(new)))
+    return changes
+
+
+def rewrite(text: str, path: Path) -> str:
+    return "\n".join(line for _, new in _changes(text, path) for line in new)
 
 
 def main(argv=None) -> int:
@@ -130,17 +134,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     changed = False
     for path in args.files:
-        text = path.read_text(encoding="utf-8")
-        new = rewrite(text, path)
-        if new == text:
-            continue
-        changed = True
-        old_lines = text.split("\n")
-        for line in new.split("\n"):
-            if line not in old_lines:
-                print(f"{path}: {line.strip()}")
-        if not args.check:
-            path.write_text(new, encoding="utf-8")
+        changes = _changes(path.read_text(encoding="utf-8"), path)
+        edits = [(number, new) for number, (old, new) in enumerate(changes, 1) if new != [old]]
+        for number, new in edits:
+            print(f"{path}:{number}: " + " | ".join(line.strip() for line in new))
+        if edits:
+            changed = True
+            if not args.check:
+                path.write_text("\n".join(line for _, new in changes for line in new), encoding="utf-8")
     return 1 if (changed and args.check) else 0
 
 

@@ -149,7 +149,7 @@ def _build_trainer(mode: str, args, output_dir: str):
         save_strategy="no",
         bf16=args.precision == "bf16",
         seed=bc.SEED,
-        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so timings stay comparable.
+        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's, pinned so timings stay comparable.
         temperature=1.0,
         activation_checkpointing=False,
         num_sample_generations=0,

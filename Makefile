@@ -37,8 +37,8 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" "transformers>=5.16.1,<5.20" -e ".[dev]"
 	touch $@
 
-test-vllm: $(VLLM_VENV)/.installed  ## vLLM-backed SRPPO updates on CPU (tests/test_vllm.py), in the vLLM virtualenv
-	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+test-vllm: $(VLLM_VENV)/.installed  ## vLLM-backed SRPPO updates on CPU (tests/trainer/test_vllm.py), in the vLLM virtualenv
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/trainer/test_vllm.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests recipes benchmarks scripts

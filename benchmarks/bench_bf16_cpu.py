@@ -1,4 +1,4 @@
-"""bf16 against fp32 on this CPU: seconds and log-prob error of the passes an SRPPO update runs (issue 15, item 6).
+"""bf16 against fp32 on this CPU: seconds and log-prob error of the passes an SRPPO update runs.
 
 On the benchmark's fixed batch (`bench_common.py`: SmolLM2-135M-Instruct, 8 prompts x 32 sampled tokens, or
 `--shape large`), in one process, one after the other, each pass timed `--reps` times after one warm-up:
@@ -63,7 +63,7 @@ def _coherent_reward_errors(paths, sft32, sft16, sequences, attention, response_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from srppo_trl.logprobs import sequence_logprobs
+    from srppo_trl.models.logprobs import sequence_logprobs
 
     pt32 = AutoModelForCausalLM.from_pretrained(paths["pt"], dtype=torch.float32).eval()
     pt16 = AutoModelForCausalLM.from_pretrained(paths["pt"], dtype=torch.bfloat16).eval()
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from srppo_trl.logprobs import sequence_logprobs
+    from srppo_trl.models.logprobs import sequence_logprobs
 
     torch.set_num_threads(args.threads)
     paths = bc.prepare_models(args.cache_dir)

@@ -1,4 +1,4 @@
-"""What `srppo_trl.contiguous_lm_head` buys: one trainer, its updates alternating between two variants, one process.
+"""What `srppo_trl.models.contiguous_lm_head` buys: one trainer, its updates alternating between two variants, one process.
 
 - `off`: the LM head gets the slice of the hidden states as transformers slices it;
 - `lm_head`: the LM head's input is copied to a contiguous tensor first (what the trainer does).
@@ -56,8 +56,8 @@ def main(argv=None) -> None:
     import torch
     from transformers import TrainerCallback
 
-    import srppo_trl.contiguous_lm_head as contiguous_lm_head
-    import srppo_trl.trainer
+    import srppo_trl.models.contiguous_lm_head as contiguous_lm_head
+    import srppo_trl.trainer.srppo_trainer
     from srppo_trl.smollm2 import default_cache_dir
 
     torch.set_num_threads(args.threads)
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     def contiguous(models):  # the LM-head copy, switched per update (a benchmark-only patch)
         return real_contiguous(models) if variant["name"] != "off" else contextlib.nullcontext()
 
-    srppo_trl.trainer.contiguous_lm_head_input = contiguous
+    srppo_trl.trainer.srppo_trainer.contiguous_lm_head_input = contiguous
     times = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = bench_update._build_trainer(args.mode, args, output_dir)

@@ -8,7 +8,7 @@ Every measurement runs in its own subprocess (so peak RSS is per mode), one afte
 - `four_model`: SRPPOTrainer with four full models (policy and critic fully trained; SFT and PT frozen);
 - `single_base`: SRPPOTrainer on one copy of the base (SFT, policy, critic as LoRA adapters; PT = adapters off);
 - `four_model_baseline`, `single_base_baseline`: the same with `reuse_first_forward=False` and
-  `merge_adapters_for_generation=False`, i.e. the trainer before issue 15's pass removal and adapter merging;
+  `merge_adapters_for_generation=False`, i.e. the trainer without the reused first forward and adapter merging;
 - `single_base_topk`: single-base with the opt-in top-layer critic, `build_single_base(..., critic_top_layers=K)`
   (`--critic-top-layers`, default 8 of SmolLM2's 30): its lower layers are the SFT model's, shared with the SFT
   scoring pass and never backpropagated through (a cheaper critic, not the paper's: see docs/performance.md);
@@ -149,7 +149,7 @@ def _build_trainer(mode: str, args, output_dir: str):
         save_strategy="no",
         bf16=args.precision == "bf16",
         seed=bc.SEED,
-        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's (issue 14), pinned so timings stay comparable.
+        # Defaults of SRPPOConfig before it took TRL 1.12 PPOConfig's, pinned so timings stay comparable.
         temperature=1.0,
         activation_checkpointing=False,
         num_sample_generations=0,

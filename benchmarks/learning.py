@@ -256,7 +256,7 @@ def sample_responses(model, tokenizer, prompts, max_new_tokens: int, seed: int, 
 @torch.no_grad()
 def kl_to_start(policy, start_model, tokenizer, prompt_ids, completion_ids, batch_size: int = 16) -> float:
     """Mean over responses of sum_t [log pi(y_t|x,y_<t) - log pi_start(y_t|x,y_<t)], teacher-forced through both."""
-    from srppo_trl.logprobs import sequence_logprobs
+    from srppo_trl.models.logprobs import sequence_logprobs
 
     total, count = 0.0, 0
     pad = tokenizer.pad_token_id
@@ -485,7 +485,7 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
 def load_prompts(args, tokenizer):
     """The demo PPO prompts of at most `max_prompt_tokens` tokens, shuffled with the demo's seed: the first
     `eval_prompts` held out, the rest for training."""
-    from srppo_trl.demo_data import load_demo_prompts
+    from srppo_trl.data.demo import load_demo_prompts
 
     def short(example):
         ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from srppo_trl.pipeline import main
-from srppo_trl.precision import cpu_has_fast_bf16, training_on_cpu
+from srppo_trl.trainer.precision import cpu_has_fast_bf16, training_on_cpu
 
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smollm2_demo.yaml"
@@ -47,8 +47,8 @@ def _precision_chosen(argv: list[str]) -> bool:
 
 def demo_argv(argv: list[str]) -> list[str]:
     """The command line, plus `--bf16 true` on a CPU with bf16 instructions (AVX-512 BF16, AMX) unless the command
-    line or the config file sets `bf16` or `fp16`: there the demo runs in bf16 autocast, about 1.6x less CPU time, and
-    prints the same conclusion as in fp32 (README, Results); elsewhere it stays fp32."""
+    line or the config file sets `bf16` or `fp16`: there the demo runs in bf16 autocast, in less CPU time,
+    and prints the same conclusion as in fp32 (README, Results); elsewhere it stays fp32."""
     if _precision_chosen(argv):
         return argv
     if training_on_cpu(use_cpu=False) and cpu_has_fast_bf16():

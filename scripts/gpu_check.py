@@ -29,7 +29,7 @@ Modes:
 - single_base_lora: one copy of the base weights; SFT, policy and critic are LoRA adapters (`srppo_trl.single_base`).
 - single_base_qlora: the same with the base loaded in 4 bits (bitsandbytes NF4, bf16 compute); CUDA only.
 
-Reference figures (issue 13, one H100, 360M shape, 64 prompts x 128 tokens, bf16): four-model 6.0 s/buffer, peak
+Reference figures (one H100, 360M shape, 64 prompts x 128 tokens, bf16): four-model 6.0 s/buffer, peak
 22.1 GB; single-base LoRA 10.6-16.1 s/buffer, peak 11.8 GB; single-base QLoRA on the 1.7B shape 13.6 s/buffer, peak
 15.7 GB.
 """
@@ -435,7 +435,7 @@ class PhaseMeter:
 
 def _instrument(meter: PhaseMeter):
     """Wraps the pipeline's phases in `meter`; returns a function that undoes it."""
-    import srppo_trl.pipeline as pipeline
+    import srppo_trl.pipeline.run as pipeline
     from srppo_trl.trainer import SRPPOTrainer
 
     targets = [

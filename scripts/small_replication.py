@@ -272,7 +272,7 @@ def write_json_atomically(path: Path, payload: dict) -> None:
 
 def resolve_precision(precision: str) -> str:
     """'auto' -> 'bf16' on a CPU with bf16 instructions (AVX-512 BF16, AMX), else 'fp32'."""
-    from srppo_trl.precision import cpu_has_fast_bf16
+    from srppo_trl.trainer.precision import cpu_has_fast_bf16
 
     if precision == "auto":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
@@ -506,7 +506,7 @@ class Campaign:
         return read_cell(self.raw_dir, "srppo", seed)["training"]["stage_s"]
 
     def train_grpo(self, seed):
-        from srppo_trl.pipeline import _trl_group_trainer
+        from srppo_trl.pipeline import trl_group_trainer
 
         a = self.args
         budget = self.budget_s(seed)
@@ -525,7 +525,7 @@ class Campaign:
         pipe = self.pipeline_arguments(algorithm="grpo", group_trainer_extra=extra)
         args = self.trainer_args(folder, seed, **self.srppo_fields(), kl_coef=a.kl_coef)
         reward = self.reward(seed)
-        trainer = _trl_group_trainer(pipe, args, self.load(sft), reward, self.tokenizer, self.prompts, None)
+        trainer = trl_group_trainer(pipe, args, self.load(sft), reward, self.tokenizer, self.prompts, None)
         stop = WallClockBudget(start + budget)
         trainer.add_callback(stop.callback)
         trainer.train()
@@ -542,7 +542,7 @@ class Campaign:
         from datasets import concatenate_datasets
 
         from srppo_trl.pipeline import model_init_kwargs
-        from srppo_trl.spin import build_spin_dpo_values, run_spin, spin_generation_config
+        from srppo_trl.pipeline.spin import build_spin_dpo_values, run_spin, spin_generation_config
 
         a = self.args
         budget = self.budget_s(seed)
@@ -638,9 +638,9 @@ def sample_scores(policy, reward, tokenizer, prompts, num_samples, response_leng
     """Per prompt, the mean over `num_samples` responses sampled at temperature 1 (stopping at EOS, at most
     `response_length` tokens, as in training) of: the sequence-level coherent reward, the KL to the SFT model
     (sum over response tokens of log pi - log pi_SFT), the length in tokens and whether it ended at EOS."""
-    from srppo_trl.logprobs import sequence_logprobs
-    from srppo_trl.rollout import response_mask_after_stop, rollout_generation_config, sample_responses
-    from srppo_trl.tokenization import tokenize_prompt
+    from srppo_trl.data.tokenization import tokenize_prompt
+    from srppo_trl.models.logprobs import sequence_logprobs
+    from srppo_trl.trainer.rollout import response_mask_after_stop, rollout_generation_config, sample_responses
 
     torch.manual_seed(seed)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

@@ -61,7 +61,7 @@ def test_pipeline_verb_runs_the_notebooks_gpu_configuration_on_cpu(tmp_path):
 def test_notebook_gpu_configuration_is_single_base_qlora_sized_for_a_t4():
     from trl import ModelConfig
 
-    from srppo_trl.pipeline import PipelineArguments
+    from srppo_trl.pipeline.run import PipelineArguments
 
     config = _load().notebook_gpu_config(bf16=False, base_model="mistralai/Mistral-7B-v0.1")
     pipe, model = PipelineArguments(**config["pipe"]), ModelConfig(**config["model"])

@@ -142,11 +142,11 @@ def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(scrip
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_instructions(script, monkeypatch):
-    import srppo_trl.precision
+    import srppo_trl.trainer.precision
 
-    monkeypatch.setattr(srppo_trl.precision, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(srppo_trl.trainer.precision, "cpu_has_fast_bf16", lambda: True)
     assert script.resolve_precision("auto") == "bf16" and script.resolve_precision("fp32") == "fp32"
-    monkeypatch.setattr(srppo_trl.precision, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(srppo_trl.trainer.precision, "cpu_has_fast_bf16", lambda: False)
     assert script.resolve_precision("auto") == "fp32" and script.resolve_precision("bf16") == "bf16"
     assert script.machine_class("bf16", ["avx2", "avx512_bf16", "avx512f", "amx_bf16"]) == "bf16/amx_bf16"
     assert script.machine_class("fp32", ["avx", "avx2", "fma"]) == "fp32/avx2"

@@ -13,10 +13,10 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CoherentRewardModel": "srppo_trl.coherent_reward",
-    "SRPPOConfig": "srppo_trl.config",
-    "SRPPOTrainer": "srppo_trl.trainer",
-    "build_value_model": "srppo_trl.modeling",
+    "CoherentRewardModel": "srppo_trl.models.coherent_reward",
+    "SRPPOConfig": "srppo_trl.trainer.config",
+    "SRPPOTrainer": "srppo_trl.trainer.srppo_trainer",
+    "build_value_model": "srppo_trl.models.modeling",
 }
 
 __all__ = ["__version__", *_LAZY]

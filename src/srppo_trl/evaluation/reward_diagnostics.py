@@ -80,7 +80,7 @@ def as_messages(prompt) -> list[dict]:
 def _prompt_token_ids(tokenizer, prompts: Sequence) -> list[list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("The tokenizer has no chat template: set `tokenizer.chat_template` (the SFT model's format).")
-    from ..tokenization import tokenize_prompt
+    from ..data.tokenization import tokenize_prompt
 
     # The same ids the trainer's rollouts start from (chat template, plus the BOS the tokenizer adds to text).
     return [tokenize_prompt(tokenizer, as_messages(prompt)) for prompt in prompts]
@@ -807,7 +807,7 @@ class RewardDiagnosticsCallback(TrainerCallback):
 def _load_reward_model(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from srppo_trl.coherent_reward import CoherentRewardModel
+    from srppo_trl.models.coherent_reward import CoherentRewardModel
 
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -63,6 +63,7 @@ OPTION_GROUPS = {
            "actor_lr", "critic_lr", "critic_warmup", "kl_coef", "lam", "missing_eos_penalty", "normalize_reward",
            "value_bias_init"),
     "grpo": ("grpo_num_generations", "grpo_max_steps"),
+    "budget": ("budget_clock",),
     "spin": ("spin_lr", "spin_epochs", "spin_beta", "spin_batch_size", "spin_max_new_tokens"),
 }  # fmt: skip
 ARM_GROUPS = {
@@ -70,8 +71,8 @@ ARM_GROUPS = {
     "sft": ("common", "sft"),
     "sft_extended": ("common", "sft", "extended"),
     "srppo": ("common", "sft", "rl"),
-    "grpo": ("common", "sft", "rl", "grpo"),  # its budget is the SRPPO cell's time
-    "spin": ("common", "sft", "rl", "spin"),
+    "grpo": ("common", "sft", "rl", "grpo", "budget"),  # its budget is the SRPPO cell's time
+    "spin": ("common", "sft", "rl", "spin", "budget"),
 }
 RUNNER_VERSION = 1  # bump when a change to this script changes what a cell measures
 
@@ -120,6 +121,13 @@ def parse(argv=None):
         help="SFT (Extended): epochs on top of the SFT model (3.5 x ~12 min on 2 AVX2 cores: about SRPPO's stage)",
     )
     # ---- SRPPO (GRPO and SPIN take its measured stage time as their budget)
+    add(
+        "--budget-clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="what GRPO's and SPIN's budget (SRPPO's stage time) counts: the process's CPU time (all its threads; "
+        "equal compute even when other jobs share the cores) or wall time (an idle machine only)",
+    )
     add("--num-prompts", type=int, default=256, help="PPO prompts, one pass (the first buffers train the critic)")
     add("--rollout-batch", type=int, default=8, help="prompts per rollout buffer")
     add("--mini-batch", type=int, default=4, help="prompts per optimizer step")
@@ -313,18 +321,24 @@ def machine_info() -> dict:
 # ---------------------------------------------------------------------------------------------- one cell
 
 
-class WallClockBudget:
-    """A `TrainerCallback` that stops training at the first optimizer step ending after `deadline` (monotonic)."""
+def cpu_seconds() -> float:
+    """This process's CPU time, all threads (`time.process_time`)."""
+    return time.process_time()
 
-    def __init__(self, deadline: float):
+
+class WallClockBudget:
+    """A `TrainerCallback` that stops training at the first optimizer step ending after `deadline` of `clock`
+    (`time.monotonic`: wall time; `cpu_seconds`: this process's CPU time)."""
+
+    def __init__(self, deadline: float, clock=time.monotonic):
         from transformers import TrainerCallback
 
-        self.deadline, self.stopped = deadline, False
+        self.deadline, self.stopped, self.clock = deadline, False, clock
         outer = self
 
         class _Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if time.monotonic() >= outer.deadline:
+                if outer.clock() >= outer.deadline:
                     outer.stopped = control.should_training_stop = True
                 return control
 
@@ -464,14 +478,15 @@ class Campaign:
             local_rollout_forward_batch_size=8, num_sample_generations=0,
         )  # fmt: skip
         no_eval = self.eval_prompts.select([])  # the cell's own evaluation scores every arm alike
-        start = time.monotonic()
+        start, start_cpu = time.monotonic(), cpu_seconds()
         trainer, _, _ = run_rl(
             self.pipe, args, self.model_args(), sft, self.base_path, self.tokenizer, self.prompts, no_eval, None
         )
-        stage_s = _since(start)
+        stage_s, stage_cpu_s = _since(start), round(cpu_seconds() - start_cpu, 1)
         trainer.save_model(str(folder))  # the policy, for later inspection (not part of the stage time)
         record = {
             "stage_s": stage_s,
+            "stage_cpu_s": stage_cpu_s,
             "model": str(folder),
             "optimizer_steps": trainer.state.global_step,
             "rollout_buffers": len(self.prompts) // a.rollout_batch,
@@ -503,14 +518,21 @@ class Campaign:
         problem = self.budget_problem(seed)
         if problem:
             raise SystemExit(f"error: {problem}.")
-        return read_cell(self.raw_dir, "srppo", seed)["training"]["stage_s"]
+        training = read_cell(self.raw_dir, "srppo", seed)["training"]
+        return training["stage_cpu_s"] if self.args.budget_clock == "cpu" else training["stage_s"]
+
+    def budget_callback(self, budget: float) -> WallClockBudget:
+        """Stops a GRPO or SPIN stage once it has spent `budget` seconds of `--budget-clock` from now."""
+        clock = cpu_seconds if self.args.budget_clock == "cpu" else time.monotonic
+        return WallClockBudget(clock() + budget, clock)
 
     def train_grpo(self, seed):
         from srppo_trl.pipeline import trl_group_trainer
 
         a = self.args
         budget = self.budget_s(seed)
-        start = time.monotonic()
+        start, start_cpu = time.monotonic(), cpu_seconds()
+        stop = self.budget_callback(budget)
         sft = self.sft_path(seed)
         folder = self.out / f"seed{seed}" / "grpo"
         shutil.rmtree(folder, ignore_errors=True)
@@ -526,13 +548,13 @@ class Campaign:
         args = self.trainer_args(folder, seed, **self.srppo_fields(), kl_coef=a.kl_coef)
         reward = self.reward(seed)
         trainer = trl_group_trainer(pipe, args, self.load(sft), reward, self.tokenizer, self.prompts, None)
-        stop = WallClockBudget(start + budget)
         trainer.add_callback(stop.callback)
         trainer.train()
-        stage_s = _since(start)
+        stage_s, stage_cpu_s = _since(start), round(cpu_seconds() - start_cpu, 1)
         trainer.save_model(str(folder))
         record = {
-            "budget_s": budget, "stage_s": stage_s, "model": str(folder), "optimizer_steps": trainer.state.global_step,
+            "budget_s": budget, "budget_clock": a.budget_clock, "stage_s": stage_s, "stage_cpu_s": stage_cpu_s,
+            "model": str(folder), "optimizer_steps": trainer.state.global_step,
             "max_steps": max_steps, "stopped_by_budget": stop.stopped, "group_trainer_extra": extra,
             "log_history": trainer.state.log_history,
         }  # fmt: skip
@@ -546,7 +568,8 @@ class Campaign:
 
         a = self.args
         budget = self.budget_s(seed)
-        start = time.monotonic()
+        start, start_cpu = time.monotonic(), cpu_seconds()
+        stop = self.budget_callback(budget)
         sft = self.sft_path(seed)
         folder = self.out / f"seed{seed}" / "spin"
         shutil.rmtree(folder, ignore_errors=True)
@@ -560,7 +583,6 @@ class Campaign:
         )  # fmt: skip
         if a.sft_max_steps > 0:  # the tests' tiny runs: as many DPO steps as SFT steps
             args.max_steps = a.sft_max_steps
-        stop = WallClockBudget(start + budget)
         demonstrations = concatenate_datasets([d.select_columns(["messages"]) for _, d in self.stages])
         records = run_spin(
             sft, demonstrations, self.tokenizer, folder, iterations=1,
@@ -568,7 +590,8 @@ class Campaign:
             model_kwargs=model_init_kwargs(self.model_args()), callbacks=[stop.callback],
         )  # fmt: skip
         record = {
-            "budget_s": budget, "stage_s": _since(start), "stopped_by_budget": stop.stopped,
+            "budget_s": budget, "budget_clock": a.budget_clock, "stage_s": _since(start),
+            "stage_cpu_s": round(cpu_seconds() - start_cpu, 1), "stopped_by_budget": stop.stopped,
             "iterations": [asdict(r) for r in records],
         }  # fmt: skip
         return self.load(records[-1].model), record
@@ -810,16 +833,24 @@ def build_report(raw_dir: Path, png_name: str) -> tuple[str, dict]:
             row.append(f"{sum(values) / len(values):.3f}" if values else "-")
         lines.append(f"| {LABELS[arm]} | " + " | ".join(row) + " |")
     lines += ["", "## Cost of each cell", ""]
-    lines += ["| cell | train (min) | evaluation (min) | total (min) | RL stage / budget (min) | stopped by budget |"
-              " steps | load avg (1 min, start / end) | torch threads |", "|---|" + "---:|" * 8]  # fmt: skip
+    lines += [
+        "GRPO's and SPIN's budget is their seed's SRPPO stage time, counted in CPU seconds of the process (all "
+        "threads) or wall seconds as the cell says.",
+        "",
+    ]
+    lines += ["| cell | train (min) | evaluation (min) | total (min) | RL stage wall / CPU (min) | budget (min) | "
+              "stopped by budget | steps | load avg (1 min, start / end) | torch threads |",
+              "|---|" + "---:|" * 9]  # fmt: skip
     for arm in arms:
         for seed, cell in sorted(cells[arm].items(), key=_seed_key):
             t, tr, m = cell["timings"], cell["training"], cell["machine"]
-            stage = tr.get("stage_s", tr.get("train_s"))
-            budget = f" / {tr['budget_s'] / 60:.1f}" if "budget_s" in tr else ""
+            stage = "-" if "stage_s" not in tr else f"{tr['stage_s'] / 60:.1f}"
+            if "stage_cpu_s" in tr:
+                stage += f" / {tr['stage_cpu_s'] / 60:.1f}"
+            budget = f"{tr['budget_s'] / 60:.1f} {tr.get('budget_clock', 'wall')}" if "budget_s" in tr else "-"
             lines.append(
                 f"| {cell_name(arm, seed)} | {t['train_s'] / 60:.1f} | {t['eval_s'] / 60:.1f} | "
-                f"{t['total_s'] / 60:.1f} | {'-' if stage is None else f'{stage / 60:.1f}'}{budget} | "
+                f"{t['total_s'] / 60:.1f} | {stage} | {budget} | "
                 f"{_yes_no(tr.get('stopped_by_budget'))} | {tr.get('optimizer_steps', '-')} | "
                 f"{m['load_avg_start'][0]:.2f} / {m.get('load_avg_end', [math.nan])[0]:.2f} | {m['torch_threads']} |"
             )

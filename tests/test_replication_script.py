@@ -104,7 +104,9 @@ def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(scrip
     assert len(cell["per_prompt"]["samples/coherent_reward"]) == 2 and "samples/kl_to_sft" in cell["summary"]
     assert cell["machine"]["torch_threads"] >= 1 and "load_avg_end" in cell["machine"]
     grpo, spin = (json.loads((raw / f"{arm}_seed0.json").read_text()) for arm in ("grpo", "spin"))
-    assert grpo["training"]["budget_s"] == cell["training"]["stage_s"] == spin["training"]["budget_s"]
+    # Their budget is SRPPO's stage time in CPU seconds (the default --budget-clock), which they then spend.
+    assert grpo["training"]["budget_s"] == cell["training"]["stage_cpu_s"] == spin["training"]["budget_s"]
+    assert grpo["training"]["budget_clock"] == "cpu" and grpo["training"]["stage_cpu_s"] > 0
     assert "samples/coherent_reward" not in json.loads((raw / "base.json").read_text())["per_prompt"]
 
     again = script.main(argv)  # nothing left to do

@@ -17,6 +17,7 @@ _LAZY = {
     "SRPPOConfig": "srppo_trl.trainer.config",
     "SRPPOTrainer": "srppo_trl.trainer.srppo_trainer",
     "build_value_model": "srppo_trl.models.modeling",
+    "RolloutBuffer": "srppo_trl.trainer.rollout",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -28,7 +28,7 @@ VARIANTS=(
   "plain-w2|srppo|--critic-warmup 2 --label plain, warm-up 2"
   "norm-bias-w2|srppo|--critic-warmup 2 --normalize-reward --value-bias-init --label norm + bias init, warm-up 2"
   "plain-w6|srppo|--critic-warmup 6 --label plain, warm-up 6"
-  "norm-bias-w6|srppo|--critic-warmup 6 --normalize-reward --value-bias-init --label norm + bias init, warm-up 6"
+  "bias-w6|srppo|--critic-warmup 6 --value-bias-init --label bias init, warm-up 6"
   "grpo-rloo|grpo,rloo|"
 )
 for variant in "${VARIANTS[@]}"; do

@@ -149,8 +149,9 @@ def parse(argv=None):
     add(
         "--value-bias-init",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="SRPPOConfig.value_bias_init: the critic head's bias starts at the first buffer's mean return",
+        default=True,
+        help="SRPPOConfig.value_bias_init: the critic head's bias starts at the first buffer's mean return (on: in "
+        "benchmarks/results/critic_remedies a fresh head stays 15-20 nats below the returns)",
     )
     # ---- GRPO
     add("--grpo-num-generations", type=int, default=4, help="completions per prompt")

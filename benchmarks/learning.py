@@ -424,6 +424,8 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
         save_strategy="no",
         logging_steps=5,
         bf16=args.precision == "bf16",  # training passes only: evaluation always runs in fp32, the same for both
+        use_cpu=not torch.cuda.is_available(),  # TrainingArguments refuses bf16 on a CPU unless this is set
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,
         gradient_checkpointing=False,  # every trainer without activation checkpointing (TRL configs default to it)
     )

@@ -111,3 +111,19 @@ def test_the_budget_counts_the_chosen_clock_without_the_evaluations():
     # 10 s per step: an evaluation after step 2 (20 s), the budget reached at step 3 (30 s: evaluations excluded).
     assert step == 3 and [row["step"] for row in callback.rows] == [0, 2, 3]
     assert callback.train_seconds() == 30.0 and callback.eval_s == 100.0
+
+
+def test_every_trainer_trains_in_bf16_on_a_cpu(tiny_base, tmp_path, cpu_bf16):
+    """TRL's GRPO/RLOO configs refuse bf16 on a CPU unless `use_cpu` is set: the benchmark sets it for every trainer."""
+    sft = tmp_path / "sft"
+    tokenizer = tiny_tokenizer()
+    tiny_causal_lm(tokenizer, seed=1).save_pretrained(sft)
+    tokenizer.save_pretrained(sft)
+    argv = [
+        "--base-model", str(tiny_base), "--sft-model", str(sft), "--output-dir", str(tmp_path / "out"),
+        "--budget-min", "0.005", "--eval-every-s", "60", "--eval-prompts", "2", "--train-prompts", "8",
+        "--max-new-tokens", "4", "--samples-per-step", "4", "--num-generations", "2", "--critic-warmup", "0",
+        "--threads", "1", "--max-prompt-tokens", "400", "--reward", "coherent", "--precision", "bf16",
+    ]  # fmt: skip
+    runs = _load_script().main(argv)["rewards"]["coherent"]["runs"]
+    assert set(runs) == {"srppo", "grpo", "rloo"} and all(run["steps"] >= 1 for run in runs.values())

@@ -80,9 +80,15 @@ def test_other_transformers_messages_still_show(tokenizer, tmp_path, transformer
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="the pin_memory warning is about machines without an accelerator")
-def test_pin_memory_is_off_on_a_cpu_only_run_unless_set(tmp_path):
+def test_pin_memory_is_off_on_a_cpu_only_run(tmp_path):
     assert SRPPOConfig(output_dir=str(tmp_path)).dataloader_pin_memory is False
-    assert SRPPOConfig(output_dir=str(tmp_path), dataloader_pin_memory=True).dataloader_pin_memory is True
+    # TrainingArguments' CLI flags keep working (`--no_dataloader_pin_memory` exists for a bool defaulting to True).
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(SRPPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--no_dataloader_pin_memory"]
+    )
+    assert parsed.dataloader_pin_memory is False
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="the pin_memory warning is about machines without an accelerator")

@@ -283,3 +283,19 @@ def test_the_command_line_refuses_an_out_of_range_value_before_anything_is_loade
             default_config=str(ROOT / "recipes" / "configs" / "mistral_min_overlap.yaml"),
         )
     assert not (tmp_path / "sft").exists()
+
+
+def test_the_srppo_console_script_exits_0_after_a_run(monkeypatch):
+    """A console script exits with what its function returns: the pipeline's results dict would read as status 1."""
+    import importlib
+    import re
+
+    import srppo_trl.pipeline.run as run
+
+    target = re.search(r'^srppo = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    module, function = target.split(":")
+    monkeypatch.setattr(run, "main", lambda argv=None, default_config=None: {"sft_model": "out/sft"})
+    entry = getattr(importlib.import_module(module), function)
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(entry())
+    assert exited.value.code in (None, 0)

@@ -133,6 +133,16 @@ def test_training_hands_the_kept_forward_to_the_first_loss_only(tokenizer, tmp_p
         assert not hasattr(trainer, name), name
 
 
+def test_a_buffer_made_after_training_keeps_no_forward(tokenizer, tmp_path):
+    # After train() the micro-step counter may sit at a buffer's first micro-step; a buffer made by hand then (the
+    # model in eval mode) must not keep a forward with its graph that no loss will consume.
+    trainer = _trainer(tokenizer, tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    trainer.train()
+    trainer.model.eval()
+    trainer._step = 0
+    assert _buffer(trainer, _batch(trainer, 4)).first_forward is None
+
+
 def test_dict_style_reads_of_the_buffer_still_work(tokenizer, tmp_path):
     trainer = _trainer(tokenizer, tmp_path)
     buffer = _buffer(trainer, _batch(trainer, 4))

@@ -827,6 +827,12 @@ def main(argv=None, default_config: str | None = None) -> dict:
     return results
 
 
+def cli() -> None:
+    """The `srppo` console script: `main` without its return value (a script exits with the status its function
+    returns, and a dict would read as a failure)."""
+    main()
+
+
 def leave_process_group() -> None:
     """Under `accelerate launch`, leave the process group before the interpreter exits.
 

@@ -116,11 +116,11 @@ class SRPPOConfig(_BaseConfig):
         },
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
-    dataloader_pin_memory: bool | None = field(
-        default=None,
+    dataloader_pin_memory: bool = field(
+        default=True,
         metadata={
-            "help": "Pin the data loaders' memory (faster copies to a GPU). None: True with an accelerator, False on a "
-            "CPU-only run (where pinning does nothing but warn)."
+            "help": "Pin the data loaders' memory (faster copies to a GPU). Turned off on a CPU-only run, where torch "
+            "ignores it and only warns."
         },
     )
     remove_unused_columns: bool = field(
@@ -414,8 +414,10 @@ class SRPPOConfig(_BaseConfig):
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         on_cpu = training_on_cpu(self.use_cpu)
         check_cpu_bf16(bool(self.bf16), on_cpu)
-        if self.dataloader_pin_memory is None:
-            self.dataloader_pin_memory = not on_cpu
+        if on_cpu:
+            # Deliberately unlike TrainingArguments: pinning needs an accelerator; on a CPU-only run torch's
+            # DataLoader ignores it and warns at every epoch.
+            self.dataloader_pin_memory = False
         if self.bf16 and on_cpu:
             # TrainingArguments accepts bf16 without a GPU only with `use_cpu=True` ("Your setup doesn't support
             # bf16/gpu"); on a machine without an accelerator that is where the models are anyway.

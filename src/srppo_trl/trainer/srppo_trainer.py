@@ -553,7 +553,9 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         not kept across the scoring passes there."""
         if not self.args.reuse_first_forward or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return False
-        return self._step is not None and self._step % self._micro_steps_per_rollout() == 0
+        if self._step is None or not self.model.training:  # a buffer made outside training (or by hand)
+            return False
+        return self._step % self._micro_steps_per_rollout() == 0
 
     def _prepare_inputs(self, batch: dict) -> dict:
         """Trainer's hook between the dataloader and `compute_loss`: makes the rollout buffer at its first micro-step
@@ -805,8 +807,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
 
     def _log_critic_error(self, buffer: RolloutBuffer, mask: torch.Tensor, mean) -> None:
         """Logs `val/abs_error` (mean |return - value|), `val/bias` (mean return - value) and `val/returns_spread`
-        (mean |return - the buffer's mean return|: the abs error of the best constant critic; a useful critic's
-        `val/abs_error` is well below it) per rollout buffer, and
+        (mean |return - the buffer's mean return|, each process's own mean: the abs error of a critic that predicts
+        that mean everywhere; a useful critic's `val/abs_error` is well below it) per rollout buffer, and
         warns once when the bias exceeds 10x `cliprange_value` on 3 actor buffers in a row (critic warm-up buffers
         do not count: closing that gap is what they are for). The clipped value loss has no gradient once a value
         is `cliprange_value` from its rollout value, so a critic can close at most that much of a bias per buffer.

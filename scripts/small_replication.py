@@ -509,6 +509,10 @@ class Campaign:
                 f"seed {seed}'s SRPPO cell ran on {srppo.get('machine_class')} and this machine is "
                 f"{self.machine_class}: its stage time is a budget only on the same class of machine"
             )
+        if self.args.budget_clock == "cpu" and "stage_cpu_s" not in srppo["training"]:
+            return (
+                f"seed {seed}'s SRPPO cell has no CPU time (an older runner made it): rerun it, or --budget-clock wall"
+            )
         return None
 
     def blocked(self, cell) -> str | None:

@@ -1,7 +1,8 @@
 """The trainer: `SRPPOTrainer`, its config, and the phases of one update.
 
-`srppo_trainer.py` holds the class and its `transformers.Trainer` overrides; `rollout.py` (and `vllm_rollout.py`)
-generate, `scoring.py` scores, `ppo_step.py` computes advantages and losses with the pure functions of `ppo_math.py`;
+`srppo_trainer.py` holds the class, its `transformers.Trainer` overrides (`compute_loss`, the optimizers and
+schedules) and `make_rollout_buffer`; `rollout.py` (and `vllm_rollout.py`) generate, `scoring.py` scores, `ppo_step.py`
+computes advantages and the policy and value losses with the pure functions of `ppo_math.py`;
 `checkpointing.py` saves and resumes, `trl112_compat.py` adds TRL 1.12 `PPOTrainer`'s own API; `config.py`,
 `field_ranges.py` and `precision.py` check the arguments.
 

@@ -392,7 +392,9 @@ _COMPLETION_MARKERS = ("config.json", "adapter_config.json")
 
 
 def move_into_place(tmp_dir: Path, target: Path) -> None:
-    """Put the finished save in `tmp_dir` in place of `target`; a crash at any moment loses no complete save.
+    """Put the finished save in `tmp_dir` in place of `target`: a folder whose completion marker parses always holds
+    one whole save, never a mix of two (a crash between removing the old markers and moving in the new ones leaves a
+    folder without a marker, which loaders and `last_complete_checkpoint` treat as incomplete).
 
     When `target` does not exist (every new checkpoint) this is one atomic rename. Otherwise (the final model saved
     into an `output_dir` that also holds checkpoints and logs; the pipeline's `sft/` folder that holds the stages'

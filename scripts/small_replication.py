@@ -265,11 +265,23 @@ def run_grid(
     return result
 
 
-def commit_cell(path: Path, message: str) -> None:
-    """`git add` + `git commit` of this one file, in the repository that holds it."""
+def commit_cell(path: Path, message: str, tries: int = 5, wait_s: float = 3.0) -> None:
+    """`git add` + `git commit` of this one file, in the repository that holds it. Retried a few times (another git
+    command holding the index lock); a commit that still fails is reported, not raised: the cell's file is written
+    and the next run's `--commit` or a manual commit picks it up."""
     cwd = path.parent
-    subprocess.run(["git", "add", path.name], cwd=cwd, check=True)
-    subprocess.run(["git", "commit", "-q", "-m", message, "--", path.name], cwd=cwd, check=True)
+    for attempt in range(tries):
+        added = subprocess.run(["git", "add", path.name], cwd=cwd, capture_output=True, text=True)
+        done = added.returncode == 0 and (
+            subprocess.run(
+                ["git", "commit", "-q", "-m", message, "--", path.name], cwd=cwd, capture_output=True, text=True
+            ).returncode
+            == 0
+        )
+        if done:
+            return
+        time.sleep(wait_s * (attempt + 1))
+    print(f"warning: could not commit {path} (commit it by hand: git add {path} && git commit)", flush=True)
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:

@@ -90,6 +90,15 @@ def test_commit_cell_commits_only_that_file(script, tmp_path):
     assert files[-1] == "raw/sft_seed0.json" and "other.txt" not in files
 
 
+def test_a_commit_that_keeps_failing_is_reported_not_raised(script, tmp_path, capsys):
+    """The campaign goes on when git cannot commit (here: a lock file held by another git command)."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".git" / "index.lock").write_text("")
+    (tmp_path / "base.json").write_text("{}")
+    script.commit_cell(tmp_path / "base.json", "Replication cell base", tries=2, wait_s=0.0)
+    assert "could not commit" in capsys.readouterr().out
+
+
 def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(script, tiny_base, tmp_path):
     argv = tiny_argv(tiny_base, tmp_path)
     first = script.main(argv)

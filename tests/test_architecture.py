@@ -179,3 +179,33 @@ def test_the_reward_and_the_ppo_math_import_with_torch_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# Class attributes every class has: not overrides.
+_DUNDERS = {
+    "__dict__",
+    "__doc__",
+    "__module__",
+    "__weakref__",
+    "__qualname__",
+    "__firstlineno__",
+    "__static_attributes__",
+}
+
+
+def test_every_trainer_override_is_defined_in_the_trainer_class():
+    # A reader finds each method that changes `transformers.Trainer`'s (or TRL's `_BaseTrainer`'s) behaviour in
+    # `SRPPOTrainer` itself; the mixins hold only helpers.
+    from trl.trainer.base_trainer import _BaseTrainer
+
+    from srppo_trl.trainer import SRPPOTrainer
+
+    trainer_names = {name for cls in _BaseTrainer.__mro__ if cls is not object for name in vars(cls)}
+    ours = [cls for cls in SRPPOTrainer.__mro__[1:] if cls.__module__.startswith("srppo_trl.")]
+    inherited = sorted(
+        f"{cls.__name__}.{name}"
+        for cls in ours
+        for name in vars(cls)
+        if name in trainer_names and name not in _DUNDERS
+    )
+    assert inherited == []

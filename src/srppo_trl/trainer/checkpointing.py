@@ -3,7 +3,11 @@
 Checkpoints hold the policy (full weights or adapter) at the root, loadable with `from_pretrained`, and the critic in
 `value_model/`, all in safetensors, plus the Trainer's optimizer/scheduler/RNG state. Saves go through a temporary
 folder renamed into place; `resume_from_checkpoint=True` picks the last *complete* checkpoint; a non-finite value
-stops training after saving the last good state. `CheckpointMixin` is a part of `SRPPOTrainer`.
+stops training after saving the last good state.
+
+The `Trainer` methods this changes (`train`, `_save_checkpoint`, `_save_rng_state`, `_save`, `_load_from_checkpoint`)
+are overridden in `SRPPOTrainer` itself; they call the helpers here: `CheckpointMixin`'s methods (a part of
+`SRPPOTrainer`), `checkpoint_to_resume`, `unmark_complete` and `load_saved_models`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_
 
 
 class CheckpointMixin:
-    """`SRPPOTrainer`'s saving and resuming methods."""
+    """`SRPPOTrainer`'s saving and resuming helpers; the `Trainer` methods they serve are overridden in
+    `SRPPOTrainer` (`train`, `_save_checkpoint`, `_save_rng_state`, `_save`, `_load_from_checkpoint`)."""
 
     def _save_last_good_state(self) -> str:
         """Checkpoint the current weights, optimizer, scheduler and RNG states through the Trainer's machinery.
@@ -34,10 +39,7 @@ class CheckpointMixin:
         and before the optimizer step, so the weights are still those of the last good optimizer step. An existing
         complete checkpoint of this step is kept as it is.
         """
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        run_dir = self._get_output_dir(trial=None)
-        checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        checkpoint = self._checkpoint_folder(trial=None)
         exists = _is_complete_checkpoint(Path(checkpoint))
         self.accelerator.wait_for_everyone()
         if not exists:
@@ -45,47 +47,19 @@ class CheckpointMixin:
             self._save_checkpoint(self.model, trial=None)
         return checkpoint
 
-    # ------------------------------------------------------------------ saving
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """`Trainer._save_checkpoint`, safe against a kill at any moment (see `checkpoint_problem`).
-
-        Saving again into an existing checkpoint folder (a run resumed from an earlier checkpoint writes the later
-        ones anew) first removes its `trainer_state.json`: until the new one is written, the folder reads as
-        incomplete rather than as a complete checkpoint mixing old and new files.
-        """
+    def _checkpoint_folder(self, trial) -> str:
+        """The folder `Trainer._save_checkpoint` writes this step's checkpoint into."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save and (folder / TRAINER_STATE_NAME).exists():
-            logger.info("Overwriting %s with the checkpoint of this run.", folder)
-            (folder / TRAINER_STATE_NAME).unlink()
-        self.accelerator.wait_for_everyone()  # no process writes into the folder before its old mark is gone
-        super()._save_checkpoint(model, trial)
+        return os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
 
-    def _save_rng_state(self, output_dir: str) -> None:
-        """`Trainer._save_rng_state` (each process writes its own file), then a barrier.
+    def _write_saved_model(self, output_dir: str, state_dict=None) -> None:
+        """Write the policy (or its adapter), the critic (checkpoints, or `save_value_model`), the tokenizer, the config
+        and, in a checkpoint, the trainer's extra state into a temporary folder, then move it into `output_dir`.
 
-        The main process writes `trainer_state.json`, the mark of a complete checkpoint, right after this; the
-        Trainer does not wait for the other processes' RNG states (nor their DeepSpeed/FSDP shards, written before),
-        so a kill could leave a checkpoint that looks complete without them, and the Trainer resumes without a missing
-        RNG state silently.
+        `state_dict`, when given, is the wrapper's gathered state dict: it is what gets written, split into the policy's
+        (`policy.*`) and the critic's (`value_model.*`) weights.
         """
-        super()._save_rng_state(output_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Saves the policy (or its adapter) and the tokenizer at the root of `output_dir`, loadable with
-        `from_pretrained`; the critic in `value_model/` for checkpoints (and the final model with `save_value_model`).
-        Saving goes through a temporary folder renamed into place, so a crash never leaves a half-written model where
-        a finished one was.
-
-        `state_dict` is what `Trainer.save_model` gathered from the wrapped model (the full weights under DeepSpeed
-        ZeRO-3 or FSDP, where the unwrapped modules hold only this process's shards): when given, it is what gets
-        written, split into the policy's (`policy.*`) and the critic's (`value_model.*`) weights."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
         unwrapped = self.accelerator.unwrap_model(self.model)
         target = Path(output_dir).resolve()
         is_checkpoint = target.name.startswith("checkpoint-")
@@ -116,33 +90,6 @@ class CheckpointMixin:
         if is_checkpoint:
             (tmp_dir / EXTRA_STATE_FILE).write_text(json.dumps(self._trainer_extra_state(), indent=2))
         move_into_place(tmp_dir, target)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`; `resume_from_checkpoint=True` picks the last *complete* checkpoint of `output_dir`.
-
-        A run killed while checkpointing leaves an incomplete folder (see `checkpoint_problem`), which is skipped (with
-        a warning naming what is wrong) rather than resumed from; an explicit path to one is refused.
-        """
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(
-                    f"No complete checkpoint in {self.args.output_dir} to resume from: train from scratch "
-                    "(resume_from_checkpoint=None) or pass a checkpoint folder."
-                )
-        elif resume_from_checkpoint and (problem := checkpoint_problem(resume_from_checkpoint)) is not None:
-            raise ValueError(
-                f"{resume_from_checkpoint} is not a complete SRPPOTrainer checkpoint ({problem}): the run was probably "
-                "killed while saving it; resume from the previous checkpoint (or pass resume_from_checkpoint=True)."
-            )
-        if resume_from_checkpoint:
-            self._load_trainer_extra_state(Path(resume_from_checkpoint))
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
 
     def _trainer_extra_state(self) -> dict:
         """What a resumed run needs besides the weights and the Trainer's state: the running reward moments
@@ -175,20 +122,45 @@ class CheckpointMixin:
         self._reward_moments_buffer = state["reward_moments_buffer"]
         self._value_bias_initialized = state["value_bias_initialized"]
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Loads the policy (full weights or adapter) and the critic saved by `_save`."""
-        from safetensors.torch import load_file
 
-        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
-        checkpoint = Path(resume_from_checkpoint)
-        for module, folder in ((unwrapped.policy, checkpoint), (unwrapped.value_model, checkpoint / VALUE_MODEL_DIR)):
-            if hasattr(module, "peft_config"):
-                from peft import set_peft_model_state_dict
+def checkpoint_to_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint `train(resume_from_checkpoint=...)` resumes from: for `True` the last *complete* checkpoint of
+    `output_dir`; a given path as it is, refused when incomplete (see `checkpoint_problem`); None for a fresh run."""
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint = last_complete_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise ValueError(
+                f"No complete checkpoint in {output_dir} to resume from: train from scratch "
+                "(resume_from_checkpoint=None) or pass a checkpoint folder."
+            )
+    elif resume_from_checkpoint and (problem := checkpoint_problem(resume_from_checkpoint)) is not None:
+        raise ValueError(
+            f"{resume_from_checkpoint} is not a complete SRPPOTrainer checkpoint ({problem}): the run was probably "
+            "killed while saving it; resume from the previous checkpoint (or pass resume_from_checkpoint=True)."
+        )
+    return resume_from_checkpoint
 
-                set_peft_model_state_dict(module, load_file(folder / "adapter_model.safetensors"))
-            else:
-                _load_pretrained_weights(module, folder)
-        self._buffer, self._step = None, None
+
+def unmark_complete(folder: Path) -> None:
+    """Remove the mark of a complete checkpoint (`trainer_state.json`) from `folder`, if it has one, before the
+    checkpoint is saved anew into it: until the new mark is written, the folder reads as incomplete rather than as a
+    complete checkpoint mixing old and new files."""
+    if (folder / TRAINER_STATE_NAME).exists():
+        logger.info("Overwriting %s with the checkpoint of this run.", folder)
+        (folder / TRAINER_STATE_NAME).unlink()
+
+
+def load_saved_models(policy: nn.Module, value_model: nn.Module, checkpoint: Path) -> None:
+    """Load the policy (full weights or adapter) and the critic that `SRPPOTrainer._save` wrote into `checkpoint`."""
+    from safetensors.torch import load_file
+
+    for module, folder in ((policy, checkpoint), (value_model, checkpoint / VALUE_MODEL_DIR)):
+        if hasattr(module, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(module, load_file(folder / "adapter_model.safetensors"))
+        else:
+            _load_pretrained_weights(module, folder)
 
 
 def _split_state_dict(state_dict: dict | None) -> tuple[dict | None, dict | None]:

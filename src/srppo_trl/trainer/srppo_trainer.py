@@ -14,10 +14,12 @@ buffer at its first micro-step and hands out shuffled micro-batches afterwards. 
 accumulation, logging, checkpoints and resume are the `Trainer`'s. We deliberately differ from TRL's former
 `PPOTrainer`, which replaced `train()` with its own loop and so could not resume.
 
-The `Trainer` methods we override for the update are in this class (`_prepare_inputs`, `training_step`,
-`compute_loss`, `create_optimizer`, `create_scheduler`, `_clip_grad_norm`, `log`, `evaluate`, the data loading);
-the phases and their helpers are in the mixins: `RolloutMixin` (`rollout.py`), `ScoringMixin` (`scoring.py`),
-`PPOStepMixin` (`ppo_step.py`); saving and resuming in `CheckpointMixin`.
+Every `Trainer` method we override is in this class: for the update (`_prepare_inputs`, `training_step`,
+`compute_loss`, `create_optimizer`, `create_scheduler`, `_clip_grad_norm`, `log`, `evaluate`, the data loading) and
+for saving and resuming (`train`, `_save_checkpoint`, `_save_rng_state`, `_save`, `_load_from_checkpoint`). The
+phases and the helpers are in the mixins, which override nothing of the `Trainer`'s: `RolloutMixin` (`rollout.py`),
+`ScoringMixin` (`scoring.py`), `PPOStepMixin` (`ppo_step.py`), `CheckpointMixin` (`checkpointing.py`) and
+`TRL112CompatMixin` (`trl112_compat.py`, TRL 1.12 `PPOTrainer`'s own API).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import logging
 import math
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -52,7 +55,14 @@ from ..models.modeling import (
 )
 from ..models.single_base import is_single_base
 from . import ppo_math
-from .checkpointing import VALUE_MODEL_DIR, CheckpointMixin, last_complete_checkpoint
+from .checkpointing import (
+    VALUE_MODEL_DIR,
+    CheckpointMixin,
+    checkpoint_to_resume,
+    last_complete_checkpoint,
+    load_saved_models,
+    unmark_complete,
+)
 from .config import SRPPOConfig
 from .ppo_step import PPOStepMixin, lr_schedule_lambda
 from .rollout import RolloutBuffer, RolloutMixin, response_mask_after_stop, rollout_generation_config
@@ -897,6 +907,67 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         metrics = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
         self._metrics["eval"].clear()
         return metrics
+
+    # ------------------------------------------------------------------ saving and resuming (helpers: checkpointing.py)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` picks the last *complete* checkpoint of `output_dir`, and
+        the trainer's own state (reward statistics, `value_bias_init` done) is restored with the Trainer's.
+
+        A run killed while checkpointing leaves an incomplete folder (see `checkpoint_problem`), which is skipped (with
+        a warning naming what is wrong) rather than resumed from; an explicit path to one is refused.
+        """
+        resume_from_checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint:
+            self._load_trainer_extra_state(Path(resume_from_checkpoint))
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, safe against a kill at any moment (see `checkpoint_problem`).
+
+        Saving again into an existing checkpoint folder (a run resumed from an earlier checkpoint writes the later
+        ones anew) first removes its `trainer_state.json` (`unmark_complete`): until the new one is written, the folder
+        reads as incomplete rather than as a complete checkpoint mixing old and new files.
+        """
+        if self.args.should_save:
+            unmark_complete(Path(self._checkpoint_folder(trial)))
+        self.accelerator.wait_for_everyone()  # no process writes into the folder before its old mark is gone
+        super()._save_checkpoint(model, trial)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """`Trainer._save_rng_state` (each process writes its own file), then a barrier.
+
+        The main process writes `trainer_state.json`, the mark of a complete checkpoint, right after this; the
+        Trainer does not wait for the other processes' RNG states (nor their DeepSpeed/FSDP shards, written before),
+        so a kill could leave a checkpoint that looks complete without them, and the Trainer resumes without a missing
+        RNG state silently.
+        """
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Replaces `Trainer._save`: the policy (or its adapter) and the tokenizer at the root of `output_dir`, loadable
+        with `from_pretrained`; the critic in `value_model/` for checkpoints (and the final model with
+        `save_value_model`), all written through a temporary folder renamed into place (`_write_saved_model`), so a
+        crash never leaves a half-written model where a finished one was.
+
+        `state_dict` is what `Trainer.save_model` gathered from the wrapped model (the full weights under DeepSpeed
+        ZeRO-3 or FSDP, where the unwrapped modules hold only this process's shards): when given, it is what gets
+        written."""
+        if self.args.should_save:
+            self._write_saved_model(output_dir if output_dir is not None else self.args.output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Replaces `Trainer._load_from_checkpoint`: loads the policy (full weights or adapter) and the critic saved by
+        `_save`, and drops any buffer in progress."""
+        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
+        load_saved_models(unwrapped.policy, unwrapped.value_model, Path(resume_from_checkpoint))
+        self._buffer, self._step = None, None
 
 
 def _epoch_seeded_sampler(batch_sampler) -> EpochSeededRepeatSampler | None:

@@ -789,8 +789,9 @@ def _verdict(ci) -> str:
     return "higher" if ci[1] > 0 else "lower" if ci[2] < 0 else "not resolved: the interval holds 0"
 
 
-def build_report(raw_dir: Path, png_name: str) -> tuple[str, dict]:
-    """The markdown page and the numbers behind it, from the raw cell files alone."""
+def build_report(raw_dir: Path, png_name: str, seeds=(0, 1, 2)) -> tuple[str, dict]:
+    """The markdown page and the numbers behind it, from the raw cell files alone; `seeds`: the campaign's seeds
+    (the page says how many of its cells are in)."""
     cells = load_cells(raw_dir)
     arms = [arm for arm in ARMS if arm in cells]
     intervals = {arm: {m: arm_interval(cells[arm], m) for m, _ in COLUMNS} for arm in arms}
@@ -810,8 +811,17 @@ def build_report(raw_dir: Path, png_name: str) -> tuple[str, dict]:
         "## Conclusion",
         "",
     ]
+    expected = [("base", None)] + [(arm, seed) for seed in seeds for arm in ARMS if arm != "base"]
+    finished = sum(1 for arm, seed in expected if seed in cells.get(arm, {}))
     if not cells:
         lines += ["No cell has finished yet: there is nothing to conclude.", ""]
+    elif finished < len(expected):
+        lines += [
+            f"**Incomplete: {finished} of {len(expected)} cells are in** (base once, 5 arms x {len(seeds)} seeds). "
+            "The claim is not decided until every cell is in; the differences below, if any, use only the seeds "
+            "that have both arms.",
+            "",
+        ]
     for (a, b), by_metric in diffs.items():
         parts = []
         for metric in HEADLINE:
@@ -971,7 +981,7 @@ def write_report(args) -> None:
     if not Path(args.raw_dir).is_dir():
         raise SystemExit(f"error: --raw-dir {args.raw_dir} is not a folder: give the folder of the cell files.")
     png = Path(args.report_png)
-    text, numbers = build_report(Path(args.raw_dir), png.name)
+    text, numbers = build_report(Path(args.raw_dir), png.name, args.seeds)
     Path(args.report_md).write_text(text)
     plot_report(numbers, png)
     print(f"wrote {args.report_md} and {png}")

@@ -149,6 +149,11 @@ def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(scrip
         assert diff in text
     assert "## Cost of each cell" in text and "| srppo_seed0 |" in text and "## Machine" in text
     assert "## SRPPO's critic" in text and "| 0 | 1 | 1 |" in text  # 1 warm-up buffer, then 1 actor buffer
+    # A campaign still running says how far it is, and decides nothing.
+    (alone / "raw" / "spin_seed0.json").unlink()
+    one_seed = ["--report", "--seeds", "0", "--raw-dir", str(alone / "raw"), "--report-md", str(md)]
+    script.main([*one_seed, "--report-png", str(png)])
+    assert "**Incomplete: 5 of 6 cells are in**" in md.read_text()
     assert re.search(r"\| 0 \| 1 \| 1 \| \d+\.\d\d / [+-]\d+\.\d\d / \d+\.\d\d \|", text)  # error / bias / spread
 
 

@@ -129,3 +129,22 @@ def tiny_srppo_config(output_dir, **overrides):
     )
     kwargs.update(overrides)
     return SRPPOConfig(**kwargs)
+
+
+def tiny_srppo_trainer(tokenizer, output_dir, **overrides):
+    """An `SRPPOTrainer` on tiny models: policy and SFT from seed 1, pretrained from seed 2, `tiny_prompts()`, and
+    `tiny_srppo_config(output_dir, **overrides)`; the critic's fresh value head from torch seed 0."""
+    import torch
+
+    from .models.coherent_reward import CoherentRewardModel
+    from .trainer.srppo_trainer import SRPPOTrainer
+
+    torch.manual_seed(0)  # the critic's fresh value head
+    sft, pt = tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)
+    return SRPPOTrainer(
+        args=tiny_srppo_config(output_dir, **overrides),
+        processing_class=tokenizer,
+        model=tiny_causal_lm(tokenizer, seed=1),
+        reward_model=CoherentRewardModel(sft, pt),
+        train_dataset=tiny_prompts(),
+    )

@@ -11,9 +11,9 @@ Shrunk hyper-parameters as in test_trainer.py: tiny models, 8-token responses, 1
 import pytest
 import torch
 
-from srppo_trl import CoherentRewardModel, SRPPOTrainer
+from srppo_trl import SRPPOTrainer
 from srppo_trl.models.single_base import build_single_base
-from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
+from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_srppo_trainer, tiny_tokenizer
 from srppo_trl.trainer import ppo_math
 
 
@@ -23,15 +23,7 @@ def tokenizer():
 
 
 def _trainer(tokenizer, tmp_path, **overrides):
-    torch.manual_seed(0)  # the critic's fresh value head
-    sft, pt = tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2)
-    return SRPPOTrainer(
-        args=tiny_srppo_config(tmp_path, **overrides),
-        processing_class=tokenizer,
-        model=tiny_causal_lm(tokenizer, seed=1),
-        reward_model=CoherentRewardModel(sft, pt),
-        train_dataset=tiny_prompts(),
-    )
+    return tiny_srppo_trainer(tokenizer, tmp_path, **overrides)
 
 
 def _count_policy_forwards(trainer):

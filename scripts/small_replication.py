@@ -105,7 +105,7 @@ def parse(argv=None):
     add("--eval-n", type=int, default=150, help="offline benchmark prompts per instruction split")
     add("--eval-arithmetic", type=int, default=60, help="arithmetic problems")
     add("--eval-max-new-tokens", type=int, default=256, help="greedy response budget (the report gives truncation)")
-    add("--eval-batch-size", type=int, default=16)
+    add("--eval-batch-size", type=int, default=64, help="greedy prompts per batch (rows leave a batch as they end)")
     add("--sample-prompts", type=int, default=64, help="held-out PPO prompts for the sample metrics")
     add("--sample-n", type=int, default=4, help="sampled responses per held-out PPO prompt")
     # ---- SFT and SFT (Extended)

@@ -14,7 +14,7 @@ def evaluate_offline(
     n_arithmetic: int | None = None,
     seed: int = 0,
     max_new_tokens: int = 128,
-    batch_size: int = 8,
+    batch_size: int = 32,
     return_responses: bool = False,
     per_prompt: bool = False,
 ) -> dict:

@@ -87,6 +87,11 @@ def parse(argv=None):
     add("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     add("--max-minutes", type=float, default=None, help="start no cell that would end after this many minutes")
     add("--commit", action="store_true", help="git add + git commit each cell's JSON as soon as it is written")
+    add(
+        "--budget-check",
+        default="benchmarks/results/greedy_eval/replication_budget.txt",
+        help="output of benchmarks/bench_greedy_eval.py on the replication's models, quoted by the report",
+    )
     add("--report", action="store_true", help="only regenerate --report-md and its PNG from --raw-dir")
     add("--report-md", default="docs/replication.md")
     add("--report-png", default="docs/replication/replication.png")
@@ -789,7 +794,9 @@ def _verdict(ci) -> str:
     return "higher" if ci[1] > 0 else "lower" if ci[2] < 0 else "not resolved: the interval holds 0"
 
 
-def build_report(raw_dir: Path, png_name: str, seeds=(0, 1, 2)) -> tuple[str, dict]:
+def build_report(
+    raw_dir: Path, png_name: str, seeds=(0, 1, 2), budget_check: Path | None = None, report_dir: Path = Path("docs")
+) -> tuple[str, dict]:
     """The markdown page and the numbers behind it, from the raw cell files alone; `seeds`: the campaign's seeds
     (the page says how many of its cells are in)."""
     cells = load_cells(raw_dir)
@@ -859,6 +866,7 @@ def build_report(raw_dir: Path, png_name: str, seeds=(0, 1, 2)) -> tuple[str, di
             values = [v for c in cells[arm].values() for v in c["per_prompt"].get(metric, [])]
             row.append(f"{sum(values) / len(values):.3f}" if values else "-")
         lines.append(f"| {LABELS[arm]} | " + " | ".join(row) + " |")
+    lines += budget_check_section(budget_check, report_dir)
     lines += ["", "## Cost of each cell", ""]
     lines += [
         "GRPO's and SPIN's budget is their seed's SRPPO stage time, counted in CPU seconds of the process (all "
@@ -917,6 +925,27 @@ def build_report(raw_dir: Path, png_name: str, seeds=(0, 1, 2)) -> tuple[str, di
         " skips the cells whose file holds the same settings; a changed setting reruns only the cells it defines.",
     ]
     return "\n".join(lines) + "\n", {"intervals": intervals, "diffs": diffs, "cells": cells}
+
+
+def budget_check_section(path: Path | None, report_dir: Path = Path("docs")) -> list[str]:
+    """Whether a longer budget ends the truncated answers: the last JSON line of `benchmarks/bench_greedy_eval.py`."""
+    if path is None or not Path(path).is_file():
+        return ["", "Whether a longer budget would end the truncated answers was not measured for these models."]
+    lines = [line for line in Path(path).read_text().splitlines() if line.startswith("{")]
+    budget = json.loads(lines[-1])["budget"] if lines else {}
+    if not budget:
+        return ["", f"`{path}` holds no budget check."]
+    cuts = sorted({int(c) for rates in budget.values() for c in rates})
+    out = [
+        "", f"Does a longer budget end them? Share of held-out answers still without EOS after each number of tokens, "
+        f"greedy ([{Path(path).name}]({os.path.relpath(path, report_dir)}), `benchmarks/bench_greedy_eval.py --models ...`):",
+        "", "| model | " + " | ".join(f"{c} tokens" for c in cuts) + " |", "|---|" + "---:|" * len(cuts),
+    ]  # fmt: skip
+    for name, rates in budget.items():
+        out.append(
+            f"| `{name}` | " + " | ".join(f"{rates[str(c)]:.3f}" if str(c) in rates else "-" for c in cuts) + " |"
+        )
+    return out
 
 
 def critic_section(srppo_cells: dict) -> list[str]:
@@ -981,7 +1010,8 @@ def write_report(args) -> None:
     if not Path(args.raw_dir).is_dir():
         raise SystemExit(f"error: --raw-dir {args.raw_dir} is not a folder: give the folder of the cell files.")
     png = Path(args.report_png)
-    text, numbers = build_report(Path(args.raw_dir), png.name, args.seeds)
+    report_dir = Path(args.report_md).parent
+    text, numbers = build_report(Path(args.raw_dir), png.name, args.seeds, Path(args.budget_check), report_dir)
     Path(args.report_md).write_text(text)
     plot_report(numbers, png)
     print(f"wrote {args.report_md} and {png}")

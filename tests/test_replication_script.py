@@ -180,3 +180,15 @@ def test_time_estimates_come_from_the_same_arm_only(script, tmp_path):
     assert script.longest_recorded_s(tmp_path, "sft") == 100.0  # not sft_extended's
     assert script.longest_recorded_s(tmp_path, "grpo") == 0.0
     assert script.longest_recorded_s(tmp_path, None) == 900.0
+
+
+def test_report_quotes_the_budget_check_of_the_greedy_benchmark(script, tmp_path):
+    assert "not measured" in " ".join(script.budget_check_section(tmp_path / "missing.txt"))
+    output = tmp_path / "results" / "budget.txt"
+    output.parent.mkdir()
+    budget = {"seed0/srppo": {"256": 0.281, "768": 0.281}, "seed0/sft": {"128": 0.188, "256": 0.156, "768": 0.156}}
+    output.write_text("generate, batch 16: 1.0 s\n" + json.dumps({"speed": {}, "budget": budget}) + "\n")
+    lines = script.budget_check_section(output, tmp_path / "docs")
+    assert "| model | 128 tokens | 256 tokens | 768 tokens |" in lines
+    assert "| `seed0/srppo` | - | 0.281 | 0.281 |" in lines and "| `seed0/sft` | 0.188 | 0.156 | 0.156 |" in lines
+    assert any("(../results/budget.txt)" in line for line in lines)

@@ -702,8 +702,10 @@ def sample_scores(policy, reward, tokenizer, prompts, num_samples, response_leng
             input_ids = torch.cat([queries, responses], dim=1)
             attention = torch.cat([query_mask, response_mask], dim=1)
             scored = torch.cat([torch.zeros_like(query_mask), response_mask], dim=1)
-            coherent = reward(input_ids, attention, scored)
-            kl = (sequence_logprobs(policy, input_ids, attention, scored) - reward.sft_log_probs(input_ids, attention, scored)).sum(-1)  # fmt: skip
+            # The SFT pass serves the coherent reward and the KL (as `reward(...)` would, without running it twice).
+            sft = reward.sft_log_probs(input_ids, attention, scored)
+            coherent = (sft - reward.base_log_probs(input_ids, attention, scored)).sum(-1)
+            kl = (sequence_logprobs(policy, input_ids, attention, scored) - sft).sum(-1)
             for name, value in (
                 ("coherent_reward", coherent),
                 ("kl_to_sft", kl),

@@ -192,3 +192,32 @@ def test_report_quotes_the_budget_check_of_the_greedy_benchmark(script, tmp_path
     assert "| model | 128 tokens | 256 tokens | 768 tokens |" in lines
     assert "| `seed0/srppo` | - | 0.281 | 0.281 |" in lines and "| `seed0/sft` | 0.188 | 0.156 | 0.156 |" in lines
     assert any("(../results/budget.txt)" in line for line in lines)
+
+
+def test_sample_scores_are_the_coherent_reward_and_the_kl_of_the_sampled_responses(script):
+    import torch
+
+    from srppo_trl import CoherentRewardModel
+    from srppo_trl.models.logprobs import sequence_logprobs
+    from srppo_trl.testing import tiny_causal_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    policy = tiny_causal_lm(tokenizer, seed=3)
+    reward = CoherentRewardModel(tiny_causal_lm(tokenizer, seed=1), tiny_causal_lm(tokenizer, seed=2))
+    seen = []
+    base_log_probs = reward.base_log_probs
+    reward.base_log_probs = lambda *batch: seen.append(batch) or base_log_probs(*batch)
+    prompts = [[{"role": "user", "content": text}] for text in ("Say hi.", "Name a colour.", "Count to three.")]
+    columns = script.sample_scores(policy, reward, tokenizer, prompts, 2, 5, seed=0, chunk_prompts=2)
+    reward.base_log_probs = base_log_probs  # stop recording before recomputing from the recorded batches
+    assert len(seen) == 2 and all(len(values) == 3 for values in columns.values())
+    expected_reward = torch.cat([reward(*batch).view(-1, 2).mean(-1) for batch in seen])
+    expected_kl = torch.cat(
+        [
+            (sequence_logprobs(policy, *batch) - reward.sft_log_probs(*batch)).sum(-1).view(-1, 2).mean(-1)
+            for batch in seen
+        ]
+    )
+    assert columns["coherent_reward"] == expected_reward.tolist()
+    assert columns["kl_to_sft"] == expected_kl.tolist()
+    assert all(0 < n <= 5 for n in columns["length"]) and all(0 <= r <= 1 for r in columns["eos_rate"])

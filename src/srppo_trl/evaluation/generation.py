@@ -117,8 +117,8 @@ def greedy_decode(
 
     The same tokens as `model.generate(do_sample=False)` with no logits processor, but a row that emits EOS leaves
     the batch (its key/value cache rows are dropped), so each step costs the rows still running: a batch no longer
-    runs at full width until its slowest row ends. We differ from `generate` deliberately for this; it made the
-    offline benchmark 2.7x faster on SmolLM2-135M on a CPU (batch 64 against `generate` at batch 16, same answers).
+    runs at full width until its slowest row ends. We differ from `generate` deliberately for this: 0.31x its time on
+    SmolLM2-135M on a CPU, same answers (`benchmarks/bench_greedy_eval.py`, docs/benchmarks.md).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")

@@ -1,10 +1,11 @@
 """Batched generation for evaluation: chat template, left padding, a progress bar.
 
-Sampled responses (`reward_diagnostics.sample_responses`) go through `generate_in_batches`, whose every batch is the
+`generate_in_batches` is the one loop over batches that evaluation generates with (greedy answers in
+`generate_responses`, sampled responses in `reward_diagnostics.sample_responses`). Sampled batches go through the
 trainer's own `rollout.sample_responses`: every sampling field set explicitly and nothing from the checkpoint's
-`generation_config.json`, exactly as the rollouts do. Greedy answers (`generate_responses`, the offline benchmark) go
-through `greedy_decode`: argmax of the raw logits, no logits processor at all, and rows leave the batch as soon as
-they end, which `model.generate` does not do (a batch there runs until its last row ends).
+`generation_config.json`, exactly as the rollouts do. Greedy batches go through `greedy_decode`: argmax of the raw
+logits, no logits processor at all, and rows leave the batch as soon as they end, which `model.generate` does not do
+(a batch there runs until its last row ends).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def generate_in_batches(
     """One response per prompt (token-id lists, in input order), `batch_size` left-padded prompts per `generate` call.
 
     Each response is cut after its first EOS (`generation_config.eos_token_id`, kept); one without EOS has all
-    `max_new_tokens` tokens. `longest_first` batches the prompts by decreasing length (less padding; fine for greedy
+    `max_new_tokens` tokens. A greedy config (`do_sample=False`) decodes with `greedy_decode`, every other one with
+    the rollouts' `sample_responses`. `longest_first` batches the prompts by decreasing length (less padding; fine for greedy
     decoding, which does not depend on the batching); otherwise in input order, so that sampling with a seeded RNG
     gives the same responses as before. The model's train/eval mode is restored (`rollout.sample_responses`).
     """
@@ -90,14 +92,19 @@ def generate_in_batches(
     if longest_first:
         order.sort(key=lambda i: -len(prompt_ids[i]))
     device = model_device(model)
+    # Greedy configs decode with `greedy_decode` (rows leave the batch as they end; the same tokens as `generate`).
+    greedy = not generation_config.do_sample and (eos is None or isinstance(eos, int))
     responses: list[list[int]] = [[] for _ in prompt_ids]
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress):
         idx = order[start : start + batch_size]
         input_ids, attention_mask = left_padded([prompt_ids[i] for i in idx], pad)
-        output = sample_responses(
-            model, input_ids.to(device), attention_mask.to(device), generation_config, len(idx), pad
-        )
-        for i, row in zip(idx, output.tolist()):
+        if greedy:
+            output = greedy_decode(model, input_ids, attention_mask, generation_config.max_new_tokens, eos)
+        else:
+            output = sample_responses(
+                model, input_ids.to(device), attention_mask.to(device), generation_config, len(idx), pad
+            ).tolist()
+        for i, row in zip(idx, output):
             responses[i] = row[: row.index(eos) + 1] if eos is not None and eos in row else row
     return responses
 
@@ -192,16 +199,9 @@ def generate_responses(
     # The ids the trainer's rollouts start from: chat template plus the BOS the tokenizer adds to text.
     prompt_ids = [tokenize_prompt(tokenizer, _as_messages(p)) for p in prompts]
     # Greedy decoding with no processor from the checkpoint's generation_config.json (repetition penalty, n-gram
-    # bans, ...): every model is evaluated the same way, whatever its folder says. Longest prompts first: less padding.
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    rows: list[list[int]] = [[] for _ in prompt_ids]
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress):
-        idx = order[start : start + batch_size]
-        input_ids, attention_mask = left_padded([prompt_ids[i] for i in idx], tokenizer.pad_token_id)
-        for i, row in zip(
-            idx, greedy_decode(model, input_ids, attention_mask, max_new_tokens, tokenizer.eos_token_id)
-        ):
-            rows[i] = row
+    # bans, ...): every model is evaluated the same way, whatever its folder says.
+    config = evaluation_generation_config(max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    rows = generate_in_batches(model, prompt_ids, config, batch_size, True, desc, show_progress)
     responses = [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
     stopped = [tokenizer.eos_token_id in row for row in rows]
     return (responses, stopped) if return_stopped else responses

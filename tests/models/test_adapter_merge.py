@@ -134,3 +134,72 @@ def test_peft_policy_training_is_unchanged_by_merging(tokenizer, tmp_path):
     merged, unmerged = run(True), run(False)
     for name in unmerged:
         torch.testing.assert_close(merged[name], unmerged[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_merged_weights_built_in_the_autocast_dtype_match_an_in_place_merge(tokenizer):
+    """Under bf16 autocast over fp32 weights the merged weights are swapped in already in bf16: the same bf16 weights
+    autocast makes of an in-place merge, so the same logits; the fp32 tensors are never written and come back."""
+    model = _lora(tokenizer)
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = mergeable_lora_layers(model)[0]
+    weight = layer.get_base_layer().weight
+    storage = weight.data_ptr()
+    expected = (weight.detach() + layer.get_delta_weight("default")).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with lora_merged_for_generation(model) as merged:
+            assert merged and weight.dtype == torch.float32
+            in_place = model(input_ids=ids).logits
+        with lora_merged_for_generation(model, dtype=torch.bfloat16) as merged:
+            assert merged and weight.dtype == torch.bfloat16
+            assert torch.equal(weight, expected)
+            swapped = model(input_ids=ids).logits
+    assert torch.equal(swapped, in_place)
+    assert weight.dtype == torch.float32 and weight.data_ptr() == storage
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert mergeable_lora_layers(model)  # the LoRA branches are back on
+
+
+def test_a_failed_generation_swaps_the_original_weights_back(tokenizer):
+    model = _lora(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"), lora_merged_for_generation(model, dtype=torch.bfloat16):
+        raise RuntimeError("boom")
+    assert all(v.dtype == before[k].dtype and torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert mergeable_lora_layers(model)
+
+
+def test_a_tied_weight_is_merged_in_place_not_swapped(tokenizer):
+    # Swapping a tied lm_head to bf16 would also turn the embedding lookups to bf16: the in-place path is kept.
+    model = tiny_causal_lm(tokenizer, seed=2)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.get_input_embeddings().weight
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+    embedding = model.get_input_embeddings().weight
+    with torch.no_grad(), lora_merged_for_generation(model, dtype=torch.bfloat16) as merged:
+        assert merged and embedding.dtype == torch.float32
+        q_proj = next(m for n, m in model.named_modules() if n.endswith("q_proj"))
+        assert q_proj.get_base_layer().weight.dtype == torch.float32  # the whole model takes the in-place path
+    assert embedding.dtype == torch.float32
+
+
+def test_bf16_single_base_rollout_swaps_in_bf16_weights_and_samples_as_the_in_place_merge(
+    tokenizer, tmp_path, cpu_bf16, monkeypatch
+):
+    from srppo_trl.trainer import rollout
+
+    trainer, policy = _single_base_trainer(tokenizer, tmp_path, bf16=True)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    q_proj = next(m for n, m in policy.named_modules() if n.endswith("q_proj"))
+    dtypes = []
+    hook = q_proj.get_base_layer().register_forward_pre_hook(lambda m, a: dtypes.append(m.weight.dtype))
+    swapped = _rollout(trainer)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    dtypes.clear()
+    monkeypatch.setattr(rollout, "_autocast_dtype", lambda device: None)  # the in-place merge
+    in_place = _rollout(trainer)
+    hook.remove()
+    assert set(dtypes) == {torch.float32}
+    assert torch.equal(swapped, in_place)
+    after = policy.state_dict()
+    assert all(before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)

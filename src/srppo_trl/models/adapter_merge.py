@@ -11,6 +11,14 @@ memory). In fp32 the merged layer `(W + s B A) x` equals `W x + s B (A x)` up to
 sampled tokens are those of the unmerged policy (tested); in bf16 the merged weight is rounded to bf16 once, a
 difference of the order of bf16's own rounding of the LoRA branch.
 
+Under autocast over fp32 weights (`bf16=True` with fp32 weights, the CPU default) the caller passes the autocast dtype:
+each merged weight is then built once, as a new bf16 tensor `(W + s B A).to(bf16)`, and swapped in for the region
+(`weight.data`), and the original tensor is swapped back on exit. Nothing is written to `W`, no fp32 copy is saved,
+and autocast has no weight left to cast at each step: the same bf16 weights autocast would have used after an
+in-place merge (bit for bit), for one pass over the weights instead of four, and half the extra memory (the bf16
+copies autocast would have held anyway). A weight shared with another module (tied embeddings) keeps the in-place
+path, which leaves the other module's precision alone.
+
 Only plain LoRA linears are merged: a layer with a quantized (k-bit) base, a LoRA variant (DoRA, ...), a LoRA bias or
 anything else makes the whole model fall back to the unmerged forward. Under DeepSpeed ZeRO-3 and FSDP the trainer
 does not merge (the weights are sharded).
@@ -62,20 +70,47 @@ def mergeable_lora_layers(model: nn.Module) -> list | None:
     return layers or None
 
 
+def _is_shared(model: nn.Module, weights: list) -> bool:
+    """True when one of `weights` is registered in more than one place in `model` (a tied embedding)."""
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    return any(counts.get(id(weight), 0) > 1 for weight in weights)
+
+
+def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
+    """`W + s B A` over the layer's active adapters, in `W`'s dtype and outside any autocast (a bf16 delta would round
+    the adapter more than the final cast does)."""
+    with torch.autocast(weight.device.type, enabled=False):
+        merged = weight.detach()
+        for name in _active_adapters(layer):
+            merged = merged + layer.get_delta_weight(name).to(weight.dtype)
+    return merged
+
+
 @contextmanager
-def lora_merged_for_generation(model: nn.Module, enabled: bool = True):
+def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: torch.dtype | None = None):
     """Inside the context, `model`'s active LoRA adapters are folded into the base weights and the LoRA branches are
     skipped; on exit every base weight is restored bit for bit and the branches are back. A no-op when `enabled` is
-    False or the model has no (mergeable) LoRA layer. Use it under `torch.no_grad()`, for generation only."""
+    False or the model has no (mergeable) LoRA layer. Use it under `torch.no_grad()`, for generation only.
+
+    `dtype`: the autocast dtype the model will run in, if any. Where it is narrower than the base weights (bf16
+    autocast over fp32 weights), the merged weights are swapped in already cast to it (see the module docstring);
+    otherwise they are merged in place and restored from a saved copy."""
     layers = mergeable_lora_layers(model) if enabled else None
     if not layers:
         yield False
         return
+    weights = [layer.get_base_layer().weight for layer in layers]
+    narrower = dtype is not None and all(w.dtype.itemsize > dtype.itemsize for w in weights)
+    if narrower and not _is_shared(model, weights):
+        with _swapped_in(layers, weights, dtype):
+            yield True
+        return
     saved = []
     try:
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.get_base_layer().weight
+        with torch.no_grad(), torch.autocast(weights[0].device.type, enabled=False):
+            for layer, weight in zip(layers, weights):
                 saved.append((layer, weight, weight.detach().to("cpu", copy=True)))
                 for name in _active_adapters(layer):
                     weight.add_(layer.get_delta_weight(name).to(weight.dtype))
@@ -88,3 +123,22 @@ def lora_merged_for_generation(model: nn.Module, enabled: bool = True):
             for layer, weight, original in saved:
                 weight.copy_(original)
                 layer._disable_adapters = False
+
+
+@contextmanager
+def _swapped_in(layers: list, weights: list, dtype: torch.dtype):
+    """Each layer's weight data replaced by its merged weight cast to `dtype`, and the original tensors put back on
+    exit (the parameters themselves, their names and `requires_grad` are untouched)."""
+    originals = []
+    try:
+        with torch.no_grad():
+            for layer, weight in zip(layers, weights):
+                merged = _merged_weight(layer, weight).to(dtype)
+                originals.append((layer, weight, weight.data))
+                weight.data = merged
+                layer._disable_adapters = True
+        yield
+    finally:
+        for layer, weight, original in originals:
+            weight.data = original
+            layer._disable_adapters = False

@@ -255,6 +255,13 @@ def _checkpointing_kwargs(args) -> dict | None:
     )
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on `device` right now, or None outside autocast."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 class RolloutMixin:
     """`SRPPOTrainer`'s phase 1. Another rollout engine (vLLM) replaces `generate_rollouts`."""
 
@@ -280,15 +287,16 @@ class RolloutMixin:
             gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
             gradient_checkpointing_kwargs=_checkpointing_kwargs(self.args),
         ) as unwrapped:
-            # A LoRA policy generates with its adapter folded into the base weights (restored exactly after).
-            merge = self.args.merge_adapters_for_generation and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
             # Generation in the autocast of the trained passes (bf16/fp16: accelerate's), so the rollouts are sampled
             # in the precision their log-probs are scored and trained in. The unwrapped policy's own forward is not
             # the prepared model's, which accelerate wraps in autocast: without this it would sample in fp32.
+            # A LoRA policy generates with its adapter folded into the base weights (restored exactly after), built
+            # directly in the autocast dtype where that is narrower than the weights.
             sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+            merge = self.args.merge_adapters_for_generation and not sharded
             with (
-                lora_merged_for_generation(unwrapped.policy, enabled=merge),
                 self.accelerator.autocast(),
+                lora_merged_for_generation(unwrapped.policy, enabled=merge, dtype=_autocast_dtype(queries.device)),
                 frozen_weights_cast_once(unwrapped.policy, enabled=not sharded),
             ):
                 response = sample_responses(

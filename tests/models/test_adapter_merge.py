@@ -150,11 +150,13 @@ def test_merged_weights_built_in_the_autocast_dtype_match_an_in_place_merge(toke
         with lora_merged_for_generation(model) as merged:
             assert merged and weight.dtype == torch.float32
             in_place = model(input_ids=ids).logits
+        version = weight._version  # bumped by the in-place merge's writes, not by a swap
         with lora_merged_for_generation(model, dtype=torch.bfloat16) as merged:
             assert merged and weight.dtype == torch.bfloat16
             assert torch.equal(weight, expected)
             swapped = model(input_ids=ids).logits
     assert torch.equal(swapped, in_place)
+    assert weight._version == version
     assert weight.dtype == torch.float32 and weight.data_ptr() == storage
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert mergeable_lora_layers(model)  # the LoRA branches are back on
@@ -169,18 +171,20 @@ def test_a_failed_generation_swaps_the_original_weights_back(tokenizer):
     assert mergeable_lora_layers(model)
 
 
-def test_a_tied_weight_is_merged_in_place_not_swapped(tokenizer):
-    # Swapping a tied lm_head to bf16 would also turn the embedding lookups to bf16: the in-place path is kept.
+def test_a_lora_on_a_tied_weight_keeps_the_unmerged_forward(tokenizer):
+    # Merging into a tied lm_head would also move the embeddings: the model keeps the unmerged forward.
     model = tiny_causal_lm(tokenizer, seed=2)
     model.config.tie_word_embeddings = True
     model.lm_head.weight = model.get_input_embeddings().weight
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
-    embedding = model.get_input_embeddings().weight
-    with torch.no_grad(), lora_merged_for_generation(model, dtype=torch.bfloat16) as merged:
-        assert merged and embedding.dtype == torch.float32
-        q_proj = next(m for n, m in model.named_modules() if n.endswith("q_proj"))
-        assert q_proj.get_base_layer().weight.dtype == torch.float32  # the whole model takes the in-place path
-    assert embedding.dtype == torch.float32
+    assert mergeable_lora_layers(model) is None
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        for dtype in (None, torch.bfloat16):
+            with lora_merged_for_generation(model, dtype=dtype) as merged:
+                assert not merged
+                assert torch.equal(model(input_ids=ids).logits, adapted)
 
 
 def test_bf16_single_base_rollout_swaps_in_bf16_weights_and_samples_as_the_in_place_merge(

@@ -16,11 +16,14 @@ each merged weight is then built once, as a new bf16 tensor `(W + s B A).to(bf16
 (`weight.data`), and the original tensor is swapped back on exit. Nothing is written to `W`, no fp32 copy is saved,
 and autocast has no weight left to cast at each step: the same bf16 weights autocast would have used after an
 in-place merge (bit for bit), for one pass over the weights instead of four, and half the extra memory (the bf16
-copies autocast would have held anyway). A weight shared with another module (tied embeddings) keeps the in-place
-path, which leaves the other module's precision alone.
+copies autocast would have held anyway; on a GPU, where the in-place path saves its copy in host memory, the device
+holds the same bf16 copies either way). fp16 autocast takes the same path. Consequence: inside the region a targeted
+linear must run under that autocast (model code that turns autocast off around a LoRA-targeted linear would meet a
+bf16 weight and fp32 inputs; none of transformers' decoder layers does).
 
-Only plain LoRA linears are merged: a layer with a quantized (k-bit) base, a LoRA variant (DoRA, ...), a LoRA bias or
-anything else makes the whole model fall back to the unmerged forward. Under DeepSpeed ZeRO-3 and FSDP the trainer
+Only plain LoRA linears are merged: a layer with a quantized (k-bit) base, a LoRA variant (DoRA, ...), a LoRA bias, a
+base weight shared with another module (a LoRA on a tied `lm_head` would change the embeddings too) or anything else
+makes the whole model fall back to the unmerged forward. Under DeepSpeed ZeRO-3 and FSDP the trainer
 does not merge (the weights are sharded).
 """
 
@@ -38,7 +41,8 @@ def _active_adapters(layer) -> list[str]:
 
 def mergeable_lora_layers(model: nn.Module) -> list | None:
     """The LoRA linears of `model` with an active adapter, or None when one of them cannot be merged exactly this way
-    (quantized base, LoRA variant, LoRA bias, adapters disabled, already merged) or the model has none."""
+    (quantized base, LoRA variant, LoRA bias, adapters disabled, already merged, a base weight tied to another
+    module) or the model has none."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -67,15 +71,18 @@ def mergeable_lora_layers(model: nn.Module) -> list | None:
         ):
             return None
         layers.append(module)
+    if layers and _is_shared(model, [layer.get_base_layer().weight for layer in layers]):
+        return None
     return layers or None
 
 
 def _is_shared(model: nn.Module, weights: list) -> bool:
-    """True when one of `weights` is registered in more than one place in `model` (a tied embedding)."""
+    """True when one of `weights` is registered in more than one place in `model`, or shares its storage with another
+    parameter (a tied embedding)."""
     counts: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
-        counts[id(param)] = counts.get(id(param), 0) + 1
-    return any(counts.get(id(weight), 0) > 1 for weight in weights)
+        counts[param.data_ptr()] = counts.get(param.data_ptr(), 0) + 1
+    return any(counts.get(weight.data_ptr(), 0) > 1 for weight in weights)
 
 
 def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
@@ -103,7 +110,7 @@ def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: to
         return
     weights = [layer.get_base_layer().weight for layer in layers]
     narrower = dtype is not None and all(w.dtype.itemsize > dtype.itemsize for w in weights)
-    if narrower and not _is_shared(model, weights):
+    if narrower:
         with _swapped_in(layers, weights, dtype):
             yield True
         return

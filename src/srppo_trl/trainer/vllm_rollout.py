@@ -161,8 +161,9 @@ def _engine_path(policy, output_dir: str, tokenizer, is_main_process: bool) -> s
             base = policy.get_base_model() if _is_peft(policy) else policy
             if _is_peft(policy) and not merged:
                 raise ValueError(
-                    "use_vllm with an in-memory PEFT policy whose adapter cannot be merged exactly (quantized base or "
-                    "a LoRA variant): save the base model to a folder and load the policy from it."
+                    "use_vllm with an in-memory PEFT policy whose adapter cannot be merged exactly (quantized base, "
+                    "a LoRA variant or a LoRA on a tied lm_head): save the base model to a folder and load the policy "
+                    "from it."
                 )
             state = base.state_dict()
             if _is_peft(policy):
@@ -201,7 +202,10 @@ def check_exact_weight_push(trainer, policy) -> None:
     elif is_kbit(policy):
         reason = "with a quantized (4/8-bit) base"
     elif mergeable_lora_layers(policy) is None:
-        reason = "with an adapter that cannot be merged exactly (a LoRA variant such as DoRA, or a LoRA bias)"
+        reason = (
+            "with an adapter that cannot be merged exactly (a LoRA variant such as DoRA, a LoRA bias, or a LoRA on a "
+            "tied lm_head)"
+        )
     else:
         return
     raise ValueError(

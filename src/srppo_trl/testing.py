@@ -148,3 +148,28 @@ def tiny_srppo_trainer(tokenizer, output_dir, **overrides):
         reward_model=CoherentRewardModel(sft, pt),
         train_dataset=tiny_prompts(),
     )
+
+
+def tiny_single_base_trainer(tokenizer, output_dir, sft=None, **overrides):
+    """An `SRPPOTrainer` in single-base mode: `sft` (default: a tiny model from seed 2 with a random LoRA on q_proj
+    and v_proj) split by `build_single_base` into policy, coherent reward and critic, `tiny_prompts()`, and
+    `tiny_srppo_config(output_dir, **overrides)`; the critic's fresh value head from torch seed 0."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from .models.single_base import build_single_base
+    from .trainer.srppo_trainer import SRPPOTrainer
+
+    if sft is None:
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        sft = get_peft_model(tiny_causal_lm(tokenizer, seed=2), lora)
+    torch.manual_seed(0)
+    policy, reward, critic = build_single_base(sft)
+    return SRPPOTrainer(
+        args=tiny_srppo_config(output_dir, **overrides),
+        processing_class=tokenizer,
+        model=policy,
+        reward_model=reward,
+        value_model=critic,
+        train_dataset=tiny_prompts(),
+    )

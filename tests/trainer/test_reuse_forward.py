@@ -11,9 +11,7 @@ Shrunk hyper-parameters as in test_trainer.py: tiny models, 8-token responses, 1
 import pytest
 import torch
 
-from srppo_trl import SRPPOTrainer
-from srppo_trl.models.single_base import build_single_base
-from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_srppo_trainer, tiny_tokenizer
+from srppo_trl.testing import tiny_single_base_trainer, tiny_srppo_trainer, tiny_tokenizer
 from srppo_trl.trainer import ppo_math
 
 
@@ -102,21 +100,7 @@ def test_reuse_changes_nothing_but_the_number_of_passes(tokenizer, tmp_path, sin
     def run(reuse):
         torch.manual_seed(0)
         if single_base:
-            from peft import LoraConfig, get_peft_model
-
-            sft = get_peft_model(
-                tiny_causal_lm(tokenizer, seed=2),
-                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-            )
-            policy, reward, critic = build_single_base(sft)
-            trainer = SRPPOTrainer(
-                args=tiny_srppo_config(tmp_path / str(reuse), reuse_first_forward=reuse, **settings),
-                processing_class=tokenizer,
-                model=policy,
-                reward_model=reward,
-                value_model=critic,
-                train_dataset=tiny_prompts(),
-            )
+            trainer = tiny_single_base_trainer(tokenizer, tmp_path / str(reuse), reuse_first_forward=reuse, **settings)
         else:
             trainer = _trainer(tokenizer, tmp_path / str(reuse), reuse_first_forward=reuse, **settings)
         trainer.train()

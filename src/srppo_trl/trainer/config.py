@@ -194,6 +194,16 @@ class SRPPOConfig(_BaseConfig):
             "Quantized bases, LoRA variants (DoRA) and DeepSpeed/FSDP keep the unmerged forward."
         },
     )
+    cache_frozen_weight_casts: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With bf16/fp16 over fp32 weights, cast each frozen linear weight (the SFT and PT models, "
+            "single-base mode's shared base) to the low precision once for the run instead of at every forward: the "
+            "same results bit for bit, faster on a CPU, for memory holding half the frozen weights' size. None: on "
+            "for a CPU run (where a cast costs memory bandwidth and memory is plentiful), off on a GPU. Off under "
+            "DeepSpeed and FSDP."
+        },
+    )
     reuse_first_forward: bool = field(
         default=True,
         metadata={

@@ -1,15 +1,20 @@
-"""Which precision a CPU run may use.
+"""Which precision a CPU run may use, and casting frozen weights to it once rather than at every forward.
 
 bf16 matmuls are fast on a CPU only with hardware support: x86's AVX-512 BF16 or AMX (`avx512_bf16`, `amx_bf16` in
 `/proc/cpuinfo`), or Arm's BF16 extension (`bf16` among the `Features`). Without it PyTorch converts and computes
 bf16 in software, which is several times slower than fp32 (docs/performance.md has the measurements), so
 `SRPPOConfig(bf16=True)` is refused on such a CPU rather than silently running slower and less exactly.
+
+Under bf16 autocast over fp32 weights (`bf16=True` on a CPU), autocast casts each weight at every forward unless the
+weight requires grad: `frozen_weights_cast_once` (generation) and `FrozenWeightCasts` (the whole run) cast frozen
+weights once instead, with bit-identical results.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import weakref
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -102,3 +107,98 @@ def frozen_weights_cast_once(model, enabled: bool = True):
     finally:
         for param in frozen:
             param.requires_grad_(False)
+
+
+class FrozenWeightCasts:
+    """Low-precision copies of frozen fp32 `nn.Linear` weights, made once and reused by every forward under autocast.
+
+    Autocast keeps the low-precision copy of a weight for the rest of its region only for leaf tensors that require
+    grad. A frozen weight (the SFT and PT models, the shared base of single-base mode, a separate reference model) is
+    cast again at every forward of every pass. On a CPU a cast is bound by memory bandwidth, and a single-base update
+    casts its frozen base in each of the SFT, PT, policy and critic passes. Frozen weights do not change during
+    training, so here one copy per weight serves the whole run.
+
+    While `installed`, each plain `nn.Linear` of the given models whose weight is frozen (no grad) and fp32 runs
+    `F.linear(x, copy, bias)` under autocast: the copy is `weight.to(dtype)`, the very tensor autocast would have made,
+    so outputs and gradients are bit for bit those without it (tested). Outside autocast, or while a low-precision
+    merged weight is swapped in for generation (`lora_merged_for_generation`), the layer runs its own forward. A copy
+    is made again when its weight changes in place (its version counter) or points to other data. Cost: the copies
+    (half the size of the frozen fp32 weights) stay in memory until `clear`; the trainer keeps them for a CPU run
+    only (`SRPPOConfig.cache_frozen_weight_casts`).
+    """
+
+    def __init__(self):
+        self._copies: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def cast(self, weight, dtype):
+        """`weight.to(dtype)`, made once for as long as `weight` is unchanged."""
+        import torch
+
+        entry = self._copies.get(id(weight))
+        if entry is not None:
+            ref, version, data_ptr, copy = entry
+            if (
+                ref() is weight
+                and version == weight._version
+                and data_ptr == weight.data_ptr()
+                and copy.dtype == dtype
+            ):
+                return copy
+        with torch.no_grad():
+            copy = weight.detach().to(dtype)
+        self._copies[id(weight)] = (weakref.ref(weight), weight._version, weight.data_ptr(), copy)
+        return copy
+
+    def clear(self) -> None:
+        self._copies.clear()
+
+    @contextmanager
+    def installed(self, models):
+        """Inside the context, the plain `nn.Linear` layers of `models` whose weight is frozen (does not require grad)
+        and fp32 on entering take its low-precision copy from this cache under autocast (None entries skipped; a
+        layer shared by several models is patched once). Layers run by accelerate's big-model hooks (offloaded,
+        device-mapped) are left alone. Trainable layers are not touched: autocast already casts them once per region."""
+        import torch
+        from torch import nn
+
+        patched = {}
+        for model in models:
+            if model is None:
+                continue
+            for module in model.modules():
+                if (
+                    type(module) is nn.Linear
+                    and id(module) not in patched
+                    and not hasattr(module, "_hf_hook")
+                    and not module.weight.requires_grad
+                    and module.weight.dtype == torch.float32
+                ):
+                    patched[id(module)] = (module, module.__dict__.get("forward"))
+                    module.forward = self._forward(module, module.forward)
+        try:
+            yield self
+        finally:
+            for module, own_forward in patched.values():
+                if own_forward is None:
+                    del module.forward
+                else:
+                    module.forward = own_forward
+
+    def _forward(self, module, original):
+        import torch
+        import torch.nn.functional as F
+
+        def forward(input):
+            weight = module.weight
+            device = weight.device.type
+            # An fp32 weight (not a merged low-precision one swapped in for generation) under autocast.
+            if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+                dtype = torch.get_autocast_dtype(device)
+                if dtype != torch.float32:
+                    return F.linear(input, self.cast(weight, dtype), module.bias)
+            return original(input)
+
+        return forward

@@ -65,6 +65,7 @@ from .checkpointing import (
 )
 from .config import SRPPOConfig
 from .ppo_step import PPOStepMixin, lr_schedule_lambda
+from .precision import FrozenWeightCasts
 from .rollout import RolloutBuffer, RolloutMixin, response_mask_after_stop, rollout_generation_config
 from .scoring import ScoringMixin, _is_reward_function, _is_sequence_classifier
 from .trl112_compat import TRL112CompatMixin, _TRL112Callback
@@ -265,6 +266,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         self._value_bias_initialized = False
         self._check_value_bias_init()
         self._step = None  # micro-steps done, set from `state.global_step` at the first training step (resume)
+        self._frozen_weight_casts = self._make_frozen_weight_casts()
         self._clock = None  # (time, episode) at the start of `train()`, for the `eps` metric
         self.add_callback(_TRL112Callback(self))
 
@@ -595,15 +597,32 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         buffer.first_forward = None
         return micro
 
-    def _contiguous_lm_heads(self):
-        """`contiguous_lm_head.contiguous_lm_head_input` over every model the trainer scores with: policy, reward
-        (SFT and PT) and reference model."""
+    def _scored_models(self) -> list[nn.Module]:
+        """Every model the trainer runs, unwrapped: policy, critic, reward (SFT and PT) and reference model."""
         unwrap = self.accelerator.unwrap_model
-        models = [unwrap(self.model).policy, self.ref_model]
+        model = unwrap(self.model)
+        models = [model.policy, model.value_model, self.ref_model]
         reward = unwrap(self.reward_model) if isinstance(self.reward_model, nn.Module) else None
         if isinstance(reward, CoherentRewardModel):
             models += [reward.sft_model, reward.base_model]
-        return contiguous_lm_head_input([unwrap(m) for m in models if m is not None])
+        elif reward is not None:
+            models.append(reward)
+        return [unwrap(m) for m in models if m is not None]
+
+    def _make_frozen_weight_casts(self) -> FrozenWeightCasts | None:
+        """The run's cache of low-precision copies of frozen weights (see `FrozenWeightCasts`), or None where
+        `cache_frozen_weight_casts` (None: on a CPU) is off, there is no autocast, or DeepSpeed/FSDP shard the weights."""
+        args = self.args
+        wanted = args.cache_frozen_weight_casts
+        if wanted is None:
+            wanted = self.accelerator.device.type == "cpu"
+        if not wanted or not (args.bf16 or args.fp16) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return None
+        return FrozenWeightCasts()
+
+    def _contiguous_lm_heads(self):
+        """`contiguous_lm_head.contiguous_lm_head_input` over every model the trainer scores with."""
+        return contiguous_lm_head_input(self._scored_models())
 
     def _shared_lower_layers(self):
         """The critic's `SharedLowerLayers` (`build_single_base(..., critic_top_layers=k)`), else None. Not used under
@@ -615,12 +634,15 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
 
     @contextmanager
     def _forward_hooks(self):
-        """What every training step and evaluation batch runs inside: the contiguous LM-head inputs and, with a
-        top-layer critic, the lower layers shared by the SFT and critic passes (their cache lives for one buffer)."""
+        """What every training step and evaluation batch runs inside: the contiguous LM-head inputs, with a top-layer
+        critic the lower layers shared by the SFT and critic passes (their cache lives for one buffer), and under
+        mixed precision on a CPU the frozen weights' low-precision copies (they live for the run)."""
         shared = self._shared_lower_layers()
+        casts = self._frozen_weight_casts
         with ExitStack() as stack:
             stack.enter_context(self._contiguous_lm_heads())
             stack.enter_context(shared.installed() if shared is not None else nullcontext())
+            stack.enter_context(casts.installed(self._scored_models()) if casts is not None else nullcontext())
             yield
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -920,12 +942,16 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         resume_from_checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
             self._load_trainer_extra_state(Path(resume_from_checkpoint))
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+        try:
+            return super().train(
+                resume_from_checkpoint=resume_from_checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
+        finally:
+            if self._frozen_weight_casts is not None:
+                self._frozen_weight_casts.clear()  # the copies' memory back once training ends
 
     def _save_checkpoint(self, model, trial) -> None:
         """`Trainer._save_checkpoint`, safe against a kill at any moment (see `checkpoint_problem`).

@@ -1,0 +1,167 @@
+"""Frozen fp32 weights cast to bf16 once per run (`FrozenWeightCasts`), not at every forward under autocast.
+
+The copy is the very tensor autocast would have made, so everything downstream is bit for bit the same: these tests
+compare outputs, gradients and a whole bf16 training run with and without the cache, and check when a copy is made
+again (the weight changed), when it is not used (trainable layers, no autocast, a merged weight swapped in), and that
+every patched layer gets its own forward back.
+"""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from srppo_trl.models.adapter_merge import lora_merged_for_generation
+from srppo_trl.testing import tiny_causal_lm, tiny_single_base_trainer, tiny_srppo_trainer, tiny_tokenizer
+from srppo_trl.trainer.precision import FrozenWeightCasts
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _lora_model(tokenizer, seed=4):
+    return get_peft_model(
+        tiny_causal_lm(tokenizer, seed=seed),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
+
+
+def _ids():
+    return torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _forward_backward(model, casts):
+    """bf16-autocast logits and the trainable weights' gradients of a log-softmax loss."""
+    model.zero_grad()
+    with casts.installed([model]) if casts is not None else nullcontext():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=_ids()).logits
+        loss = torch.log_softmax(logits.float(), -1).mean()
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def _patched(model):
+    return [name for name, module in model.named_modules() if "forward" in module.__dict__]
+
+
+def test_outputs_and_gradients_are_bit_for_bit_those_of_autocast(tokenizer):
+    model = _lora_model(tokenizer)
+    expected_logits, expected_grads = _forward_backward(model, None)
+    casts = FrozenWeightCasts()
+    logits, grads = _forward_backward(model, casts)
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, expected_logits)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert torch.equal(grads[name], expected_grads[name]), name
+    frozen_linears = [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear and not m.weight.requires_grad and m.weight.dtype == torch.float32
+    ]
+    assert len(casts) == len({id(m.weight) for m in frozen_linears}) > 0
+    # A second pass reuses every copy: none is made again.
+    copies = {key: entry[-1] for key, entry in casts._copies.items()}
+    _forward_backward(model, casts)
+    assert all(casts._copies[key][-1] is copy for key, copy in copies.items())
+    assert _patched(model) == []
+
+
+def test_trainable_layers_and_passes_without_autocast_are_left_alone(tokenizer):
+    model = tiny_causal_lm(tokenizer, seed=5)
+    model.requires_grad_(False)
+    trainable = model.model.layers[0].self_attn.q_proj
+    trainable.weight.requires_grad_(True)
+    casts = FrozenWeightCasts()
+    with torch.no_grad():
+        expected = model(input_ids=_ids()).logits
+        with casts.installed([model, model]):  # a model given twice is patched once
+            patched = _patched(model)
+            assert patched and "model.layers.0.self_attn.q_proj" not in patched
+            assert torch.equal(model(input_ids=_ids()).logits, expected)  # fp32: the layers' own forward
+    assert len(casts) == 0 and _patched(model) == []
+
+
+def test_a_weight_changed_in_place_gets_a_new_copy(tokenizer):
+    model = tiny_causal_lm(tokenizer, seed=6).requires_grad_(False)
+    casts = FrozenWeightCasts()
+
+    def logits(with_casts):
+        with torch.no_grad(), casts.installed([model]) if with_casts else nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(input_ids=_ids()).logits
+
+    logits(True)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(3.0)  # e.g. an in-place adapter merge
+    assert torch.equal(logits(True), logits(False))
+
+
+def test_a_merged_weight_swapped_in_for_generation_is_used_as_it_is(tokenizer):
+    """Generation swaps merged bf16 weights into the LoRA base layers: those layers run them, not the copies of the
+    unmerged weights; once swapped back the copies are used again, still valid."""
+    model = _lora_model(tokenizer).eval()
+    casts = FrozenWeightCasts()
+    kwargs = dict(max_new_tokens=6, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+
+    def sample(with_casts):
+        torch.manual_seed(0)
+        with torch.no_grad(), casts.installed([model]) if with_casts else nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with lora_merged_for_generation(model, dtype=torch.bfloat16) as merged:
+                    assert merged
+                    return model.generate(_ids(), attention_mask=torch.ones_like(_ids()), **kwargs)
+
+    assert torch.equal(sample(True), sample(False))
+    before = len(casts)
+    assert torch.equal(_forward_backward(model, casts)[0], _forward_backward(model, None)[0])
+    assert len(casts) > before  # the LoRA base layers' own copies, made now that their fp32 weights are back
+
+
+def test_patched_forwards_are_restored_after_an_error(tokenizer):
+    model = tiny_causal_lm(tokenizer, seed=7).requires_grad_(False)
+    with pytest.raises(RuntimeError, match="boom"), FrozenWeightCasts().installed([model]):
+        assert _patched(model)
+        raise RuntimeError("boom")
+    assert _patched(model) == []
+
+
+@pytest.mark.parametrize("single_base", [False, True])
+def test_a_bf16_run_trains_the_same_weights_with_and_without_the_cache(cpu_bf16, tokenizer, tmp_path, single_base):
+    made = []
+
+    def run(cache):
+        settings = dict(bf16=True, cache_frozen_weight_casts=cache)
+        if single_base:
+            # Activation checkpointing: the backward's recomputed forwards take the copies too.
+            sft = _lora_model(tokenizer, seed=2)
+            trainer = tiny_single_base_trainer(
+                tokenizer, tmp_path / str(cache), sft, activation_checkpointing=True, **settings
+            )
+        else:
+            trainer = tiny_srppo_trainer(tokenizer, tmp_path / str(cache), **settings)
+        casts = trainer._frozen_weight_casts
+        assert (casts is not None) == cache
+        if casts is not None:
+            original = casts.cast
+            casts.cast = lambda weight, dtype: made.append(id(weight)) or original(weight, dtype)
+        trainer.train()
+        assert casts is None or len(casts) == 0  # the copies are dropped after training
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    with_cache, without = run(True), run(False)
+    assert made and len(made) > len(set(made))  # copies were used, and reused across passes
+    assert with_cache.keys() == without.keys()
+    for name in without:
+        assert torch.equal(with_cache[name], without[name]), name
+
+
+def test_the_cache_is_on_by_default_for_mixed_precision_on_a_cpu_only(cpu_bf16, tokenizer, tmp_path):
+    assert tiny_srppo_trainer(tokenizer, tmp_path / "bf16", bf16=True)._frozen_weight_casts is not None
+    assert tiny_srppo_trainer(tokenizer, tmp_path / "fp32", bf16=False)._frozen_weight_casts is None

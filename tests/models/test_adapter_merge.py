@@ -10,8 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from srppo_trl import SRPPOTrainer
 from srppo_trl.models.adapter_merge import lora_merged_for_generation, mergeable_lora_layers
-from srppo_trl.models.single_base import build_single_base
-from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_srppo_config, tiny_tokenizer
+from srppo_trl.testing import tiny_causal_lm, tiny_prompts, tiny_single_base_trainer, tiny_srppo_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +25,8 @@ def _lora(tokenizer, **config):
 
 
 def _single_base_trainer(tokenizer, tmp_path, **overrides):
-    torch.manual_seed(0)
-    policy, reward, critic = build_single_base(_lora(tokenizer))
-    trainer = SRPPOTrainer(
-        args=tiny_srppo_config(tmp_path, **overrides),
-        processing_class=tokenizer,
-        model=policy,
-        reward_model=reward,
-        value_model=critic,
-        train_dataset=tiny_prompts(),
-    )
-    return trainer, policy
+    trainer = tiny_single_base_trainer(tokenizer, tmp_path, _lora(tokenizer), **overrides)
+    return trainer, trainer.model.policy
 
 
 def _rollout(trainer, seed=0):
@@ -145,7 +135,12 @@ def test_merged_weights_built_in_the_autocast_dtype_match_an_in_place_merge(toke
     layer = mergeable_lora_layers(model)[0]
     weight = layer.get_base_layer().weight
     storage = weight.data_ptr()
-    expected = (weight.detach() + layer.get_delta_weight("default")).to(torch.bfloat16)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = torch.addmm(weight.detach(), b, a, alpha=layer.scaling["default"]).to(torch.bfloat16)
+    # The fused product is W + s B A up to fp32 rounding.
+    torch.testing.assert_close(
+        expected.float(), (weight + layer.get_delta_weight("default")).to(torch.bfloat16).float(), atol=0, rtol=8e-3
+    )
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         with lora_merged_for_generation(model) as merged:
             assert merged and weight.dtype == torch.float32

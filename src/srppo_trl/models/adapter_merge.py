@@ -85,13 +85,25 @@ def _is_shared(model: nn.Module, weights: list) -> bool:
     return any(counts.get(weight.data_ptr(), 0) > 1 for weight in weights)
 
 
+def _plus_delta(weight: torch.Tensor, layer, name: str, in_place: bool) -> torch.Tensor:
+    """`weight + s B A` for the adapter `name`, written into `weight` when `in_place`. One fused `addmm` (a single pass
+    over the weight, instead of PEFT's `get_delta_weight` writing `B A`, scaling it and adding it) where the LoRA
+    weights have `weight`'s dtype and are not transposed (`fan_in_fan_out`); else PEFT's `get_delta_weight`."""
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if not layer.fan_in_fan_out and a.dtype == b.dtype == weight.dtype:
+        scaling = layer.scaling[name]
+        return weight.addmm_(b, a, alpha=scaling) if in_place else torch.addmm(weight, b, a, alpha=scaling)
+    delta = layer.get_delta_weight(name).to(weight.dtype)
+    return weight.add_(delta) if in_place else weight + delta
+
+
 def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
     """`W + s B A` over the layer's active adapters, in `W`'s dtype and outside any autocast (a bf16 delta would round
     the adapter more than the final cast does)."""
     with torch.autocast(weight.device.type, enabled=False):
         merged = weight.detach()
         for name in _active_adapters(layer):
-            merged = merged + layer.get_delta_weight(name).to(weight.dtype)
+            merged = _plus_delta(merged, layer, name, in_place=False)
     return merged
 
 
@@ -120,7 +132,7 @@ def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: to
             for layer, weight in zip(layers, weights):
                 saved.append((layer, weight, weight.detach().to("cpu", copy=True)))
                 for name in _active_adapters(layer):
-                    weight.add_(layer.get_delta_weight(name).to(weight.dtype))
+                    _plus_delta(weight, layer, name, in_place=True)
                 # The branch is skipped through the layer's own flag: PEFT's `disable_adapter_layers` would also
                 # rewrite `requires_grad` of the adapter weights (see single_base.keep_requires_grad).
                 layer._disable_adapters = True

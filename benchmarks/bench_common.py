@@ -152,7 +152,7 @@ def generation_kwargs(tokenizer) -> dict:
         max_new_tokens=RESPONSE_LENGTH,
         do_sample=True,
         temperature=1.0,
-        top_k=None,
+        top_k=0,  # None would be filled with transformers' default, top-50
         top_p=1.0,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=None,

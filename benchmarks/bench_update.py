@@ -4,11 +4,16 @@ One fixed configuration (see `bench_common.py`): SmolLM2-135M-Instruct as SFT mo
 rank-8-perturbed copy as the pretrained model; 8 prompts per update; exactly 32 new tokens; 1 PPO epoch; 1 minibatch.
 Every measurement runs in its own subprocess (so peak RSS is per mode), one after the other:
 
-- `floor`: `model.generate` on the same 8 prompts, same sampling settings, same length (plain SmolLM2);
+- `floor`: `model.generate` on the same 8 prompts, same sampling settings, same length (plain SmolLM2); in bf16 under
+  an autocast region entered at each call (the weights are cast at each call, as in training, where they change
+  between two generations), and also with one region over all calls (`floor_cast_once`: cast once in total);
 - `four_model`: SRPPOTrainer with four full models (policy and critic fully trained; SFT and PT frozen);
 - `single_base`: SRPPOTrainer on one copy of the base (SFT, policy, critic as LoRA adapters; PT = adapters off);
-- `four_model_baseline`, `single_base_baseline`: the same with `reuse_first_forward=False` and
-  `merge_adapters_for_generation=False`, i.e. the trainer without the reused first forward and adapter merging;
+- `four_model_baseline`, `single_base_baseline`: the same with `reuse_first_forward=False`,
+  `merge_adapters_for_generation=False` and `cache_frozen_weight_casts=False`, i.e. the trainer without the reused
+  first forward, adapter merging and (bf16 only) the frozen weights' bf16 copies kept for the run;
+- `four_model_uncached`, `single_base_uncached`: only `cache_frozen_weight_casts=False` (bf16: autocast casts the
+  frozen weights at every forward);
 - `single_base_topk`: single-base with the opt-in top-layer critic, `build_single_base(..., critic_top_layers=K)`
   (`--critic-top-layers`, default 8 of SmolLM2's 30): its lower layers are the SFT model's, shared with the SFT
   scoring pass and never backpropagated through (a cheaper critic, not the paper's: see docs/performance.md);
@@ -59,6 +64,8 @@ OUR_MODES = (
     "single_base_topk",
     "four_model_baseline",
     "single_base_baseline",
+    "four_model_uncached",
+    "single_base_uncached",
     *VLLM_MODES,
 )
 ALL_MODES = ("floor", *OUR_MODES, "peer")
@@ -69,6 +76,9 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def _worker_floor(args) -> dict:
+    """`model.generate` timed per call, after one warm-up call. Under bf16, `generation_s` enters autocast at each call,
+    so the weights are cast to bf16 at each call, as in training, where they change between two generations;
+    `generation_cast_once_s` keeps one autocast region over all calls, so its weights are cast once, in the warm-up."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -78,22 +88,28 @@ def _worker_floor(args) -> dict:
     model.generation_config.eos_token_id = None
     batch = bc.left_padded_batch(tokenizer)
     config = GenerationConfig(**bc.generation_kwargs(tokenizer))
-    times, tokens = [], []
-    torch.manual_seed(bc.SEED)
-    with torch.no_grad(), _precision_context(args.precision):
-        for i in range(args.updates + 1):
-            start = time.perf_counter()
-            out = model.generate(**batch, generation_config=config)
-            elapsed = time.perf_counter() - start
-            if i > 0:  # the first call is a warm-up
-                times.append(elapsed)
-                tokens.append(out[:, batch["input_ids"].shape[1] :].numel())
-    return {
-        "generation_s": times,
-        "tokens": tokens,
-        "peak_rss_mb": bc.peak_rss_mb(),
-        "cuda_peak_mb": bc.cuda_peak_mb(),
-    }
+
+    def timed(region_per_call: bool):
+        times, tokens = [], []
+        torch.manual_seed(bc.SEED)
+        outer = nullcontext() if region_per_call else _precision_context(args.precision)
+        with torch.no_grad(), outer:
+            for i in range(args.updates + 1):
+                start = time.perf_counter()
+                with _precision_context(args.precision) if region_per_call else nullcontext():
+                    out = model.generate(**batch, generation_config=config)
+                elapsed = time.perf_counter() - start
+                if i > 0:  # the first call is a warm-up
+                    times.append(elapsed)
+                    tokens.append(out[:, batch["input_ids"].shape[1] :].numel())
+        return times, tokens
+
+    times, tokens = timed(region_per_call=True)
+    result = {"generation_s": times, "tokens": tokens}
+    if args.precision != "fp32":
+        result["generation_cast_once_s"] = timed(region_per_call=False)[0]
+    result.update(peak_rss_mb=bc.peak_rss_mb(), cuda_peak_mb=bc.cuda_peak_mb())
+    return result
 
 
 def _precision_context(precision: str):
@@ -117,7 +133,8 @@ def _build_trainer(mode: str, args, output_dir: str):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
     baseline, use_vllm, topk = mode.endswith("_baseline"), mode.endswith("_vllm"), mode.endswith("_topk")
-    mode = mode.removesuffix("_baseline").removesuffix("_vllm").removesuffix("_topk")
+    uncached = baseline or mode.endswith("_uncached")
+    mode = mode.removesuffix("_baseline").removesuffix("_vllm").removesuffix("_topk").removesuffix("_uncached")
     if mode == "four_model":
         sft, pt, policy = load(paths["sft"]), load(paths["pt"]), load(paths["sft"])
         reward, value_model = CoherentRewardModel(sft, pt), None  # the trainer copies the SFT backbone for the critic
@@ -156,6 +173,7 @@ def _build_trainer(mode: str, args, output_dir: str):
         disable_tqdm=True,
         reuse_first_forward=not baseline,
         merge_adapters_for_generation=not baseline,
+        cache_frozen_weight_casts=not uncached,  # only used under bf16 (on a CPU)
         use_vllm=use_vllm,
     )
     trainer = SRPPOTrainer(
@@ -348,6 +366,9 @@ def main(argv=None) -> None:
         common = ["--updates", str(args.updates), "--threads", str(args.threads), "--cache-dir", args.cache_dir]
         common += ["--precision", precision]
         for mode in modes:
+            if mode.endswith("_uncached") and precision == "fp32":
+                print(f"skipping {mode} in fp32: without autocast nothing is cast, it is {mode[:-9]}", file=sys.stderr)
+                continue
             _run_mode(mode, precision, common, args, env, results, loads, failed)
 
     _report(results, loads, args)
@@ -399,6 +420,9 @@ def _report(results: dict, loads: dict, args) -> None:
     for label in labelled(["floor"]):
         f = med[label]
         rows.append((f"{label}: model.generate", f["generation_s"], f["generation_s"], None, None, None, f["tokens"] / f["generation_s"], results[label]["peak_rss_mb"]))  # fmt: skip
+        if "generation_cast_once_s" in f:
+            once = f["generation_cast_once_s"]
+            rows.append((f"{label}: weights cast once", once, once, None, None, None, f["tokens"] / once, results[label]["peak_rss_mb"]))  # fmt: skip
     for label in labelled([*OUR_MODES, "peer"]):
         m = med[label]
         rows.append((label, m["update"], m["generation"], m["scoring"], m.get("advantages"), m["optimisation"], m["tokens"] / m["generation"], results[label]["peak_rss_mb"]))  # fmt: skip
@@ -431,6 +455,10 @@ def _report(results: dict, loads: dict, args) -> None:
         for label in labelled([*OUR_MODES, "peer"]):
             if floor is not None and label.endswith(suffix) and (suffix or "@" not in label):
                 ratios[f"{label}_generation_over_floor"] = med[label]["generation"] / floor["generation_s"]
+                if "generation_cast_once_s" in floor:
+                    ratios[f"{label}_generation_over_floor_cast_once"] = (
+                        med[label]["generation"] / floor["generation_cast_once_s"]
+                    )
     for label in labelled(OUR_MODES):  # every run of ours against the peer in every precision
         for peer in labelled(["peer"]):
             name = "peer" if peer == "peer" else peer
@@ -440,10 +468,11 @@ def _report(results: dict, loads: dict, args) -> None:
         if topk and single:
             ratios[f"single_base_topk{suffix}_update_over_single_base{suffix}"] = topk["update"] / single["update"]
         for mode in ("four_model", "single_base"):
-            if mode + suffix in med and f"{mode}_baseline{suffix}" in med:
-                ratios[f"{mode}{suffix}_update_over_baseline{suffix}"] = (
-                    med[mode + suffix]["update"] / med[f"{mode}_baseline{suffix}"]["update"]
-                )
+            for other in ("baseline", "uncached"):
+                if mode + suffix in med and f"{mode}_{other}{suffix}" in med:
+                    ratios[f"{mode}{suffix}_update_over_{other}{suffix}"] = (
+                        med[mode + suffix]["update"] / med[f"{mode}_{other}{suffix}"]["update"]
+                    )
     if all(m in results for m in ("four_model", "single_base")):
         ratios["single_base_over_four_model_peak_rss"] = (
             results["single_base"]["peak_rss_mb"] / results["four_model"]["peak_rss_mb"]

@@ -14,7 +14,13 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from srppo_trl.models.adapter_merge import lora_merged_for_generation
-from srppo_trl.testing import tiny_causal_lm, tiny_single_base_trainer, tiny_srppo_trainer, tiny_tokenizer
+from srppo_trl.testing import (
+    tiny_causal_lm,
+    tiny_prompts,
+    tiny_single_base_trainer,
+    tiny_srppo_trainer,
+    tiny_tokenizer,
+)
 from srppo_trl.trainer.precision import FrozenWeightCasts
 
 
@@ -121,6 +127,61 @@ def test_a_merged_weight_swapped_in_for_generation_is_used_as_it_is(tokenizer):
     before = len(casts)
     assert torch.equal(_forward_backward(model, casts)[0], _forward_backward(model, None)[0])
     assert len(casts) > before  # the LoRA base layers' own copies, made now that their fp32 weights are back
+
+
+def _bf16_logits(model, casts=None):
+    with torch.no_grad(), casts.installed([model]) if casts is not None else nullcontext():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=_ids()).logits
+
+
+def test_a_weight_trained_in_between_gets_a_new_copy_when_frozen_again(tokenizer):
+    # An optimizer step need not bump the version counter (fused AdamW writes in place without it), so a weight
+    # found trainable loses its copy.
+    model = tiny_causal_lm(tokenizer, seed=8).requires_grad_(False)
+    up = model.model.layers[0].mlp.up_proj.weight
+    casts = FrozenWeightCasts()
+    _bf16_logits(model, casts)
+    assert id(up) in casts._copies
+    up.requires_grad_(True)
+    with casts.installed([model]):
+        assert id(up) not in casts._copies
+    up.requires_grad_(False)
+    up.data.mul_(2.0)  # through `.data`: no version bump
+    assert torch.equal(_bf16_logits(model, casts), _bf16_logits(model))
+
+
+def test_copies_of_weights_no_longer_patched_are_dropped(tokenizer):
+    first, second = tiny_causal_lm(tokenizer, seed=9), tiny_causal_lm(tokenizer, seed=10)
+    first.requires_grad_(False), second.requires_grad_(False)
+    casts = FrozenWeightCasts()
+    _bf16_logits(first, casts)
+    count = len(casts)
+    _bf16_logits(second, casts)
+    assert len(casts) == count  # the first model's copies went, the second's came
+    assert not {id(p) for p in first.parameters()} & set(casts._copies)
+
+
+def test_a_layer_with_its_own_forward_is_left_alone(tokenizer):
+    model = tiny_causal_lm(tokenizer, seed=11).requires_grad_(False)
+    head = model.lm_head
+    own = head.forward
+    head.forward = mine = lambda hidden: own(hidden)  # e.g. a value head kept in fp32
+    try:
+        with FrozenWeightCasts().installed([model]):
+            assert head.__dict__["forward"] is mine and "model.layers.0.mlp.up_proj" in _patched(model)
+        assert head.__dict__["forward"] is mine and _patched(model) == ["lm_head"]
+    finally:
+        del head.forward
+
+
+def test_an_evaluation_outside_training_keeps_no_copies(cpu_bf16, tokenizer, tmp_path):
+    trainer = tiny_srppo_trainer(tokenizer, tmp_path, bf16=True)
+    made = []
+    original = trainer._frozen_weight_casts.cast
+    trainer._frozen_weight_casts.cast = lambda weight, dtype: made.append(1) or original(weight, dtype)
+    trainer.evaluate(tiny_prompts(4))
+    assert made and len(trainer._frozen_weight_casts) == 0
 
 
 def test_patched_forwards_are_restored_after_an_error(tokenizer):

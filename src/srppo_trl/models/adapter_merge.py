@@ -88,9 +88,10 @@ def _is_shared(model: nn.Module, weights: list) -> bool:
 def _plus_delta(weight: torch.Tensor, layer, name: str, in_place: bool) -> torch.Tensor:
     """`weight + s B A` for the adapter `name`, written into `weight` when `in_place`. One fused `addmm` (a single pass
     over the weight, instead of PEFT's `get_delta_weight` writing `B A`, scaling it and adding it) where the LoRA
-    weights have `weight`'s dtype and are not transposed (`fan_in_fan_out`); else PEFT's `get_delta_weight`."""
+    weights are fp32 like `weight` and not transposed (`fan_in_fan_out`); else PEFT's `get_delta_weight` (which
+    computes a bf16/fp16 delta on a CPU in fp32)."""
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if not layer.fan_in_fan_out and a.dtype == b.dtype == weight.dtype:
+    if not layer.fan_in_fan_out and a.dtype == b.dtype == weight.dtype == torch.float32:
         scaling = layer.scaling[name]
         return weight.addmm_(b, a, alpha=scaling) if in_place else torch.addmm(weight, b, a, alpha=scaling)
     delta = layer.get_delta_weight(name).to(weight.dtype)

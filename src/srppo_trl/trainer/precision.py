@@ -122,9 +122,11 @@ class FrozenWeightCasts:
     `F.linear(x, copy, bias)` under autocast: the copy is `weight.to(dtype)`, the very tensor autocast would have made,
     so outputs and gradients are bit for bit those without it (tested). Outside autocast, or while a low-precision
     merged weight is swapped in for generation (`lora_merged_for_generation`), the layer runs its own forward. A copy
-    is made again when its weight changes in place (its version counter) or points to other data. Cost: the copies
-    (half the size of the frozen fp32 weights) stay in memory until `clear`; the trainer keeps them for a CPU run
-    only (`SRPPOConfig.cache_frozen_weight_casts`).
+    is made again when its weight changes in place (its version counter) or points to other data. Writes through
+    `.data` (`weight.data += delta`, as PEFT's `merge_adapter` does) bump no version counter: whoever makes them must
+    `clear` the cache (the trainer does after pushing weights to vLLM and after loading a checkpoint). Cost: the
+    copies (at most half the frozen fp32 weights' size: linear weights only) stay in memory until `clear`; the trainer
+    keeps them for CPU runs only (`SRPPOConfig.cache_frozen_weight_casts`) and clears them when training ends.
     """
 
     def __init__(self):
@@ -159,33 +161,37 @@ class FrozenWeightCasts:
     def installed(self, models):
         """Inside the context, the plain `nn.Linear` layers of `models` whose weight is frozen (does not require grad)
         and fp32 on entering take its low-precision copy from this cache under autocast (None entries skipped; a
-        layer shared by several models is patched once). Layers run by accelerate's big-model hooks (offloaded,
-        device-mapped) are left alone. Trainable layers are not touched: autocast already casts them once per region."""
+        layer shared by several models is patched once). Left alone: trainable layers (autocast casts them once per
+        region already; any copy of theirs is dropped, since an optimizer step may not bump the version counter),
+        layers with a forward of their own already set on the instance (e.g. a value head kept in fp32), and layers
+        run by accelerate's big-model hooks (offloaded, device-mapped). Copies of weights not patched now are dropped."""
         import torch
         from torch import nn
 
-        patched = {}
+        patched, weights = {}, set()
         for model in models:
             if model is None:
                 continue
             for module in model.modules():
+                if type(module) is not nn.Linear or id(module) in patched:
+                    continue
+                weight = module.weight
                 if (
-                    type(module) is nn.Linear
-                    and id(module) not in patched
+                    not weight.requires_grad
+                    and weight.dtype == torch.float32
+                    and "forward" not in module.__dict__
                     and not hasattr(module, "_hf_hook")
-                    and not module.weight.requires_grad
-                    and module.weight.dtype == torch.float32
                 ):
-                    patched[id(module)] = (module, module.__dict__.get("forward"))
+                    patched[id(module)] = module
+                    weights.add(id(weight))
                     module.forward = self._forward(module, module.forward)
+        for key in [key for key in self._copies if key not in weights]:
+            del self._copies[key]
         try:
             yield self
         finally:
-            for module, own_forward in patched.values():
-                if own_forward is None:
-                    del module.forward
-                else:
-                    module.forward = own_forward
+            for module in patched.values():
+                del module.forward
 
     def _forward(self, module, original):
         import torch

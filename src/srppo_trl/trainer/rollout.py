@@ -329,6 +329,9 @@ class RolloutMixin:
         if self._vllm_synced_step != self.state.global_step:
             self.vllm_generation.sync_weights()
             self._vllm_synced_step = self.state.global_step
+            casts = getattr(self, "_frozen_weight_casts", None)
+            if casts is not None:  # a push through PEFT's merge_adapter writes the base weights' `.data`
+                casts.clear()
         response, sampled = vllm_sample(
             self.vllm_generation, queries, query_masks, self.processing_class.pad_token_id, self.generation_config
         )

@@ -611,12 +611,15 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
 
     def _make_frozen_weight_casts(self) -> FrozenWeightCasts | None:
         """The run's cache of low-precision copies of frozen weights (see `FrozenWeightCasts`), or None where
-        `cache_frozen_weight_casts` (None: on a CPU) is off, there is no autocast, or DeepSpeed/FSDP shard the weights."""
+        `cache_frozen_weight_casts` (None: on a CPU) is off, there is no autocast, DeepSpeed/FSDP shard the weights, or
+        `torch_compile` is on."""
         args = self.args
         wanted = args.cache_frozen_weight_casts
         if wanted is None:
             wanted = self.accelerator.device.type == "cpu"
-        if not wanted or not (args.bf16 or args.fp16) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        # Off with torch.compile: a forward patched at every step would make it recompile.
+        if not wanted or not (args.bf16 or args.fp16) or sharded or args.torch_compile:
             return None
         return FrozenWeightCasts()
 
@@ -900,6 +903,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             self.log(dict(metrics))
         finally:
             self.model.train(model_was_training)
+            if self._frozen_weight_casts is not None and not self.is_in_train:
+                self._frozen_weight_casts.clear()  # an evaluation outside training keeps no copies
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
@@ -994,6 +999,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
         load_saved_models(unwrapped.policy, unwrapped.value_model, Path(resume_from_checkpoint))
         self._buffer, self._step = None, None
+        if self._frozen_weight_casts is not None:
+            self._frozen_weight_casts.clear()
 
 
 def _epoch_seeded_sampler(batch_sampler) -> EpochSeededRepeatSampler | None:

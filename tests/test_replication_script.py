@@ -149,6 +149,10 @@ def test_grid_end_to_end_skips_reruns_on_change_and_reports_from_raw_files(scrip
         assert diff in text
     assert "## Cost of each cell" in text and "| srppo_seed0 |" in text and "## Machine" in text
     assert "## SRPPO's critic" in text and "| 0 | 1 | 1 |" in text  # 1 warm-up buffer, then 1 actor buffer
+    assert "at this scale" not in text  # 3 seeds expected by default: incomplete, so no verdict
+    complete = ["--report", "--seeds", "0", "--raw-dir", str(alone / "raw"), "--report-md", str(md)]
+    script.main([*complete, "--report-png", str(png)])
+    assert "at this scale" in md.read_text() and "Incomplete" not in md.read_text()
     # A campaign still running says how far it is, and decides nothing.
     (alone / "raw" / "spin_seed0.json").unlink()
     one_seed = ["--report", "--seeds", "0", "--raw-dir", str(alone / "raw"), "--report-md", str(md)]
@@ -221,3 +225,34 @@ def test_sample_scores_are_the_coherent_reward_and_the_kl_of_the_sampled_respons
     assert columns["coherent_reward"] == expected_reward.tolist()
     assert columns["kl_to_sft"] == expected_kl.tolist()
     assert all(0 < n <= 5 for n in columns["length"]) and all(0 <= r <= 1 for r in columns["eos_rate"])
+
+
+def _cells_with_held_out(script, scores: dict) -> dict:
+    """Cells of seeds 0-2 whose held-out and in-domain L.Acc per prompt are `scores[arm]` (plus per-prompt noise)."""
+    cells = {}
+    for arm, value in scores.items():
+        for seed in range(3):
+            per_prompt = {
+                metric: [value + 0.01 * ((i * 7 + seed) % 5 - 2) for i in range(40)]
+                for metric in ("held_out/inst_loose_acc", "in_domain/inst_loose_acc", "samples/coherent_reward")
+            }
+            cells.setdefault(arm, {})[seed] = {"per_prompt": per_prompt}
+    return cells
+
+
+@pytest.mark.parametrize(
+    ("srppo", "expected"),
+    [
+        (0.6, "**The claim's central part holds"),
+        (0.3, "**The claim does not hold"),
+        (0.5, "**The claim is not confirmed"),
+    ],
+)
+def test_the_verdict_follows_the_held_out_interval_against_sft(script, srppo, expected):
+    scores = {"sft": 0.5, "srppo": srppo, "sft_extended": 0.5, "grpo": srppo, "spin": 0.4}
+    lines = script.claim_verdict(_cells_with_held_out(script, scores))
+    assert lines[0].startswith(expected)
+    text = "\n".join(lines)
+    assert "SRPPO - SPIN: held-out L.Acc " + ("higher" if srppo > 0.4 else "lower") in text
+    assert "SRPPO - GRPO: held-out L.Acc not resolved" in text
+    assert script.claim_verdict({}) == []

@@ -202,3 +202,73 @@ def test_bf16_single_base_rollout_swaps_in_bf16_weights_and_samples_as_the_in_pl
     assert torch.equal(swapped, in_place)
     after = policy.state_dict()
     assert all(before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [33, 48, 200])
+@pytest.mark.parametrize("adapters", [["default"], ["default", "second"]])
+def test_merged_weights_built_block_by_block_equal_the_whole_weight_merge(rows, adapters, dtype):
+    """The merged weight is built a block of rows at a time (blocks of 16 rows here; with 33 rows the last block
+    absorbs the one-row remainder, whose matrix-vector product would round differently): bit for bit the cast of the
+    whole-weight `W + s B A`, with one adapter or two. fp32 shows any rounding difference that bf16 would hide."""
+    from torch import nn
+
+    from srppo_trl.models.adapter_merge import _merged_in_dtype, _merged_weight
+
+    torch.manual_seed(rows)
+    base = nn.Sequential(nn.Linear(24, rows, bias=False), nn.Linear(rows, 24, bias=False))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"], init_lora_weights=False))
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=["0", "1"], init_lora_weights=False))
+    model.base_model.set_adapter(adapters)
+    layers = mergeable_lora_layers(model)
+    assert len(layers) == 2
+    for layer in layers:
+        weight = layer.get_base_layer().weight
+        expected = _merged_weight(layer, weight).to(dtype)
+        for block_bytes in (4, 4 * 24 * 16, 1 << 30):  # 16-row blocks (the minimum), and the whole weight at once
+            merged = _merged_in_dtype(layer, weight, dtype, block_bytes=block_bytes)
+            assert merged.dtype == dtype and torch.equal(merged, expected)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_merged_layers_run_their_base_layer_directly_and_get_peft_forward_back(tokenizer, dtype):
+    """Inside the merge each LoRA layer calls its base linear without PEFT's forward (hooks on the LoRA layer still
+    run); on exit, or after an error, PEFT's forward is back, and a forward set on the instance by someone else is
+    kept as it is."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = _lora(tokenizer)
+    layers = mergeable_lora_layers(model)
+    own = layers[0]
+    own.forward = lambda x, *args, **kwargs: LoraLinear.forward(own, x, *args, **kwargs)
+    peft_calls, hook_calls = [], []
+    original = LoraLinear.forward
+
+    def counting(self, *args, **kwargs):
+        peft_calls.append(self)
+        return original(self, *args, **kwargs)
+
+    hooks = [layer.register_forward_hook(lambda *a: hook_calls.append(1)) for layer in layers]
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(3))
+    try:
+        LoraLinear.forward = counting
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            expected = model(input_ids=ids).logits
+            peft_calls.clear()
+            hook_calls.clear()
+            with lora_merged_for_generation(model, dtype=dtype) as merged:
+                assert merged
+                merged_logits = model(input_ids=ids).logits
+            assert set(map(id, peft_calls)) == {id(own)}  # only the layer with its own forward went through PEFT's
+            assert len(hook_calls) == len(layers)
+            with pytest.raises(RuntimeError, match="boom"), lora_merged_for_generation(model, dtype=dtype):
+                raise RuntimeError("boom")
+            peft_calls.clear()
+            model(input_ids=ids)
+            assert len(peft_calls) == len(layers)
+    finally:
+        LoraLinear.forward = original
+        for hook in hooks:
+            hook.remove()
+    assert [layer for layer in layers if "forward" in layer.__dict__] == [own]
+    torch.testing.assert_close(merged_logits.float(), expected.float(), atol=0.05 if dtype else 1e-5, rtol=0.05)

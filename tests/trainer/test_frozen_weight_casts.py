@@ -21,7 +21,7 @@ from srppo_trl.testing import (
     tiny_srppo_trainer,
     tiny_tokenizer,
 )
-from srppo_trl.trainer.precision import FrozenWeightCasts
+from srppo_trl.trainer.precision import FrozenWeightCasts, lora_input_casts_skipped
 
 
 @pytest.fixture(scope="module")
@@ -209,15 +209,20 @@ def test_a_bf16_run_trains_the_same_weights_with_and_without_the_cache(cpu_bf16,
         casts = trainer._frozen_weight_casts
         assert (casts is not None) == cache
         if casts is not None:
-            original = casts.cast
+            original, original_buffer = casts.cast, casts.buffer
             casts.cast = lambda weight, dtype: made.append(id(weight)) or original(weight, dtype)
+            casts.buffer = lambda weight, dtype: buffers.append(original_buffer(weight, dtype)) or buffers[-1]
         trainer.train()
         assert casts is None or len(casts) == 0  # the copies are dropped after training
         model = trainer.accelerator.unwrap_model(trainer.model)
         return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
+    buffers = []
     with_cache, without = run(True), run(False)
     assert made and len(made) > len(set(made))  # copies were used, and reused across passes
+    if single_base:  # the merged policy weights were written into the same buffers at every rollout
+        assert buffers and len({id(b) for b in buffers}) < len(buffers)
+        assert len({id(b) for b in buffers}) == len({(b.data_ptr(), b.shape) for b in buffers})
     assert with_cache.keys() == without.keys()
     for name in without:
         assert torch.equal(with_cache[name], without[name]), name
@@ -226,3 +231,62 @@ def test_a_bf16_run_trains_the_same_weights_with_and_without_the_cache(cpu_bf16,
 def test_the_cache_is_on_by_default_for_mixed_precision_on_a_cpu_only(cpu_bf16, tokenizer, tmp_path):
     assert tiny_srppo_trainer(tokenizer, tmp_path / "bf16", bf16=True)._frozen_weight_casts is not None
     assert tiny_srppo_trainer(tokenizer, tmp_path / "fp32", bf16=False)._frozen_weight_casts is None
+
+
+def _counting_input_casts(monkeypatch):
+    """Counts the casts PEFT's LoRA linears make of their input (to the adapter's dtype)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    casts = []
+    original = LoraLinear._cast_input_dtype
+
+    def counting(self, x, dtype):
+        if x is not None and x.dtype != dtype:
+            casts.append((x.dtype, dtype))
+        return original(self, x, dtype)
+
+    monkeypatch.setattr(LoraLinear, "_cast_input_dtype", counting)
+    return casts
+
+
+def test_lora_input_casts_skipped_under_autocast_change_no_bit(tokenizer, monkeypatch):
+    """Under bf16 autocast over fp32 adapters PEFT copies each LoRA input to fp32 and autocast copies it back: skipped,
+    the logits and every gradient are the same bit for bit, and the layers get their own method back."""
+    casts = _counting_input_casts(monkeypatch)
+    model = _lora_model(tokenizer)
+    expected_logits, expected_grads = _forward_backward(model, FrozenWeightCasts())
+    assert casts and set(casts) == {(torch.bfloat16, torch.float32)}
+    casts.clear()
+    with lora_input_casts_skipped([model, model]):  # a model given twice is patched once
+        logits, grads = _forward_backward(model, FrozenWeightCasts())
+    assert casts == []
+    assert torch.equal(logits, expected_logits)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert torch.equal(grads[name], expected_grads[name]), name
+    assert not any("_cast_input_dtype" in m.__dict__ for m in model.modules())
+
+
+def test_lora_input_casts_are_kept_where_autocast_would_not_undo_them(tokenizer, monkeypatch):
+    casts = _counting_input_casts(monkeypatch)
+    # A bf16 base with fp32 adapters (PEFT's default upcast) outside autocast: the fp32 adapter needs the fp32 input.
+    model = get_peft_model(
+        tiny_causal_lm(tokenizer, seed=4).to(torch.bfloat16),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        expected = model(input_ids=_ids()).logits
+        with lora_input_casts_skipped([model]):
+            assert torch.equal(model(input_ids=_ids()).logits, expected)
+    assert casts and all(c == (torch.bfloat16, torch.float32) for c in casts)
+    # Active LoRA dropout would act on the fp32 copy: the cast stays (down_proj's input is bf16 under autocast; the
+    # attention projections take the fp32 residual stream's norm and have nothing to cast).
+    model = get_peft_model(
+        tiny_causal_lm(tokenizer, seed=4),
+        LoraConfig(r=4, target_modules=["down_proj"], lora_dropout=0.5, init_lora_weights=False),
+    ).train()
+    casts.clear()
+    with lora_input_casts_skipped([model]), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=_ids())
+    assert casts

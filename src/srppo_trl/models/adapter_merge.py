@@ -12,8 +12,9 @@ sampled tokens are those of the unmerged policy (tested); in bf16 the merged wei
 difference of the order of bf16's own rounding of the LoRA branch.
 
 Under autocast over fp32 weights (`bf16=True` with fp32 weights, the CPU default) the caller passes the autocast dtype:
-each merged weight is then built once, as a new bf16 tensor `(W + s B A).to(bf16)`, and swapped in for the region
-(`weight.data`), and the original tensor is swapped back on exit. Nothing is written to `W`, no fp32 copy is saved,
+each merged weight is then built once, as a bf16 tensor `(W + s B A).to(bf16)` (a block of rows at a time, through a
+small fp32 scratch; into a buffer kept from one rollout to the next when the caller provides one), swapped in for the
+region (`weight.data`), and the original tensor is swapped back on exit. Nothing is written to `W`, no fp32 copy is saved,
 and autocast has no weight left to cast at each step: the same bf16 weights autocast would have used after an
 in-place merge (bit for bit), for one pass over the weights instead of four, and half the extra memory (the bf16
 copies autocast would have held anyway; on a GPU, where the in-place path saves its copy in host memory, the device
@@ -108,15 +109,95 @@ def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
     return merged
 
 
+# Rows of fp32 scratch per block of `_merged_in_dtype`: 256 KiB, which stays in a core's L2 cache.
+MERGE_BLOCK_BYTES = 1 << 18
+
+
+def _fused_merge_possible(layer, weight: torch.Tensor) -> bool:
+    """True when every active adapter of `layer` merges with one fp32 `addmm` (see `_plus_delta`)."""
+    if layer.fan_in_fan_out or weight.dtype != torch.float32:
+        return False
+    return all(
+        layer.lora_A[name].weight.dtype == layer.lora_B[name].weight.dtype == torch.float32
+        for name in _active_adapters(layer)
+    )
+
+
+def _merged_in_dtype(
+    layer,
+    weight: torch.Tensor,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    block_bytes: int = MERGE_BLOCK_BYTES,
+) -> torch.Tensor:
+    """`(W + s B A).to(dtype)`, bit for bit, written into `out` (a tensor of `W`'s shape in `dtype`) or a new tensor,
+    without a full-size fp32 intermediate: the rows are merged a block at a time into a small fp32 scratch that stays
+    in cache, and cast from there into the result. The whole-weight version reads and writes the fp32 weight twice
+    (the sum, then its cast); this reads it once and writes only the narrow result. Each row of `addmm` depends on the
+    same row of `B` alone, so a block of rows is the same sum as in the whole product (tested)."""
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    if not _fused_merge_possible(layer, weight):
+        with torch.no_grad():
+            return out.copy_(_merged_weight(layer, weight))
+    rows, cols = weight.shape
+    # At least 16 rows a block, and never a last block of one row: a one-row product takes BLAS's matrix-vector path,
+    # whose sums round differently from the matrix product's.
+    step = max(16, block_bytes // (4 * max(cols, 1)))
+    bounds = list(range(0, rows, step)) + [rows]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    names = _active_adapters(layer)
+    scratch = torch.empty(min(step + 1, rows), cols, dtype=torch.float32, device=weight.device)
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        source = weight.detach()
+        for start, stop in zip(bounds, bounds[1:]):
+            block = scratch[: stop - start]
+            for i, name in enumerate(names):
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                base = source[start:stop] if i == 0 else block
+                torch.addmm(base, b[start:stop], a, alpha=layer.scaling[name], out=block)
+            out[start:stop].copy_(block)
+    return out
+
+
+def _skip_branch(layer) -> None:
+    """Run `layer` as its base linear: the adapter is off through the layer's own flag (PEFT's `disable_adapter_layers`
+    would also rewrite `requires_grad` of the adapter weights, see single_base.keep_requires_grad), and its forward is
+    the base layer's call. We deliberately bypass PEFT's `forward` here: with the adapter off it only checks its
+    arguments and calls the base layer, and that bookkeeping, at every targeted layer and decoding step, cost about 3%
+    of a single-base rollout on a CPU. Hooks registered on the LoRA layer still run (its `__call__` is unchanged)."""
+    layer._disable_adapters = True
+    if "forward" in layer.__dict__:  # a forward of its own set on the instance: left as it is
+        return
+    base = layer.get_base_layer()
+
+    def forward(x, *args, **kwargs):
+        return base(x, *args, **kwargs)
+
+    forward.skips_lora_branch = True
+    layer.forward = forward
+
+
+def _restore_branch(layer) -> None:
+    if getattr(layer.__dict__.get("forward"), "skips_lora_branch", False):
+        del layer.forward
+    layer._disable_adapters = False
+
+
 @contextmanager
-def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: torch.dtype | None = None):
+def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: torch.dtype | None = None, buffers=None):
     """Inside the context, `model`'s active LoRA adapters are folded into the base weights and the LoRA branches are
     skipped; on exit every base weight is restored bit for bit and the branches are back. A no-op when `enabled` is
     False or the model has no (mergeable) LoRA layer. Use it under `torch.no_grad()`, for generation only.
 
     `dtype`: the autocast dtype the model will run in, if any. Where it is narrower than the base weights (bf16
     autocast over fp32 weights), the merged weights are swapped in already cast to it (see the module docstring);
-    otherwise they are merged in place and restored from a saved copy."""
+    otherwise they are merged in place and restored from a saved copy.
+
+    `buffers`: where to write the swapped-in merged weights, an object whose `buffer(weight, dtype)` returns the same
+    tensor of `weight`'s shape for every rollout (the trainer's `FrozenWeightCasts`); without it they are allocated
+    afresh each time (on a CPU, first touching that much new memory took about as long as the merge itself)."""
     layers = mergeable_lora_layers(model) if enabled else None
     if not layers:
         yield False
@@ -124,7 +205,7 @@ def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: to
     weights = [layer.get_base_layer().weight for layer in layers]
     narrower = dtype is not None and all(w.dtype.itemsize > dtype.itemsize for w in weights)
     if narrower:
-        with _swapped_in(layers, weights, dtype):
+        with _swapped_in(layers, weights, dtype, buffers):
             yield True
         return
     saved = []
@@ -134,31 +215,31 @@ def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: to
                 saved.append((layer, weight, weight.detach().to("cpu", copy=True)))
                 for name in _active_adapters(layer):
                     _plus_delta(weight, layer, name, in_place=True)
-                # The branch is skipped through the layer's own flag: PEFT's `disable_adapter_layers` would also
-                # rewrite `requires_grad` of the adapter weights (see single_base.keep_requires_grad).
-                layer._disable_adapters = True
+                _skip_branch(layer)
         yield True
     finally:
         with torch.no_grad():
             for layer, weight, original in saved:
                 weight.copy_(original)
-                layer._disable_adapters = False
+                _restore_branch(layer)
 
 
 @contextmanager
-def _swapped_in(layers: list, weights: list, dtype: torch.dtype):
-    """Each layer's weight data replaced by its merged weight cast to `dtype`, and the original tensors put back on
-    exit (the parameters themselves, their names and `requires_grad` are untouched)."""
+def _swapped_in(layers: list, weights: list, dtype: torch.dtype, buffers=None):
+    """Each layer's weight data replaced by its merged weight cast to `dtype` (written into `buffers.buffer(weight,
+    dtype)` when given), and the original tensors put back on exit (the parameters themselves, their names and
+    `requires_grad` are untouched)."""
     originals = []
     try:
         with torch.no_grad():
             for layer, weight in zip(layers, weights):
-                merged = _merged_weight(layer, weight).to(dtype)
+                out = buffers.buffer(weight, dtype) if buffers is not None else None
+                merged = _merged_in_dtype(layer, weight, dtype, out=out)
                 originals.append((layer, weight, weight.data))
                 weight.data = merged
-                layer._disable_adapters = True
+                _skip_branch(layer)
         yield
     finally:
         for layer, weight, original in originals:
             weight.data = original
-            layer._disable_adapters = False
+            _restore_branch(layer)

@@ -198,10 +198,12 @@ class SRPPOConfig(_BaseConfig):
         default=None,
         metadata={
             "help": "With bf16/fp16 over fp32 weights, cast each frozen linear weight (the SFT and PT models, "
-            "single-base mode's shared base) to the low precision once for the run instead of at every forward: the "
-            "same results bit for bit, faster on a CPU, for memory holding half the frozen weights' size. None: on "
-            "for a CPU run (where a cast costs memory bandwidth and memory is plentiful), off on a GPU. Off under "
-            "DeepSpeed and FSDP."
+            "single-base mode's shared base) to the low precision once for the run instead of at every forward, keep "
+            "the buffers a LoRA policy's merged weights are written into for generation from one rollout to the "
+            "next, and skip PEFT's cast of LoRA inputs to fp32 where autocast casts them straight back: the same "
+            "results bit for bit, faster on a CPU, for memory holding half the frozen (and merged) weights' size. "
+            "None: on for a CPU run (where a cast costs memory bandwidth and memory is plentiful), off on a GPU. Off "
+            "under DeepSpeed and FSDP."
         },
     )
     reuse_first_forward: bool = field(

@@ -127,10 +127,14 @@ class FrozenWeightCasts:
     `clear` the cache (the trainer does after pushing weights to vLLM and after loading a checkpoint). Cost: the
     copies (at most half the frozen fp32 weights' size: linear weights only) stay in memory until `clear`; the trainer
     keeps them for CPU runs only (`SRPPOConfig.cache_frozen_weight_casts`) and clears them when training ends.
+
+    The cache also keeps the buffers a LoRA policy's merged low-precision weights are written into for each rollout
+    (`buffer`; half the LoRA-targeted fp32 weights' size, memory the merge needed during generation anyway).
     """
 
     def __init__(self):
         self._copies: dict[int, tuple] = {}
+        self._buffers: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self._copies)
@@ -154,8 +158,30 @@ class FrozenWeightCasts:
         self._copies[id(weight)] = (weakref.ref(weight), weight._version, weight.data_ptr(), copy)
         return copy
 
+    def buffer(self, weight, dtype):
+        """An uninitialised tensor of `weight`'s shape in `dtype`, the same one for as long as the cache lives: the
+        trainer writes a LoRA layer's merged low-precision weight for generation into it at each rollout
+        (`lora_merged_for_generation`). On a CPU, allocating and first touching that memory afresh at each rollout
+        took about as long as computing the merge."""
+        import torch
+
+        entry = self._buffers.get(id(weight))
+        if entry is not None:
+            ref, buffer = entry
+            if (
+                ref() is weight
+                and buffer.shape == weight.shape
+                and buffer.dtype == dtype
+                and buffer.device == weight.device
+            ):
+                return buffer
+        buffer = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        self._buffers[id(weight)] = (weakref.ref(weight), buffer)
+        return buffer
+
     def clear(self) -> None:
         self._copies.clear()
+        self._buffers.clear()
 
     @contextmanager
     def installed(self, models):
@@ -208,3 +234,58 @@ class FrozenWeightCasts:
             return original(input)
 
         return forward
+
+
+def _lora_dropout_active(layer) -> bool:
+    from torch import nn
+
+    return any(isinstance(d, nn.Dropout) and d.training and d.p > 0 for d in layer.lora_dropout.values())
+
+
+@contextmanager
+def lora_input_casts_skipped(models):
+    """Inside the context, PEFT's LoRA linears of `models` skip the cast of their input to the adapter's dtype where
+    autocast would cast it straight back: the same values, without two copies of the activations per layer and pass.
+
+    PEFT casts a LoRA layer's input to its adapter weights' dtype (`_cast_input_dtype`): under bf16 autocast over fp32
+    adapters, a bf16 input is copied to fp32, and autocast copies it back to bf16 for `lora_A`'s matmul. A bf16 value
+    survives that round trip exactly, forward and backward, so skipping it changes no bit (tested). Skipped only when
+    autocast is on for the input's device with the input's dtype, the adapter dtype is wider, no LoRA dropout is
+    active (dropout would act on the fp32 copy) and the layer has no LoRA variant (DoRA); otherwise PEFT's cast runs.
+    Layers with their own `_cast_input_dtype` already set on the instance are left alone."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # PEFT not installed: no LoRA layers
+        yield
+        return
+    patched = {}
+    for model in models:
+        if model is None:
+            continue
+        for module in model.modules():
+            if type(module) is LoraLinear and id(module) not in patched and "_cast_input_dtype" not in module.__dict__:
+                patched[id(module)] = module
+                module._cast_input_dtype = _autocast_aware_input_cast(module, module._cast_input_dtype)
+    try:
+        yield
+    finally:
+        for module in patched.values():
+            del module._cast_input_dtype
+
+
+def _autocast_aware_input_cast(layer, original):
+    import torch
+
+    def cast(x, dtype):
+        if x is not None and x.dtype != dtype and dtype.is_floating_point and dtype.itemsize > x.dtype.itemsize:
+            device = x.device.type
+            if (
+                torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) == x.dtype
+                and not layer.lora_variant
+                and not _lora_dropout_active(layer)
+            ):
+                return x
+        return original(x, dtype)
+
+    return cast

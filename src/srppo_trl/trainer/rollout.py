@@ -296,7 +296,12 @@ class RolloutMixin:
             merge = self.args.merge_adapters_for_generation and not sharded
             with (
                 self.accelerator.autocast(),
-                lora_merged_for_generation(unwrapped.policy, enabled=merge, dtype=_autocast_dtype(queries.device)),
+                lora_merged_for_generation(
+                    unwrapped.policy,
+                    enabled=merge,
+                    dtype=_autocast_dtype(queries.device),
+                    buffers=getattr(self, "_frozen_weight_casts", None),  # the merged weights' memory, kept (CPU)
+                ),
                 frozen_weights_cast_once(unwrapped.policy, enabled=not sharded),
             ):
                 response = sample_responses(

@@ -65,7 +65,7 @@ from .checkpointing import (
 )
 from .config import SRPPOConfig
 from .ppo_step import PPOStepMixin, lr_schedule_lambda
-from .precision import FrozenWeightCasts
+from .precision import FrozenWeightCasts, lora_input_casts_skipped
 from .rollout import RolloutBuffer, RolloutMixin, response_mask_after_stop, rollout_generation_config
 from .scoring import ScoringMixin, _is_reward_function, _is_sequence_classifier
 from .trl112_compat import TRL112CompatMixin, _TRL112Callback
@@ -639,13 +639,17 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
     def _forward_hooks(self):
         """What every training step and evaluation batch runs inside: the contiguous LM-head inputs, with a top-layer
         critic the lower layers shared by the SFT and critic passes (their cache lives for one buffer), and under
-        mixed precision on a CPU the frozen weights' low-precision copies (they live for the run)."""
+        mixed precision on a CPU the frozen weights' low-precision copies (they live for the run) and LoRA layers
+        that skip PEFT's input cast where autocast would undo it."""
         shared = self._shared_lower_layers()
         casts = self._frozen_weight_casts
         with ExitStack() as stack:
             stack.enter_context(self._contiguous_lm_heads())
             stack.enter_context(shared.installed() if shared is not None else nullcontext())
-            stack.enter_context(casts.installed(self._scored_models()) if casts is not None else nullcontext())
+            if casts is not None:
+                models = self._scored_models()
+                stack.enter_context(casts.installed(models))
+                stack.enter_context(lora_input_casts_skipped(models))
             yield
 
     def training_step(self, model, inputs, num_items_in_batch=None):

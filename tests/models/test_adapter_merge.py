@@ -205,29 +205,31 @@ def test_bf16_single_base_rollout_swaps_in_bf16_weights_and_samples_as_the_in_pl
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [33, 48, 200])
+@pytest.mark.parametrize(("width", "rows"), [(24, 33), (896, 200)])
 @pytest.mark.parametrize("adapters", [["default"], ["default", "second"]])
-def test_merged_weights_built_block_by_block_equal_the_whole_weight_merge(rows, adapters, dtype):
-    """The merged weight is built a block of rows at a time (blocks of 16 rows here; with 33 rows the last block
-    absorbs the one-row remainder, whose matrix-vector product would round differently): bit for bit the cast of the
-    whole-weight `W + s B A`, with one adapter or two. fp32 shows any rounding difference that bf16 would hide."""
+def test_merged_weights_written_through_a_shared_scratch_equal_a_fresh_merge(width, rows, adapters, dtype):
+    """The merged weights are summed in one fp32 scratch shared by the layers and written into a given buffer: bit for
+    bit the cast of a fresh `W + s B A`, with one adapter or two and scalings that are not powers of two (fp32 shows
+    any rounding difference that bf16 would hide); a stale scratch or buffer content changes nothing."""
     from torch import nn
 
     from srppo_trl.models.adapter_merge import _merged_in_dtype, _merged_weight
 
-    torch.manual_seed(rows)
-    base = nn.Sequential(nn.Linear(24, rows, bias=False), nn.Linear(rows, 24, bias=False))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"], init_lora_weights=False))
-    model.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=["0", "1"], init_lora_weights=False))
+    torch.manual_seed(rows + width)
+    base = nn.Sequential(nn.Linear(width, rows, bias=False), nn.Linear(rows, width, bias=False))
+    model = get_peft_model(base, LoraConfig(r=3, lora_alpha=7, target_modules=["0", "1"], init_lora_weights=False))
+    model.add_adapter("second", LoraConfig(r=5, lora_alpha=3, target_modules=["0", "1"], init_lora_weights=False))
     model.base_model.set_adapter(adapters)
     layers = mergeable_lora_layers(model)
     assert len(layers) == 2
+    scratch = torch.full((rows * width + 5,), float("nan"))
     for layer in layers:
         weight = layer.get_base_layer().weight
         expected = _merged_weight(layer, weight).to(dtype)
-        for block_bytes in (4, 4 * 24 * 16, 1 << 30):  # 16-row blocks (the minimum), and the whole weight at once
-            merged = _merged_in_dtype(layer, weight, dtype, block_bytes=block_bytes)
-            assert merged.dtype == dtype and torch.equal(merged, expected)
+        out = torch.full_like(expected, 7.0)
+        assert _merged_in_dtype(layer, weight, dtype, out=out, scratch=scratch) is out
+        assert torch.equal(out, expected), weight.shape
+        assert torch.equal(_merged_in_dtype(layer, weight, dtype), expected)
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
@@ -259,8 +261,11 @@ def test_merged_layers_run_their_base_layer_directly_and_get_peft_forward_back(t
             with lora_merged_for_generation(model, dtype=dtype) as merged:
                 assert merged
                 merged_logits = model(input_ids=ids).logits
+                hidden = torch.randn(2, layers[1].in_features)
+                # PEFT's own keyword arguments stop at the LoRA layer, as in PEFT's forward.
+                layers[1](hidden, adapter_names=["default", "default"])
             assert set(map(id, peft_calls)) == {id(own)}  # only the layer with its own forward went through PEFT's
-            assert len(hook_calls) == len(layers)
+            assert len(hook_calls) == len(layers) + 1
             with pytest.raises(RuntimeError, match="boom"), lora_merged_for_generation(model, dtype=dtype):
                 raise RuntimeError("boom")
             peft_calls.clear()

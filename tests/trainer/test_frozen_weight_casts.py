@@ -193,8 +193,11 @@ def test_patched_forwards_are_restored_after_an_error(tokenizer):
 
 
 @pytest.mark.parametrize("single_base", [False, True])
-def test_a_bf16_run_trains_the_same_weights_with_and_without_the_cache(cpu_bf16, tokenizer, tmp_path, single_base):
-    made = []
+def test_a_bf16_run_trains_the_same_weights_with_and_without_the_cache(
+    cpu_bf16, tokenizer, tmp_path, single_base, monkeypatch
+):
+    made, input_casts = [], _counting_input_casts(monkeypatch)
+    input_casts_by_run = {}
 
     def run(cache):
         settings = dict(bf16=True, cache_frozen_weight_casts=cache)
@@ -212,8 +215,10 @@ def test_a_bf16_run_trains_the_same_weights_with_and_without_the_cache(cpu_bf16,
             original, original_buffer = casts.cast, casts.buffer
             casts.cast = lambda weight, dtype: made.append(id(weight)) or original(weight, dtype)
             casts.buffer = lambda weight, dtype: buffers.append(original_buffer(weight, dtype)) or buffers[-1]
+        input_casts.clear()
         trainer.train()
-        assert casts is None or len(casts) == 0  # the copies are dropped after training
+        input_casts_by_run[cache] = len(input_casts)
+        assert casts is None or (len(casts) == 0 and not casts._buffers)  # copies and buffers dropped after training
         model = trainer.accelerator.unwrap_model(trainer.model)
         return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
@@ -222,6 +227,8 @@ def test_a_bf16_run_trains_the_same_weights_with_and_without_the_cache(cpu_bf16,
     assert made and len(made) > len(set(made))  # copies were used, and reused across passes
     if single_base:  # the merged policy weights were written into the same buffers at every rollout
         assert buffers and len({id(b) for b in buffers}) < len(buffers)
+        # PEFT's casts of bf16 LoRA inputs (down_proj's) to fp32 were skipped with the cache, made without it.
+        assert input_casts_by_run == {True: 0, False: input_casts_by_run[False]} and input_casts_by_run[False] > 0
         assert len({id(b) for b in buffers}) == len({(b.data_ptr(), b.shape) for b in buffers})
     assert with_cache.keys() == without.keys()
     for name in without:

@@ -12,9 +12,9 @@ sampled tokens are those of the unmerged policy (tested); in bf16 the merged wei
 difference of the order of bf16's own rounding of the LoRA branch.
 
 Under autocast over fp32 weights (`bf16=True` with fp32 weights, the CPU default) the caller passes the autocast dtype:
-each merged weight is then built once, as a bf16 tensor `(W + s B A).to(bf16)` (a block of rows at a time, through a
-small fp32 scratch; into a buffer kept from one rollout to the next when the caller provides one), swapped in for the
-region (`weight.data`), and the original tensor is swapped back on exit. Nothing is written to `W`, no fp32 copy is saved,
+each merged weight is then built once, as a bf16 tensor `(W + s B A).to(bf16)` (through one fp32 scratch shared by
+all layers, into a buffer kept from one rollout to the next when the caller provides one), swapped in for the region
+(`weight.data`), and the original tensor is swapped back on exit. Nothing is written to `W`, no fp32 copy is saved,
 and autocast has no weight left to cast at each step: the same bf16 weights autocast would have used after an
 in-place merge (bit for bit), for one pass over the weights instead of four, and half the extra memory (the bf16
 copies autocast would have held anyway; on a GPU, where the in-place path saves its copy in host memory, the device
@@ -109,10 +109,6 @@ def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
     return merged
 
 
-# Rows of fp32 scratch per block of `_merged_in_dtype`: 256 KiB, which stays in a core's L2 cache.
-MERGE_BLOCK_BYTES = 1 << 18
-
-
 def _fused_merge_possible(layer, weight: torch.Tensor) -> bool:
     """True when every active adapter of `layer` merges with one fp32 `addmm` (see `_plus_delta`)."""
     if layer.fan_in_fan_out or weight.dtype != torch.float32:
@@ -128,37 +124,35 @@ def _merged_in_dtype(
     weight: torch.Tensor,
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
-    block_bytes: int = MERGE_BLOCK_BYTES,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`(W + s B A).to(dtype)`, bit for bit, written into `out` (a tensor of `W`'s shape in `dtype`) or a new tensor,
-    without a full-size fp32 intermediate: the rows are merged a block at a time into a small fp32 scratch that stays
-    in cache, and cast from there into the result. The whole-weight version reads and writes the fp32 weight twice
-    (the sum, then its cast); this reads it once and writes only the narrow result. Each row of `addmm` depends on the
-    same row of `B` alone, so a block of rows is the same sum as in the whole product (tested)."""
+    """`(W + s B A).to(dtype)`, bit for bit, written into `out` (a tensor of `W`'s shape in `dtype`) or a new tensor.
+    The fp32 sum goes into `scratch` (a flat fp32 tensor of at least `W.numel()` elements) when given, so that a merge
+    of many layers touches one fp32 buffer instead of allocating one per layer. The very `addmm` of `_plus_delta` on
+    the whole weight: a block of rows at a time would stay in cache, but BLAS picks its kernel by the matrix shape, and
+    the sums of a block then round differently from those of the whole product."""
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    if not _fused_merge_possible(layer, weight):
+    if not _fused_merge_possible(layer, weight) or scratch is None:
         with torch.no_grad():
             return out.copy_(_merged_weight(layer, weight))
-    rows, cols = weight.shape
-    # At least 16 rows a block, and never a last block of one row: a one-row product takes BLAS's matrix-vector path,
-    # whose sums round differently from the matrix product's.
-    step = max(16, block_bytes // (4 * max(cols, 1)))
-    bounds = list(range(0, rows, step)) + [rows]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-        del bounds[-2]
-    names = _active_adapters(layer)
-    scratch = torch.empty(min(step + 1, rows), cols, dtype=torch.float32, device=weight.device)
+    merged = scratch[: weight.numel()].view(weight.shape)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-        source = weight.detach()
-        for start, stop in zip(bounds, bounds[1:]):
-            block = scratch[: stop - start]
-            for i, name in enumerate(names):
-                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                base = source[start:stop] if i == 0 else block
-                torch.addmm(base, b[start:stop], a, alpha=layer.scaling[name], out=block)
-            out[start:stop].copy_(block)
-    return out
+        for i, name in enumerate(_active_adapters(layer)):
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            torch.addmm(weight.detach() if i == 0 else merged, b, a, alpha=layer.scaling[name], out=merged)
+        return out.copy_(merged)
+
+
+def _peft_only_kwargs() -> tuple[str, ...]:
+    try:
+        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+    except ImportError:  # another PEFT version: the keys of 0.21
+        VARIANT_KWARG_KEYS = ["alora_offsets"]
+    return ("adapter_names", *VARIANT_KWARG_KEYS)
+
+
+_PEFT_ONLY_KWARGS = _peft_only_kwargs()
 
 
 def _skip_branch(layer) -> None:
@@ -173,6 +167,8 @@ def _skip_branch(layer) -> None:
     base = layer.get_base_layer()
 
     def forward(x, *args, **kwargs):
+        for key in _PEFT_ONLY_KWARGS:  # what PEFT's forward takes for itself and never passes to the base layer
+            kwargs.pop(key, None)
         return base(x, *args, **kwargs)
 
     forward.skips_lora_branch = True
@@ -230,11 +226,12 @@ def _swapped_in(layers: list, weights: list, dtype: torch.dtype, buffers=None):
     dtype)` when given), and the original tensors put back on exit (the parameters themselves, their names and
     `requires_grad` are untouched)."""
     originals = []
+    scratch = torch.empty(max(w.numel() for w in weights), dtype=torch.float32, device=weights[0].device)
     try:
         with torch.no_grad():
             for layer, weight in zip(layers, weights):
                 out = buffers.buffer(weight, dtype) if buffers is not None else None
-                merged = _merged_in_dtype(layer, weight, dtype, out=out)
+                merged = _merged_in_dtype(layer, weight, dtype, out=out, scratch=scratch)
                 originals.append((layer, weight, weight.data))
                 weight.data = merged
                 _skip_branch(layer)

@@ -190,7 +190,8 @@ class FrozenWeightCasts:
         layer shared by several models is patched once). Left alone: trainable layers (autocast casts them once per
         region already; any copy of theirs is dropped, since an optimizer step may not bump the version counter),
         layers with a forward of their own already set on the instance (e.g. a value head kept in fp32), and layers
-        run by accelerate's big-model hooks (offloaded, device-mapped). Copies of weights not patched now are dropped."""
+        run by accelerate's big-model hooks (offloaded, device-mapped). Copies and buffers of weights not patched now are
+        dropped."""
         import torch
         from torch import nn
 
@@ -213,6 +214,8 @@ class FrozenWeightCasts:
                     module.forward = self._forward(module, module.forward)
         for key in [key for key in self._copies if key not in weights]:
             del self._copies[key]
+        for key in [key for key in self._buffers if key not in weights]:  # LoRA base weights are frozen linears
+            del self._buffers[key]
         try:
             yield self
         finally:
@@ -252,7 +255,8 @@ def lora_input_casts_skipped(models):
     survives that round trip exactly, forward and backward, so skipping it changes no bit (tested). Skipped only when
     autocast is on for the input's device with the input's dtype, the adapter dtype is wider, no LoRA dropout is
     active (dropout would act on the fp32 copy) and the layer has no LoRA variant (DoRA); otherwise PEFT's cast runs.
-    Layers with their own `_cast_input_dtype` already set on the instance are left alone."""
+    Only bf16/fp16 inputs to fp32 adapters (autocast leaves fp64 alone). Layers with their own `_cast_input_dtype`
+    already set on the instance are left alone."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # PEFT not installed: no LoRA layers
@@ -277,7 +281,7 @@ def _autocast_aware_input_cast(layer, original):
     import torch
 
     def cast(x, dtype):
-        if x is not None and x.dtype != dtype and dtype.is_floating_point and dtype.itemsize > x.dtype.itemsize:
+        if x is not None and dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16):
             device = x.device.type
             if (
                 torch.is_autocast_enabled(device)

@@ -814,7 +814,7 @@ def claim_verdict(cells: dict) -> list[str]:
 
     main = diff("srppo", "sft", held)
     if main is None:
-        return []
+        return ["No verdict: the SRPPO and SFT cells have no held-out instruction scores to compare.", ""]
     if main[1] > 0:
         verdict, how = "The claim's central part holds", "better than SFT's"
     elif main[2] < 0:

@@ -289,27 +289,3 @@ def test_a_group_batch_that_splits_a_prompt_group_fails_before_sft(tiny_base, tm
     argv = _overrides(tiny_base, tmp_path) + ["--algorithm", "grpo", "--group_trainer_extra", '{"num_generations": 3}']
     with pytest.raises(ValueError, match="num_generations=3 completions per prompt"):
         main(argv, default_config=str(RECIPES / "configs" / "mistral_min_overlap.yaml"))
-
-
-def test_the_demo_picks_bf16_on_a_cpu_with_bf16_instructions_only(monkeypatch, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("smollm2_demo_recipe", RECIPES / "smollm2_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    monkeypatch.setattr(demo, "training_on_cpu", lambda use_cpu: True)
-    monkeypatch.setattr(demo, "cpu_has_fast_bf16", lambda: True)
-    assert demo.demo_argv(["--num_prompts", "8"]) == ["--num_prompts", "8", "--bf16", "true"]
-    assert demo.demo_argv(["--bf16", "false"]) == ["--bf16", "false"]  # the user's choice wins
-    assert demo.demo_argv(["--bf16=false"]) == ["--bf16=false"]
-    assert demo.demo_argv(["--fp16", "true"]) == ["--fp16", "true"]
-    own = tmp_path / "own.yaml"
-    own.write_text("bf16: false\nnum_prompts: 8\n")
-    assert demo.demo_argv(["--config", str(own)]) == ["--config", str(own)]  # a config file's choice stands too
-    own.write_text("num_prompts: 8\n")
-    assert demo.demo_argv([f"--config={own}"]) == [f"--config={own}", "--bf16", "true"]
-    monkeypatch.setattr(demo, "cpu_has_fast_bf16", lambda: False)
-    assert demo.demo_argv([]) == []  # AVX2: fp32, as before
-    monkeypatch.setattr(demo, "cpu_has_fast_bf16", lambda: True)
-    monkeypatch.setattr(demo, "training_on_cpu", lambda use_cpu: False)
-    assert demo.demo_argv([]) == []  # a GPU: SRPPOConfig's own default decides

@@ -159,8 +159,7 @@ def _skip_branch(layer) -> None:
     """Run `layer` as its base linear: the adapter is off through the layer's own flag (PEFT's `disable_adapter_layers`
     would also rewrite `requires_grad` of the adapter weights, see single_base.keep_requires_grad), and its forward is
     the base layer's call. We deliberately bypass PEFT's `forward` here: with the adapter off it only checks its
-    arguments and calls the base layer, and that bookkeeping, at every targeted layer and decoding step, cost about 3%
-    of a single-base rollout on a CPU. Hooks registered on the LoRA layer still run (its `__call__` is unchanged)."""
+    arguments and calls the base layer, and that bookkeeping runs at every targeted layer and decoding step. Hooks registered on the LoRA layer still run (its `__call__` is unchanged)."""
     layer._disable_adapters = True
     if "forward" in layer.__dict__:  # a forward of its own set on the instance: left as it is
         return
@@ -193,7 +192,7 @@ def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: to
 
     `buffers`: where to write the swapped-in merged weights, an object whose `buffer(weight, dtype)` returns the same
     tensor of `weight`'s shape for every rollout (the trainer's `FrozenWeightCasts`); without it they are allocated
-    afresh each time (on a CPU, first touching that much new memory took about as long as the merge itself)."""
+    afresh each time (on a CPU, first touching that much new memory costs page faults at every rollout)."""
     layers = mergeable_lora_layers(model) if enabled else None
     if not layers:
         yield False

@@ -161,8 +161,8 @@ class FrozenWeightCasts:
     def buffer(self, weight, dtype):
         """An uninitialised tensor of `weight`'s shape in `dtype`, the same one for as long as the cache lives: the
         trainer writes a LoRA layer's merged low-precision weight for generation into it at each rollout
-        (`lora_merged_for_generation`). On a CPU, allocating and first touching that memory afresh at each rollout
-        took about as long as computing the merge."""
+        (`lora_merged_for_generation`), rather than allocating and first touching that memory afresh at each rollout
+        (page faults on a CPU)."""
         import torch
 
         entry = self._buffers.get(id(weight))
@@ -252,7 +252,9 @@ def lora_input_casts_skipped(models):
 
     PEFT casts a LoRA layer's input to its adapter weights' dtype (`_cast_input_dtype`): under bf16 autocast over fp32
     adapters, a bf16 input is copied to fp32, and autocast copies it back to bf16 for `lora_A`'s matmul. A bf16 value
-    survives that round trip exactly, forward and backward, so skipping it changes no bit (tested). Skipped only when
+    survives that round trip exactly, forward and backward, so skipping it changes no bit (tested). PEFT's own
+    `peft.helpers.disable_input_dtype_casting` turns the cast off unconditionally, which breaks a bf16 base with fp32
+    adapters outside autocast; this decides per call. Skipped only when
     autocast is on for the input's device with the input's dtype, the adapter dtype is wider, no LoRA dropout is
     active (dropout would act on the fp32 copy) and the layer has no LoRA variant (DoRA); otherwise PEFT's cast runs.
     Only bf16/fp16 inputs to fp32 adapters (autocast leaves fp64 alone). Layers with their own `_cast_input_dtype`

@@ -206,6 +206,15 @@ class SRPPOConfig(_BaseConfig):
             "under DeepSpeed and FSDP."
         },
     )
+    cpu_attention_fp32_backward: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With bf16 on a CPU, run the backward of PyTorch's flash attention in fp32 for sequences under 192 "
+            "tokens, where its bf16 backward makes many tiny matrix products and is several times slower: the same "
+            "forward bit for bit, gradients no less exact. None: on for a bf16 run on a CPU. No effect on a GPU, in "
+            "fp32 or fp16, or with an attention implementation other than `sdpa`."
+        },
+    )
     reuse_first_forward: bool = field(
         default=True,
         metadata={

@@ -64,6 +64,7 @@ from .checkpointing import (
     unmark_complete,
 )
 from .config import SRPPOConfig
+from .cpu_attention import fp32_attention_backward
 from .ppo_step import PPOStepMixin, lr_schedule_lambda
 from .precision import FrozenWeightCasts, lora_input_casts_skipped
 from .rollout import RolloutBuffer, RolloutMixin, response_mask_after_stop, rollout_generation_config
@@ -267,6 +268,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         self._check_value_bias_init()
         self._step = None  # micro-steps done, set from `state.global_step` at the first training step (resume)
         self._frozen_weight_casts = self._make_frozen_weight_casts()
+        self._fp32_attention_backward = self._uses_fp32_attention_backward()
         self._clock = None  # (time, episode) at the start of `train()`, for the `eps` metric
         self.add_callback(_TRL112Callback(self))
 
@@ -623,6 +625,16 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
             return None
         return FrozenWeightCasts()
 
+    def _uses_fp32_attention_backward(self) -> bool:
+        """Whether the trained passes run the backward of bf16 flash attention in fp32 (`cpu_attention.py`):
+        `cpu_attention_fp32_backward` (None: a bf16 run on a CPU), never with `torch_compile` (the patched function
+        would be traced into every graph)."""
+        args = self.args
+        wanted = args.cpu_attention_fp32_backward
+        if wanted is None:
+            wanted = self.accelerator.device.type == "cpu" and bool(args.bf16)
+        return bool(wanted) and not args.torch_compile
+
     def _contiguous_lm_heads(self):
         """`contiguous_lm_head.contiguous_lm_head_input` over every model the trainer scores with."""
         return contiguous_lm_head_input(self._scored_models())
@@ -639,8 +651,9 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
     def _forward_hooks(self):
         """What every training step and evaluation batch runs inside: the contiguous LM-head inputs, with a top-layer
         critic the lower layers shared by the SFT and critic passes (their cache lives for one buffer), and under
-        mixed precision on a CPU the frozen weights' low-precision copies (they live for the run) and LoRA layers
-        that skip PEFT's input cast where autocast would undo it."""
+        mixed precision on a CPU the frozen weights' low-precision copies (they live for the run), LoRA layers
+        that skip PEFT's input cast where autocast would undo it, and (bf16) attention backwards in fp32 on short
+        sequences."""
         shared = self._shared_lower_layers()
         casts = self._frozen_weight_casts
         with ExitStack() as stack:
@@ -650,6 +663,8 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
                 models = self._scored_models()
                 stack.enter_context(casts.installed(models))
                 stack.enter_context(lora_input_casts_skipped(models))
+            if self._fp32_attention_backward:
+                stack.enter_context(fp32_attention_backward())
             yield
 
     def training_step(self, model, inputs, num_items_in_batch=None):

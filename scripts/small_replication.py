@@ -401,10 +401,13 @@ class Campaign:
     def trainer_args(self, folder: Path, seed: int, **fields):
         from srppo_trl import SRPPOConfig
 
-        # activation_checkpointing off: faster on CPU, memory is not the limit at 135M.
+        # activation_checkpointing off: faster on CPU, memory is not the limit at 135M. The committed cells ran before
+        # bf16 CPU runs took the attention backward in fp32, which rounds gradients differently: kept off, so that a
+        # cell run now (a missing or changed one) trains as those did.
         return SRPPOConfig(
             output_dir=str(folder), seed=seed, report_to="none", logging_steps=1, save_strategy="no",
-            activation_checkpointing=False, bf16=self.precision == "bf16", **fields,
+            activation_checkpointing=False, bf16=self.precision == "bf16", cpu_attention_fp32_backward=False,
+            **fields,
         )  # fmt: skip
 
     # ---- models the cells share

@@ -256,3 +256,11 @@ def test_the_verdict_follows_the_held_out_interval_against_sft(script, srppo, ex
     assert "SRPPO - SPIN: held-out L.Acc " + ("higher" if srppo > 0.4 else "lower") in text
     assert "SRPPO - GRPO: held-out L.Acc not resolved" in text
     assert script.claim_verdict({})[0].startswith("No verdict")
+
+
+def test_srppo_cells_train_without_the_fp32_attention_backward(script, tmp_path):
+    """The committed cells ran before bf16 CPU runs took the attention backward in fp32: a cell run now must not."""
+    from types import SimpleNamespace
+
+    args = script.Campaign.trainer_args(SimpleNamespace(precision="fp32"), tmp_path, seed=0)
+    assert args.cpu_attention_fp32_backward is False

@@ -87,7 +87,7 @@ def test_under_autocast_the_same_casts_forward_and_gradients_of_fp32_inputs():
 
 @pytest.mark.parametrize(
     "case",
-    ["fp32", "no_grad", "long", "dropout", "gqa", "math_backend", "not_trained"],
+    ["fp32", "no_grad", "long", "dropout", "gqa", "math_backend", "not_trained", "trained_bias"],
 )
 def test_calls_it_does_not_apply_to_reach_pytorch_untouched(case, monkeypatch):
     length = SHORT_QUERY_LENGTH if case == "long" else 9
@@ -100,6 +100,8 @@ def test_calls_it_does_not_apply_to_reach_pytorch_untouched(case, monkeypatch):
         kwargs["enable_gqa"] = True
     if case == "not_trained":
         qkv = [t.detach() for t in qkv]
+    if case == "trained_bias":
+        kwargs["attn_mask"] = torch.zeros(1, 1, length, length, dtype=torch.bfloat16, requires_grad=True)
     applied = []
     monkeypatch.setattr(
         cpu_attention._FlashForwardFp32Backward, "apply", lambda *a: applied.append(a) or pytest.fail("applied")

@@ -6,10 +6,10 @@ fixed cost, so on short sequences the bf16 backward takes several times its forw
 backward in fp32 (`benchmarks/bench_cpu_attention.py` measures both on the machine at hand). `fp32_attention_backward`
 keeps the bf16 forward as it is (the same kernel, so the same outputs bit for bit) and runs the backward on fp32
 copies of its inputs, of the forward's output and of its log-sum-exp: the same kernel in fp32, whose gradients are
-no less exact than the bf16 kernel's (it also accumulates the key and value gradients in fp32 where the bf16 kernel
-adds each block's share in bf16). From 192 queries on, PyTorch's blocks are larger and its bf16 backward is as fast,
-so those calls are left alone, as is everything else: GPUs, fp32 and fp16, dropout, grouped-query attention inside
-the kernel, calls without gradients, and any call PyTorch would not send to its flash kernel.
+closer to fp32 attention's than the bf16 kernel's (the benchmark prints both errors). From 192 queries on, PyTorch's
+blocks are larger and its bf16 backward is the faster one, so those calls are left alone, as is everything else:
+GPUs, fp32 and fp16, dropout, grouped-query attention inside the kernel, calls without gradients, and any call
+PyTorch would not send to its flash kernel.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def _may_take_fp32_backward(query, key, value, attn_mask, dropout_p, enable_gqa,
     if any(t.device.type != "cpu" or t.dtype not in kernel_dtypes for t in tensors):
         return False
     if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor) or attn_mask.device.type != "cpu":
-            return False
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.device.type != "cpu" or attn_mask.requires_grad:
+            return False  # (a trained bias, say: its gradient is PyTorch's to compute)
         if attn_mask.dtype != torch.bool and attn_mask.dtype not in kernel_dtypes:
             return False
     return True

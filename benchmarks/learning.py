@@ -105,6 +105,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "evaluation runs in fp32 either way",
     )
     p.add_argument(
+        "--fp32-attention-backward",
+        choices=("auto", "off"),
+        default="auto",
+        help="SRPPO in bf16 on a CPU: the attention backward in fp32 on sequences under 192 tokens (auto: the "
+        "trainer's default) or PyTorch's bf16 one (off: as bf16 runs trained before the trainer had it)",
+    )
+    p.add_argument(
         "--cliprange-value",
         type=lambda v: None if v.lower() == "none" else float(v),
         default=0.2,
@@ -443,6 +450,7 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
             critic_learning_rate=args.learning_rate,
             critic_warmup_steps=args.critic_warmup,
             cliprange_value=args.cliprange_value,
+            cpu_attention_fp32_backward=None if args.fp32_attention_backward == "auto" else False,
             **({} if args.lam is None else {"lam": args.lam}),
             normalize_reward=args.normalize_reward,
             value_bias_init=args.value_bias_init,

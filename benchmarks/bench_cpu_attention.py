@@ -2,9 +2,10 @@
 backward in fp32), forward + backward, at several sequence lengths, in one process.
 
 SmolLM2-135M's attention shape (9 heads of 64) and the bench's batch of 8 by default. For each length, the two
-variants alternate (`--repeats` timed rounds after one warm-up each) and their medians are compared; the gradients of
-both are compared with fp32 attention on the same bf16 inputs (relative Frobenius error of dq, dk, dv). The trainer
-uses the fp32 backward below `SHORT_QUERY_LENGTH` (192) queries only. One torch thread by default.
+variants alternate (`--repeats` timed rounds after one warm-up each) and their medians are compared, with PyTorch's
+bf16 forward alone beside them; the gradients of both are compared with fp32 attention on the same bf16-rounded
+inputs and output gradient (relative Frobenius error of dq, dk, dv). The trainer uses the fp32 backward below
+`SHORT_QUERY_LENGTH` (192) queries only. One torch thread by default.
 
     python benchmarks/bench_cpu_attention.py
     python benchmarks/bench_cpu_attention.py --lengths 64,128,256 --batch 32
@@ -53,34 +54,44 @@ def main(argv=None) -> None:
         fn(*qkv, mask).backward(grad)
         return time.perf_counter() - start
 
+    def forward_only(qkv, mask):
+        start = time.perf_counter()
+        with torch.no_grad():
+            pytorch(*qkv, mask)
+        return time.perf_counter() - start
+
     rows = []
     print(
-        "| length | PyTorch bf16 fwd+bwd ms | fp32 backward ms | ratio | grad err PyTorch bf16 | grad err fp32 backward |"
+        "| length | PyTorch bf16 fwd ms | PyTorch bf16 fwd+bwd ms | bf16 fwd + fp32 bwd ms | ratio "
+        "| grad err PyTorch bf16 | grad err fp32 bwd |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for length in (int(x) for x in args.lengths.split(",")):
         g = torch.Generator().manual_seed(length)
         shape = (args.batch, args.heads, length, args.head_dim)
-        base = [torch.randn(shape, generator=g) for _ in range(3)]
-        grad32 = torch.randn(shape, generator=g)
+        base = [torch.randn(shape, generator=g).bfloat16().float() for _ in range(3)]  # bf16-representable
+        grad32 = torch.randn(shape, generator=g).bfloat16().float()
         mask = torch.ones(args.batch, 1, length, length, dtype=torch.bool).tril()
         mask[: args.batch // 2, :, :, :7] = False  # left padding on half the rows
         mask[: args.batch // 2, :, :7, :7] |= torch.eye(7, dtype=torch.bool)
         exact = [t.clone().requires_grad_() for t in base]
         step(pytorch, exact, mask, grad32)
         qkv, grad = [t.bfloat16().requires_grad_() for t in base], grad32.bfloat16()
-        errors, times = {}, {"pytorch": [], "fp32_backward": []}
+        errors, times = {}, {"pytorch": [], "fp32_backward": [], "forward": []}
         for name, fn in (("pytorch", pytorch), ("fp32_backward", fp32_backward)):
             step(fn, qkv, mask, grad)  # warm-up
             errors[name] = [
                 round(((t.grad.float() - e.grad).norm() / e.grad.norm()).item(), 5) for t, e in zip(qkv, exact)
             ]
+        forward_only(qkv, mask)
         for _ in range(args.repeats):
             for name, fn in (("pytorch", pytorch), ("fp32_backward", fp32_backward)):
                 times[name].append(step(fn, qkv, mask, grad))
+            times["forward"].append(forward_only(qkv, mask))
         med = {name: statistics.median(ts) for name, ts in times.items()}
         row = {
             "length": length,
+            "pytorch_forward_ms": med["forward"] * 1e3,
             "pytorch_ms": med["pytorch"] * 1e3,
             "fp32_backward_ms": med["fp32_backward"] * 1e3,
             "ratio": med["fp32_backward"] / med["pytorch"],
@@ -89,7 +100,7 @@ def main(argv=None) -> None:
         }
         rows.append(row)
         print(
-            f"| {length} | {row['pytorch_ms']:.2f} | {row['fp32_backward_ms']:.2f} | {row['ratio']:.2f} | "
+            f"| {length} | {row['pytorch_forward_ms']:.2f} | {row['pytorch_ms']:.2f} | {row['fp32_backward_ms']:.2f} | {row['ratio']:.2f} | "
             f"{max(errors['pytorch']):.4f} | {max(errors['fp32_backward']):.4f} |",
             flush=True,
         )

@@ -14,6 +14,8 @@ Every measurement runs in its own subprocess (so peak RSS is per mode), one afte
   first forward, adapter merging and (bf16 only) the frozen weights' bf16 copies kept for the run;
 - `four_model_uncached`, `single_base_uncached`: only `cache_frozen_weight_casts=False` (bf16: autocast casts the
   frozen weights at every forward);
+- `four_model_pytorch_attention`, `single_base_pytorch_attention`: only `cpu_attention_fp32_backward=False` (bf16 on
+  a CPU: PyTorch's bf16 attention backward instead of the trainer's fp32 one on short sequences);
 - `single_base_topk`: single-base with the opt-in top-layer critic, `build_single_base(..., critic_top_layers=K)`
   (`--critic-top-layers`, default 8 of SmolLM2's 30): its lower layers are the SFT model's, shared with the SFT
   scoring pass and never backpropagated through (a cheaper critic, not the paper's: see docs/performance.md);
@@ -66,6 +68,8 @@ OUR_MODES = (
     "single_base_baseline",
     "four_model_uncached",
     "single_base_uncached",
+    "four_model_pytorch_attention",
+    "single_base_pytorch_attention",
     *VLLM_MODES,
 )
 ALL_MODES = ("floor", *OUR_MODES, "peer")
@@ -134,7 +138,9 @@ def _build_trainer(mode: str, args, output_dir: str):
 
     baseline, use_vllm, topk = mode.endswith("_baseline"), mode.endswith("_vllm"), mode.endswith("_topk")
     uncached = baseline or mode.endswith("_uncached")
+    pytorch_attention = mode.endswith("_pytorch_attention")
     mode = mode.removesuffix("_baseline").removesuffix("_vllm").removesuffix("_topk").removesuffix("_uncached")
+    mode = mode.removesuffix("_pytorch_attention")
     if mode == "four_model":
         sft, pt, policy = load(paths["sft"]), load(paths["pt"]), load(paths["sft"])
         reward, value_model = CoherentRewardModel(sft, pt), None  # the trainer copies the SFT backbone for the critic
@@ -174,6 +180,7 @@ def _build_trainer(mode: str, args, output_dir: str):
         reuse_first_forward=not baseline,
         merge_adapters_for_generation=not baseline,
         cache_frozen_weight_casts=not uncached,  # only used under bf16 (on a CPU)
+        cpu_attention_fp32_backward=False if pytorch_attention else None,  # the same
         use_vllm=use_vllm,
     )
     trainer = SRPPOTrainer(
@@ -369,6 +376,9 @@ def main(argv=None) -> None:
             if mode.endswith("_uncached") and precision == "fp32":
                 print(f"skipping {mode} in fp32: without autocast nothing is cast, it is {mode[:-9]}", file=sys.stderr)
                 continue
+            if mode.endswith("_pytorch_attention") and precision == "fp32":
+                print(f"skipping {mode} in fp32: only bf16 runs take the fp32 attention backward", file=sys.stderr)
+                continue
             _run_mode(mode, precision, common, args, env, results, loads, failed)
 
     _report(results, loads, args)
@@ -468,7 +478,7 @@ def _report(results: dict, loads: dict, args) -> None:
         if topk and single:
             ratios[f"single_base_topk{suffix}_update_over_single_base{suffix}"] = topk["update"] / single["update"]
         for mode in ("four_model", "single_base"):
-            for other in ("baseline", "uncached"):
+            for other in ("baseline", "uncached", "pytorch_attention"):
                 if mode + suffix in med and f"{mode}_{other}{suffix}" in med:
                     ratios[f"{mode}{suffix}_update_over_{other}{suffix}"] = (
                         med[mode + suffix]["update"] / med[f"{mode}_{other}{suffix}"]["update"]

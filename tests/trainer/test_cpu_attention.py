@@ -81,13 +81,34 @@ def test_under_autocast_the_same_casts_forward_and_gradients_of_fp32_inputs():
     (theirs, their_grads), (ours, our_grads) = results
     assert torch.equal(ours, theirs)
     assert [g.dtype for g in our_grads] == [torch.float32, torch.float32, torch.bfloat16]  # back to the inputs' dtypes
-    for mine, bf16_kernel in zip(our_grads, their_grads):
-        assert _rel_err(mine, bf16_kernel) < 0.02
+    # fp32 attention on the inputs as autocast rounds them is the reference.
+    exact_qkv = [t.detach().bfloat16().float().requires_grad_() for t in (q, k, v)]
+    _, exact_grads = _run(F.scaled_dot_product_attention, exact_qkv, grad.float(), attn_mask=mask)
+    for mine, bf16_kernel, exact in zip(our_grads, their_grads, exact_grads):
+        assert not torch.equal(mine, bf16_kernel)  # the backward did run elsewhere
+        assert _rel_err(mine, exact) <= _rel_err(bf16_kernel, exact) * 1.02 + 1e-4
+
+
+def test_under_fp16_autocast_pytorch_runs_it():
+    """fp16 autocast runs the kernel in fp16: PyTorch's call, whatever the inputs' dtype."""
+    qkv, grad = _inputs()
+    with torch.autocast("cpu", dtype=torch.float16):
+        theirs = F.scaled_dot_product_attention(*qkv, is_causal=True)
+        ours = sdpa_with_fp32_backward(*qkv, is_causal=True)
+    assert ours.dtype == theirs.dtype == torch.float16 and torch.equal(ours, theirs)
+
+
+def test_a_double_backward_fails_loudly():
+    qkv, _ = _inputs()
+    out = sdpa_with_fp32_backward(*qkv, is_causal=True)
+    assert out.grad_fn is not None and "FlashForwardFp32Backward" in type(out.grad_fn).__name__
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.float().sum(), qkv[0], create_graph=True)
 
 
 @pytest.mark.parametrize(
     "case",
-    ["fp32", "no_grad", "long", "dropout", "gqa", "math_backend", "not_trained", "trained_bias"],
+    ["fp32", "no_grad", "long", "dropout", "gqa", "math_backend", "not_trained", "trained_bias", "compiling"],
 )
 def test_calls_it_does_not_apply_to_reach_pytorch_untouched(case, monkeypatch):
     length = SHORT_QUERY_LENGTH if case == "long" else 9
@@ -100,6 +121,8 @@ def test_calls_it_does_not_apply_to_reach_pytorch_untouched(case, monkeypatch):
         kwargs["enable_gqa"] = True
     if case == "not_trained":
         qkv = [t.detach() for t in qkv]
+    if case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     if case == "trained_bias":
         kwargs["attn_mask"] = torch.zeros(1, 1, length, length, dtype=torch.bfloat16, requires_grad=True)
     applied = []
@@ -126,6 +149,21 @@ def test_the_patch_is_counted_and_undone_even_after_an_error():
             raise RuntimeError("boom")
         assert F.scaled_dot_product_attention is sdpa_with_fp32_backward  # the outer one still holds
     assert F.scaled_dot_product_attention is original
+
+
+def test_another_librarys_patch_is_left_in_place_and_no_call_recurses(monkeypatch):
+    original = F.scaled_dot_product_attention
+
+    def theirs(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    with fp32_attention_backward():
+        monkeypatch.setattr(F, "scaled_dot_product_attention", theirs)  # patched over ours, restored after the test
+    assert F.scaled_dot_product_attention is theirs
+    # Called with no patch active (or put back by someone else out of order): PyTorch's function, no recursion.
+    qkv, grad = _inputs()
+    ours, _ = _run(sdpa_with_fp32_backward, qkv, grad, is_causal=True)
+    assert torch.equal(ours, original(*qkv, is_causal=True))
 
 
 def test_a_model_under_it_gives_the_same_logits_and_close_gradients():
@@ -155,7 +193,7 @@ def test_a_model_under_it_gives_the_same_logits_and_close_gradients():
     finally:
         cpu_attention._FlashForwardFp32Backward.apply = original_apply
     theirs, their_grads = run(False)
-    assert calls  # every layer's attention took it
+    assert len(calls) == model.config.num_hidden_layers  # every layer's attention took it
     assert torch.equal(ours, theirs)
     for name, g in their_grads.items():
         assert _rel_err(our_grads[name], g) < 0.05, name
@@ -181,3 +219,30 @@ def test_a_bf16_run_takes_it_in_its_trained_passes_and_leaves_the_function_as_it
     trainer.train()
     assert applied
     assert F.scaled_dot_product_attention is original
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_bf16_run_with_activation_checkpointing_takes_it_in_the_recomputed_forwards(
+    cpu_bf16, tmp_path, monkeypatch, reentrant
+):
+    """The checkpointed forward is recomputed during the backward, inside the training step: it must take the same
+    path, or non-reentrant checkpointing fails on the mismatch (and reentrant silently falls back)."""
+    tokenizer = tiny_tokenizer()
+    applied = []
+    original_apply = cpu_attention._FlashForwardFp32Backward.apply
+    monkeypatch.setattr(
+        cpu_attention._FlashForwardFp32Backward, "apply", lambda *a: applied.append(1) or original_apply(*a)
+    )
+    trainer = tiny_srppo_trainer(
+        tokenizer,
+        tmp_path,
+        bf16=True,
+        max_steps=1,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": reentrant},
+    )
+    trainer.train()
+    layers = trainer.accelerator.unwrap_model(trainer.model).policy.config.num_hidden_layers
+    # Policy and critic, every layer: the recomputation in the backward, and (non-reentrant checkpointing, whose
+    # first forward keeps gradients on; reentrant runs it without) the forward.
+    assert len(applied) >= (1 if reentrant else 2) * 2 * layers

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend
 
 
@@ -44,8 +43,12 @@ class _FlashForwardFp32Backward(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: PyTorch's kernel has no double backward either
+            raise RuntimeError(
+                "The fp32 attention backward of bf16 CPU runs has no double backward (create_graph=True); set "
+                "cpu_attention_fp32_backward=False to use PyTorch's attention."
+            )
         query, key, value, attn_mask, out, logsumexp = ctx.saved_tensors
 
         def fp32(t):
@@ -67,9 +70,9 @@ class _FlashForwardFp32Backward(torch.autograd.Function):
         return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), None, None, None
 
 
-def _bf16_autocast() -> bool:
-    """Whether CPU autocast is on in bf16: it then runs `scaled_dot_product_attention` in bf16, fp32 inputs cast."""
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+def _cpu_autocast_dtype():
+    """The dtype CPU autocast runs `scaled_dot_product_attention` in (casting fp32 inputs to it), None when off."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
 
 def _as_autocast_casts(tensors, autocast: bool):
@@ -111,9 +114,14 @@ def sdpa_with_fp32_backward(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
 ):
     """`torch.nn.functional.scaled_dot_product_attention`, with the fp32 backward where it applies (see module)."""
-    original = _original_sdpa or F.scaled_dot_product_attention
-    if torch.is_grad_enabled():  # first: generation's many calls (no grad) pass straight through
-        autocast = _bf16_autocast()
+    original = _original_sdpa
+    if original is None or original is sdpa_with_fp32_backward:  # patches undone out of order elsewhere
+        original = torch._C._nn.scaled_dot_product_attention
+    # First: generation's many calls (no grad) pass straight through. Not inside a compiled graph, nor under an
+    # autocast to another dtype than bf16 (its kernel would run in that dtype).
+    autocast_dtype = _cpu_autocast_dtype() if torch.is_grad_enabled() else None
+    if torch.is_grad_enabled() and autocast_dtype in (None, torch.bfloat16) and not torch.compiler.is_compiling():
+        autocast = autocast_dtype is not None
         if _may_take_fp32_backward(query, key, value, attn_mask, dropout_p, enable_gqa, autocast):
             q, k, v, mask = _as_autocast_casts((query, key, value, attn_mask), autocast)
             # Only where PyTorch itself would run its flash kernel (not under an `sdpa_kernel` excluding it, say).
@@ -143,6 +151,11 @@ def fp32_attention_backward():
     Deliberately a patch of the function rather than a transformers attention implementation of our own: a model's
     `attn_implementation` is the user's (and is saved with it), and this changes no forward, only which kernel runs
     the backward of some bf16 CPU calls. Code that imported the function by name before keeps the original.
+
+    The backward of a forward run under it must run under it too when activation checkpointing recomputes that
+    forward (non-reentrant checkpointing checks that the recomputation matches): the trainer runs both inside its
+    training step. Grouped-query attention that PyTorch computes itself (`enable_gqa=True`, which transformers passes
+    when there is no attention mask) keeps PyTorch's backward.
     """
     global _depth, _original_sdpa
     with _lock:
@@ -156,5 +169,6 @@ def fp32_attention_backward():
         with _lock:
             _depth -= 1
             if _depth == 0:
-                F.scaled_dot_product_attention = _original_sdpa
+                if F.scaled_dot_product_attention is sdpa_with_fp32_backward:  # not another library's patch since
+                    F.scaled_dot_product_attention = _original_sdpa
                 _original_sdpa = None

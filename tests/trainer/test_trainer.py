@@ -378,3 +378,20 @@ def test_value_bias_init_starts_the_critic_at_the_first_buffers_mean_return(
         assert trainer._value_bias_initialized
     else:
         assert abs(mean_value - mean_return) > 1e-2  # a fresh head starts near 0, far from the returns
+
+
+def test_models_are_unwrapped_once_per_wrapper_object(tokenizer, tmp_path, monkeypatch):
+    """accelerate walks every submodule at each `unwrap_model`: the trainer remembers the result per object."""
+    trainer = _trainer(tokenizer, tmp_path)
+    calls = []
+    original = trainer.accelerator.unwrap_model
+    monkeypatch.setattr(
+        trainer.accelerator, "unwrap_model", lambda m, *a, **k: calls.append(m) or original(m, *a, **k)
+    )
+    first = trainer._scored_models()
+    assert first and all(a is b for a, b in zip(first, [original(m) for m in first]))
+    made = len(calls)
+    assert trainer._scored_models() == first and trainer._shared_lower_layers() is None
+    assert len(calls) == made  # every object was seen by the first call
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert trainer._unwrap(other) is other and calls[-1] is other  # a new object: unwrapped afresh

@@ -124,7 +124,7 @@ class PPOStepMixin:
         None when there is not exactly one."""
         from ..models.modeling import value_head_linears
 
-        critic = self.accelerator.unwrap_model(self.model).value_model
+        critic = self._unwrap(self.model).value_model
         biases = [m.bias for m in value_head_linears(critic) if m.bias is not None and m.bias.requires_grad]
         return biases[0] if len(biases) == 1 else None
 
@@ -190,7 +190,7 @@ class PPOStepMixin:
                 )
 
     def _critic_parameters(self) -> list[nn.Parameter]:
-        return list(self.accelerator.unwrap_model(self.model).value_model.parameters())
+        return list(self._unwrap(self.model).value_model.parameters())
 
 
 def _optimizer_chain(optimizer) -> list:

@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import logging
 import math
+import weakref
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -599,9 +600,24 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         buffer.first_forward = None
         return micro
 
+    def _unwrap(self, model):
+        """`accelerator.unwrap_model(model)`, remembered per model object. accelerate walks every submodule at each call
+        (looking for compiled regions), and the trainer unwraps its models several times per step, while what a given
+        wrapper unwraps to does not change; a different object (a new wrapper) is unwrapped afresh."""
+        cache = self.__dict__.setdefault("_unwrapped", {})
+        hit = cache.get(id(model))
+        if hit is not None and hit[0]() is model and hit[1]() is not None:
+            return hit[1]()
+        unwrapped = self.accelerator.unwrap_model(model)
+        try:
+            cache[id(model)] = (weakref.ref(model), weakref.ref(unwrapped))
+        except TypeError:  # not weak-referenceable: not remembered
+            pass
+        return unwrapped
+
     def _scored_models(self) -> list[nn.Module]:
         """Every model the trainer runs, unwrapped: policy, critic, reward (SFT and PT) and reference model."""
-        unwrap = self.accelerator.unwrap_model
+        unwrap = self._unwrap
         model = unwrap(self.model)
         models = [model.policy, model.value_model, self.ref_model]
         reward = unwrap(self.reward_model) if isinstance(self.reward_model, nn.Module) else None
@@ -644,7 +660,7 @@ class SRPPOTrainer(RolloutMixin, ScoringMixin, PPOStepMixin, CheckpointMixin, TR
         DeepSpeed or FSDP, whose engines fetch or shard each layer's parameters around its own forward."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return None
-        unwrap = self.accelerator.unwrap_model
+        unwrap = self._unwrap
         return getattr(unwrap(unwrap(self.model).value_model), "shared_lower_layers", None)
 
     @contextmanager

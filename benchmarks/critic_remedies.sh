@@ -21,11 +21,12 @@ mkdir -p "$OUT" "$RESULTS"
 # The start model, once (2 threads): the demo YAML's SFT stage.
 OMP_NUM_THREADS=2 $PY benchmarks/learning.py --sft-only --output-dir "$OUT" --threads 2
 
-# The documented results ran before bf16 CPU runs took the attention backward in fp32: kept off to reproduce them
-# (FP32_ATTENTION_BACKWARD=auto for the trainer's default).
+# The documented results ran before bf16 CPU runs took the attention backward in fp32 and before SRPPO rollouts drew
+# tokens by inverse transform: both kept as they were, to reproduce them (FP32_ATTENTION_BACKWARD=auto and
+# ROLLOUT_SAMPLER=inverse_cdf for the trainer's defaults).
 COMMON=(--reward coherent --sft-model "$OUT/sft" --budget-min "$MINUTES" --budget-clock cpu --eval-every-s 150 --eval-prompts 16
         --threads 1 --precision "$PRECISION" --lam 1 --cliprange-value none
-        --fp32-attention-backward "${FP32_ATTENTION_BACKWARD:-off}")
+        --fp32-attention-backward "${FP32_ATTENTION_BACKWARD:-off}" --rollout-sampler "${ROLLOUT_SAMPLER:-multinomial}")
 # name | trainers | options
 VARIANTS=(
   "plain-w2|srppo|--critic-warmup 2 --label plain, warm-up 2"

@@ -112,6 +112,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "trainer's default) or PyTorch's bf16 one (off: as bf16 runs trained before the trainer had it)",
     )
     p.add_argument(
+        "--rollout-sampler",
+        choices=("inverse_cdf", "multinomial"),
+        default="inverse_cdf",
+        help="SRPPO rollouts: how each token is drawn (`SRPPOConfig.rollout_sampler`; inverse_cdf: the trainer's "
+        "default; multinomial: transformers' sampler, as SRPPO runs sampled before the trainer had its own)",
+    )
+    p.add_argument(
         "--cliprange-value",
         type=lambda v: None if v.lower() == "none" else float(v),
         default=0.2,
@@ -451,6 +458,7 @@ def build_trainer(name: str, args, start_path: str, reward, reward_fn, ref_model
             critic_warmup_steps=args.critic_warmup,
             cliprange_value=args.cliprange_value,
             cpu_attention_fp32_backward=None if args.fp32_attention_backward == "auto" else False,
+            rollout_sampler=args.rollout_sampler,
             **({} if args.lam is None else {"lam": args.lam}),
             normalize_reward=args.normalize_reward,
             value_bias_init=args.value_bias_init,

@@ -402,12 +402,13 @@ class Campaign:
         from srppo_trl import SRPPOConfig
 
         # activation_checkpointing off: faster on CPU, memory is not the limit at 135M. The committed cells ran before
-        # bf16 CPU runs took the attention backward in fp32, which rounds gradients differently: kept off, so that a
-        # cell run now (a missing or changed one) trains as those did.
+        # bf16 CPU runs took the attention backward in fp32, which rounds gradients differently, and before rollouts
+        # drew tokens by inverse transform, which uses the random stream differently: both kept as they were, so
+        # that a cell run now (a missing or changed one) trains as those did.
         return SRPPOConfig(
             output_dir=str(folder), seed=seed, report_to="none", logging_steps=1, save_strategy="no",
             activation_checkpointing=False, bf16=self.precision == "bf16", cpu_attention_fp32_backward=False,
-            **fields,
+            rollout_sampler="multinomial", **fields,
         )  # fmt: skip
 
     # ---- models the cells share

@@ -258,9 +258,11 @@ def test_the_verdict_follows_the_held_out_interval_against_sft(script, srppo, ex
     assert script.claim_verdict({})[0].startswith("No verdict")
 
 
-def test_srppo_cells_train_without_the_fp32_attention_backward(script, tmp_path):
-    """The committed cells ran before bf16 CPU runs took the attention backward in fp32: a cell run now must not."""
+def test_srppo_cells_train_as_the_committed_ones_did(script, tmp_path):
+    """The committed cells ran before bf16 CPU runs took the attention backward in fp32 and before rollouts drew
+    tokens by inverse transform: a cell run now must do neither."""
     from types import SimpleNamespace
 
     args = script.Campaign.trainer_args(SimpleNamespace(precision="fp32"), tmp_path, seed=0)
     assert args.cpu_attention_fp32_backward is False
+    assert args.rollout_sampler == "multinomial"

@@ -277,3 +277,44 @@ def test_merged_layers_run_their_base_layer_directly_and_get_peft_forward_back(t
             hook.remove()
     assert [layer for layer in layers if "forward" in layer.__dict__] == [own]
     torch.testing.assert_close(merged_logits.float(), expected.float(), atol=0.05 if dtype else 1e-5, rtol=0.05)
+
+
+def test_merged_layers_run_f_linear_directly_unless_the_base_layer_has_hooks(tokenizer, monkeypatch):
+    from torch.nn import functional
+
+    from srppo_trl.models import adapter_merge
+
+    model = _lora(tokenizer).eval()
+    ids = torch.randint(3, 60, (2, 7))
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    calls, linears = [], []
+    real_linear = functional.linear
+    monkeypatch.setattr(adapter_merge.F, "linear", lambda *a, **k: linears.append(1) or real_linear(*a, **k))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with lora_merged_for_generation(model):
+            direct = model(input_ids=ids).logits
+        assert linears  # the merged layers called F.linear themselves, not their base modules
+        hook = base.register_forward_hook(lambda *a: calls.append(1))
+        with lora_merged_for_generation(model):
+            hooked = model(input_ids=ids).logits
+        hook.remove()
+    assert calls == [1]  # a hook on a base layer still runs: that layer is called as a module
+    torch.testing.assert_close(direct, adapted, atol=1e-5, rtol=1e-5)
+    assert torch.equal(direct, hooked)
+
+
+def test_layers_found_once_give_what_a_fresh_walk_gives(tokenizer, tmp_path, monkeypatch):
+    from srppo_trl.models import adapter_merge
+    from srppo_trl.trainer import rollout
+
+    trainer, policy = _single_base_trainer(tokenizer, tmp_path)
+    found = adapter_merge.lora_layers(policy)
+    assert mergeable_lora_layers(policy, found) == mergeable_lora_layers(policy)
+    walks = []
+    real = rollout.lora_layers
+    monkeypatch.setattr(rollout, "lora_layers", lambda model: walks.append(1) or real(model))
+    first, second = _rollout(trainer, seed=0), _rollout(trainer, seed=0)
+    assert len(walks) == 1 and torch.equal(first, second)  # the trainer walks the policy once, not per rollout
+    with policy.disable_adapter():  # state changes are still seen with the layers found before
+        assert mergeable_lora_layers(policy, found) is None

@@ -191,6 +191,7 @@ CHOICES = {
         "stop_token": ("eos", None),
         "vllm_mode": ("colocate", "server"),
         "vllm_model_impl": ("vllm", "transformers"),
+        "rollout_sampler": ("inverse_cdf", "multinomial"),
     },
     PipelineArguments: {
         "setting": ("demo", "min", "medium", "diminished"),

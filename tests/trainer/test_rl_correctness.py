@@ -82,14 +82,22 @@ def test_rollouts_sample_the_full_softmax_whatever_the_checkpoint_says(tokenizer
     assert policy.generation_config.top_k == 3  # the checkpoint's own config is left as it was
 
 
+@pytest.mark.parametrize("sampler", ["inverse_cdf", "multinomial"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rollout_logprobs_equal_the_teacher_forced_ones(tokenizer, tmp_path, temperature):
+def test_rollout_logprobs_equal_the_teacher_forced_ones(tokenizer, tmp_path, temperature, sampler):
     policy = _checkpoint_with_sampling_defaults(tokenizer, tmp_path / "policy")
     trainer = _trainer(tokenizer, tmp_path / "run", policy=policy, temperature=temperature)
     batch = _batch(trainer, 16)
     torch.manual_seed(0)
     response, behaviour = sample_responses(
-        policy, batch["input_ids"], batch["attention_mask"], trainer.generation_config, 8, tokenizer.pad_token_id, True
+        policy,
+        batch["input_ids"],
+        batch["attention_mask"],
+        trainer.generation_config,
+        8,
+        tokenizer.pad_token_id,
+        True,
+        sampler=sampler,
     )
     response_mask, has_stop = response_mask_after_stop(response, trainer.args.stop_token_id)
     rollouts = RolloutBuffer(query=batch["input_ids"], query_mask=batch["attention_mask"], response=response,

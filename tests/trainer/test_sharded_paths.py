@@ -49,8 +49,7 @@ def test_save_without_a_state_dict_writes_the_modules_weights(tokenizer, tmp_pat
     assert torch.equal(saved[name], trainer.model.policy.state_dict()[name])
 
 
-@pytest.mark.parametrize("gather", [True, False])
-def test_generation_goes_through_trls_unwrapping_with_the_gather_setting(tokenizer, tmp_path, monkeypatch, gather):
+def _spy_on_trls_unwrapping(monkeypatch):
     import trl.models.utils as trl_utils
 
     calls = []
@@ -61,9 +60,28 @@ def test_generation_goes_through_trls_unwrapping_with_the_gather_setting(tokeniz
         return original(model, accelerator, gather_deepspeed3_params=gather_deepspeed3_params, **kwargs)
 
     monkeypatch.setattr(trl_utils, "unwrap_model_for_generation", spy)
+    return calls
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_generation_under_deepspeed_goes_through_trls_unwrapping_with_the_gather_setting(
+    tokenizer, tmp_path, monkeypatch, gather
+):
+    calls = _spy_on_trls_unwrapping(monkeypatch)
     trainer = _trainer(tokenizer, tmp_path, ds3_gather_for_generation=gather)
+    batch = trainer._collate([trainer.train_dataset[i] for i in range(2)])
+    trainer.generate_rollouts(batch)
+    assert calls == []  # no DeepSpeed, no checkpointing: nothing for TRL's context to do
+    trainer.is_deepspeed_enabled = True  # the routing only: this process runs no DeepSpeed engine
+    trainer.generate_rollouts(batch)
+    assert calls == [gather]
+
+
+def test_generation_with_activation_checkpointing_goes_through_trls_unwrapping(tokenizer, tmp_path, monkeypatch):
+    calls = _spy_on_trls_unwrapping(monkeypatch)
+    trainer = _trainer(tokenizer, tmp_path, activation_checkpointing=True)
     trainer.train()
-    assert calls and all(c is gather for c in calls)
+    assert calls and all(c is True for c in calls)
 
 
 def test_activation_checkpointing_is_back_on_after_each_rollout(tokenizer, tmp_path):

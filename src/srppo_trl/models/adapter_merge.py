@@ -33,6 +33,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,19 +41,34 @@ def _active_adapters(layer) -> list[str]:
     return [name for name in layer.active_adapters if name in layer.lora_A]
 
 
-def mergeable_lora_layers(model: nn.Module) -> list | None:
-    """The LoRA linears of `model` with an active adapter, or None when one of them cannot be merged exactly this way
-    (quantized base, LoRA variant, LoRA bias, adapters disabled, already merged, a base weight tied to another
-    module) or the model has none."""
+def lora_layers(model: nn.Module) -> tuple[list, bool] | None:
+    """One walk of `model`: its LoRA layers (every PEFT tuner layer) and whether one of their base weights is shared
+    with another module (a tied embedding); None without PEFT. What `mergeable_lora_layers` checks the state of: a
+    caller that generates many times with the same model (the trainer) keeps this and passes it back as `found`."""
     try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # PEFT not installed: no adapters to merge
         return None
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    weights = [getattr(layer.get_base_layer(), "weight", None) for layer in layers]
+    return layers, _is_shared(model, [w for w in weights if isinstance(w, torch.Tensor)])
+
+
+def mergeable_lora_layers(model: nn.Module, found: tuple[list, bool] | None = None) -> list | None:
+    """The LoRA linears of `model` with an active adapter, or None when one of them cannot be merged exactly this way
+    (quantized base, LoRA variant, LoRA bias, adapters disabled, already merged, a base weight tied to another
+    module) or the model has none. `found`: `lora_layers(model)` from an earlier call, to skip the walk over the
+    model (a layer added to the model since is then not merged and runs its own LoRA forward)."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # PEFT not installed: no adapters to merge
+        return None
+    found = lora_layers(model) if found is None else found
+    if found is None:
+        return None
+    candidates, shared = found
     layers = []
-    for module in model.modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
+    for module in candidates:
         if type(module) is not LoraLinear:  # bnb / other LoRA layer types, LoHa, ...
             return None
         active = _active_adapters(module)
@@ -72,7 +88,7 @@ def mergeable_lora_layers(model: nn.Module) -> list | None:
         ):
             return None
         layers.append(module)
-    if layers and _is_shared(model, [layer.get_base_layer().weight for layer in layers]):
+    if layers and shared:
         return None
     return layers or None
 
@@ -155,19 +171,46 @@ def _peft_only_kwargs() -> tuple[str, ...]:
 _PEFT_ONLY_KWARGS = _peft_only_kwargs()
 
 
+def _runs_as_plain_linear(base: nn.Module) -> bool:
+    """True when calling `base` computes `F.linear(x, base.weight, base.bias)` and nothing else: a plain `nn.Linear`
+    without hooks of its own or global ones, whose forward is the class's or the trainer's cast of frozen weights
+    (`FrozenWeightCasts`, which with the merged weight swapped in calls the class's forward, and under an in-place
+    merge casts the weight as autocast would)."""
+    from torch.nn.modules import module as module_state
+
+    own_forward = base.__dict__.get("forward")
+    return (
+        type(base) is nn.Linear
+        and (own_forward is None or getattr(own_forward, "casts_frozen_weight", False))
+        and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks)
+        and not (
+            module_state._global_forward_hooks
+            or module_state._global_forward_pre_hooks
+            or module_state._global_backward_hooks
+            or module_state._global_backward_pre_hooks
+        )
+    )
+
+
 def _skip_branch(layer) -> None:
     """Run `layer` as its base linear: the adapter is off through the layer's own flag (PEFT's `disable_adapter_layers`
     would also rewrite `requires_grad` of the adapter weights, see single_base.keep_requires_grad), and its forward is
-    the base layer's call. We deliberately bypass PEFT's `forward` here: with the adapter off it only checks its
-    arguments and calls the base layer, and that bookkeeping runs at every targeted layer and decoding step. Hooks registered on the LoRA layer still run (its `__call__` is unchanged)."""
+    the base layer's. We deliberately bypass PEFT's `forward` here: with the adapter off it only checks its arguments
+    and calls the base layer, and that bookkeeping runs at every targeted layer and decoding step. Where the base is a
+    plain linear (`_runs_as_plain_linear`), it is not even called as a module: its `F.linear` runs directly (each
+    module call costs microseconds of Python, over 200 of them per decoding step here). Hooks registered on the LoRA
+    layer still run (its `__call__` is unchanged)."""
     layer._disable_adapters = True
     if "forward" in layer.__dict__:  # a forward of its own set on the instance: left as it is
         return
     base = layer.get_base_layer()
+    plain = _runs_as_plain_linear(base)
 
     def forward(x, *args, **kwargs):
         for key in _PEFT_ONLY_KWARGS:  # what PEFT's forward takes for itself and never passes to the base layer
             kwargs.pop(key, None)
+        if plain and not args and not kwargs:
+            return F.linear(x, base.weight, base.bias)
         return base(x, *args, **kwargs)
 
     forward.skips_lora_branch = True
@@ -181,7 +224,9 @@ def _restore_branch(layer) -> None:
 
 
 @contextmanager
-def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: torch.dtype | None = None, buffers=None):
+def lora_merged_for_generation(
+    model: nn.Module, enabled: bool = True, dtype: torch.dtype | None = None, buffers=None, found=None
+):
     """Inside the context, `model`'s active LoRA adapters are folded into the base weights and the LoRA branches are
     skipped; on exit every base weight is restored bit for bit and the branches are back. A no-op when `enabled` is
     False or the model has no (mergeable) LoRA layer. Use it under `torch.no_grad()`, for generation only.
@@ -192,8 +237,10 @@ def lora_merged_for_generation(model: nn.Module, enabled: bool = True, dtype: to
 
     `buffers`: where to write the swapped-in merged weights, an object whose `buffer(weight, dtype)` returns the same
     tensor of `weight`'s shape for every rollout (the trainer's `FrozenWeightCasts`); without it they are allocated
-    afresh each time (on a CPU, first touching that much new memory costs page faults at every rollout)."""
-    layers = mergeable_lora_layers(model) if enabled else None
+    afresh each time (on a CPU, first touching that much new memory costs page faults at every rollout).
+
+    `found`: `lora_layers(model)` kept from an earlier call (see `mergeable_lora_layers`)."""
+    layers = mergeable_lora_layers(model, found) if enabled else None
     if not layers:
         yield False
         return

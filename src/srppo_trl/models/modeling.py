@@ -399,10 +399,10 @@ def critic_peft_config(peft_config):
 
 
 def _checkpointing_on(module: nn.Module) -> bool:
-    # transformers 5 renamed `is_gradient_checkpointing` (deprecated) to `is_activation_checkpointing`.
-    if hasattr(type(module), "is_activation_checkpointing") or "is_activation_checkpointing" in dir(module):
-        return bool(getattr(module, "is_activation_checkpointing", False))
-    return bool(getattr(module, "is_gradient_checkpointing", False))
+    # transformers 5 renamed `is_gradient_checkpointing` (deprecated, warns) to `is_activation_checkpointing`; a PEFT
+    # model answers for its base model through its `__getattr__`.
+    on = getattr(module, "is_activation_checkpointing", None)
+    return bool(getattr(module, "is_gradient_checkpointing", False) if on is None else on)
 
 
 class PolicyAndValueWrapper(nn.Module):

@@ -183,6 +183,16 @@ class SRPPOConfig(_BaseConfig):
     stop_token_id: int | None = field(
         default=None, metadata={"help": "Token id that ends a response; set from `stop_token='eos'` when None."}
     )
+    rollout_sampler: Literal["inverse_cdf", "multinomial"] = field(
+        default="inverse_cdf",
+        metadata={
+            "help": "How a rollout draws each token from softmax(logits / temperature) (after top_k/top_p): "
+            "'inverse_cdf' draws one uniform number per response and token (a float64 cumulative sum of the "
+            "probabilities; faster generation on a CPU), 'multinomial' is transformers' `torch.multinomial`, "
+            "which draws one number per vocabulary entry. The same distribution; the same seed gives different "
+            "responses. Only `temperature`, `top_k` and `top_p` with 'inverse_cdf'. Not used with vLLM."
+        },
+    )
     local_rollout_forward_batch_size: int = field(
         default=64, metadata={"help": "Micro-batch size of the generation and scoring forward passes."}
     )

@@ -82,7 +82,7 @@ def training_on_cpu(use_cpu: bool) -> bool:
 
 
 @contextmanager
-def frozen_weights_cast_once(model, enabled: bool = True):
+def frozen_weights_cast_once(model, enabled: bool = True, params=None):
     """Inside an autocast region, let the frozen fp32 weights of `model` be cast to the low precision once, not at every
     forward (every decoding step of `generate`).
 
@@ -91,10 +91,11 @@ def frozen_weights_cast_once(model, enabled: bool = True):
     again at every step, which made single-base generation in bf16 twice as slow as plain `generate`. The frozen fp32
     weights are marked as requiring grad while inside (generation runs under `no_grad`, so no graph is built) and
     unmarked after: the same casts, done once, at the cost of holding their bf16 copies while the region lasts.
+    `params`: `list(model.parameters())` kept by the caller, to skip the walk over the model.
     """
     import torch
 
-    params = list(model.parameters()) if enabled else []
+    params = (list(model.parameters()) if params is None else params) if enabled else []
     device = params[0].device.type if params else "cpu"
     if not params or not torch.is_autocast_enabled(device):
         yield
@@ -236,6 +237,7 @@ class FrozenWeightCasts:
                     return F.linear(input, self.cast(weight, dtype), module.bias)
             return original(input)
 
+        forward.casts_frozen_weight = True  # adapter_merge: calling the layer is `F.linear` under autocast
         return forward
 
 

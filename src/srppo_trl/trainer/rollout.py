@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,8 +26,9 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from ..models.adapter_merge import lora_merged_for_generation
+from ..models.adapter_merge import lora_layers, lora_merged_for_generation
 from .precision import frozen_weights_cast_once
+from .sampling import ROLLOUT_SAMPLERS, inverse_cdf_generation
 
 
 logger = logging.getLogger(__name__)
@@ -211,17 +213,24 @@ def sample_responses(
     chunk_size: int,
     pad_token_id: int,
     return_logprobs: bool = False,
+    sampler: str = "multinomial",
 ):
     """Sample one response per left-padded prompt with `model.generate`, `chunk_size` prompts at a time.
+
+    `sampler`: how each token is drawn from the processed distribution: "multinomial" (transformers' own
+    `torch.multinomial`) or "inverse_cdf" (one uniform number per row and step, `trainer.sampling`; the same
+    distribution, another use of the random stream, faster on a CPU).
 
     Returns `responses` [B, R] (right-padded with `pad_token_id` to the longest chunk), and with `return_logprobs`
     also the behaviour policy's log-probabilities of the sampled tokens [B, R] (log-softmax of the scores
     `generate` sampled from, after every logits processor; 0 on padding): the check that rollouts come from the
     distribution the trainer computes.
     """
+    if sampler not in ROLLOUT_SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not one of {ROLLOUT_SAMPLERS}.")
     was_training = model.training
     model.eval()
-    if return_logprobs:
+    if return_logprobs and sampler == "multinomial":
         generation_config = copy.deepcopy(generation_config)
         generation_config.return_dict_in_generate = True
         generation_config.output_scores = True
@@ -230,6 +239,16 @@ def sample_responses(
         with checkpoint_generation_defaults_ignored(model):
             for start in range(0, len(queries), chunk_size):
                 q, m = queries[start : start + chunk_size], query_masks[start : start + chunk_size]
+                if sampler == "inverse_cdf":
+                    config, processors, drawn = inverse_cdf_generation(generation_config, return_logprobs)
+                    response = model.generate(
+                        input_ids=q, attention_mask=m, generation_config=config, logits_processor=processors
+                    )[:, q.shape[1] :]
+                    if return_logprobs:  # one entry per decoding step; steps past the end are dropped
+                        picked = torch.stack(drawn.logprobs, dim=1)[:, : response.shape[1]]
+                        logprobs.append(torch.nan_to_num(picked, neginf=-torch.inf))
+                    responses.append(response)
+                    continue
                 out = model.generate(input_ids=q, attention_mask=m, generation_config=generation_config)
                 sequences = out.sequences if return_logprobs else out
                 response = sequences[:, q.shape[1] :]
@@ -274,19 +293,10 @@ class RolloutMixin:
         Returns a `RolloutBuffer` with its phase-1 fields: `query`, `query_mask`, `response`, `response_mask` (the
         tokens up to and including the first stop token), `has_stop`, and with vLLM `sampling_logprobs`.
         """
-        from trl.models.utils import unwrap_model_for_generation
-
         queries, query_masks = batch["input_ids"], batch["attention_mask"]
         if getattr(self, "vllm_generation", None) is not None:
             return self._vllm_rollouts(queries, query_masks)
-        # Under DeepSpeed ZeRO-3 the weights are gathered once for the whole generation (TRL 1.12's
-        # `ds3_gather_for_generation`), instead of layer by layer at every decoding step.
-        with unwrap_model_for_generation(
-            self.model_wrapped,  # the DeepSpeed engine under DeepSpeed (whose ZeRO-3 hooks are lifted), else the model
-            self.accelerator,
-            gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
-            gradient_checkpointing_kwargs=_checkpointing_kwargs(self.args),
-        ) as unwrapped:
+        with self._unwrapped_for_generation() as unwrapped:
             # Generation in the autocast of the trained passes (bf16/fp16: accelerate's), so the rollouts are sampled
             # in the precision their log-probs are scored and trained in. The unwrapped policy's own forward is not
             # the prepared model's, which accelerate wraps in autocast: without this it would sample in fp32.
@@ -294,6 +304,7 @@ class RolloutMixin:
             # directly in the autocast dtype where that is narrower than the weights.
             sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
             merge = self.args.merge_adapters_for_generation and not sharded
+            found, params = self._generation_walks(unwrapped.policy)
             with (
                 self.accelerator.autocast(),
                 lora_merged_for_generation(
@@ -301,8 +312,9 @@ class RolloutMixin:
                     enabled=merge,
                     dtype=_autocast_dtype(queries.device),
                     buffers=getattr(self, "_frozen_weight_casts", None),  # the merged weights' memory, kept (CPU)
+                    found=found,
                 ),
-                frozen_weights_cast_once(unwrapped.policy, enabled=not sharded),
+                frozen_weights_cast_once(unwrapped.policy, enabled=not sharded, params=params),
             ):
                 response = sample_responses(
                     unwrapped.policy,
@@ -311,8 +323,44 @@ class RolloutMixin:
                     self.generation_config,
                     self.args.local_rollout_forward_batch_size,
                     self.processing_class.pad_token_id,
+                    sampler=self.args.rollout_sampler,
                 )
         return self._rollouts(queries, query_masks, response)
+
+    @contextmanager
+    def _unwrapped_for_generation(self):
+        """The model to generate with. Under DeepSpeed, or with activation checkpointing on, TRL's
+        `unwrap_model_for_generation`: under ZeRO-3 the weights are gathered once for the whole generation (TRL 1.12's
+        `ds3_gather_for_generation`) instead of layer by layer at every decoding step, and checkpointing is off while
+        generating. Otherwise the unwrapped model the trainer remembers (`_unwrap`): TRL's context unwraps afresh and
+        asks every module whether it checkpoints (walks over all modules), and has nothing else to do. (A model whose
+        checkpointing was turned on outside the trainer's arguments generates correctly either way: transformers
+        checkpoints only in training mode, and `sample_responses` generates in eval mode.)"""
+        from trl.models.utils import unwrap_model_for_generation
+
+        checkpointing = bool(getattr(self.args, "activation_checkpointing", False)) or bool(
+            getattr(self.args, "gradient_checkpointing", False)
+        )
+        if not self.is_deepspeed_enabled and not checkpointing:
+            yield self._unwrap(self.model_wrapped)
+            return
+        with unwrap_model_for_generation(
+            self.model_wrapped,  # the DeepSpeed engine under DeepSpeed (whose ZeRO-3 hooks are lifted), else the model
+            self.accelerator,
+            gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
+            gradient_checkpointing_kwargs=_checkpointing_kwargs(self.args),
+        ) as unwrapped:
+            yield unwrapped
+
+    def _generation_walks(self, policy: nn.Module):
+        """What generation needs from a walk over the policy's modules, found once per policy object rather than at
+        each rollout (thousands of modules in single-base mode): its LoRA layers (`adapter_merge.lora_layers`) and
+        its parameters."""
+        memo = getattr(self, "_generation_walks_memo", None)
+        if memo is None or memo[0]() is not policy:
+            memo = (weakref.ref(policy), lora_layers(policy), list(policy.parameters()))
+            self._generation_walks_memo = memo
+        return memo[1], memo[2]
 
     def _rollouts(self, queries, query_masks, response, sampling_logprobs=None) -> RolloutBuffer:
         response_mask, has_stop = response_mask_after_stop(response, self.args.stop_token_id)

@@ -16,6 +16,8 @@ Every measurement runs in its own subprocess (so peak RSS is per mode), one afte
   frozen weights at every forward);
 - `four_model_pytorch_attention`, `single_base_pytorch_attention`: only `cpu_attention_fp32_backward=False` (bf16 on
   a CPU: PyTorch's bf16 attention backward instead of the trainer's fp32 one on short sequences);
+- `four_model_multinomial`, `single_base_multinomial`: only `rollout_sampler="multinomial"` (transformers'
+  `torch.multinomial` draws each token, instead of the trainer's inverse transform sampling);
 - `single_base_topk`: single-base with the opt-in top-layer critic, `build_single_base(..., critic_top_layers=K)`
   (`--critic-top-layers`, default 8 of SmolLM2's 30): its lower layers are the SFT model's, shared with the SFT
   scoring pass and never backpropagated through (a cheaper critic, not the paper's: see docs/performance.md);
@@ -70,6 +72,8 @@ OUR_MODES = (
     "single_base_uncached",
     "four_model_pytorch_attention",
     "single_base_pytorch_attention",
+    "four_model_multinomial",
+    "single_base_multinomial",
     *VLLM_MODES,
 )
 ALL_MODES = ("floor", *OUR_MODES, "peer")
@@ -139,8 +143,9 @@ def _build_trainer(mode: str, args, output_dir: str):
     baseline, use_vllm, topk = mode.endswith("_baseline"), mode.endswith("_vllm"), mode.endswith("_topk")
     uncached = baseline or mode.endswith("_uncached")
     pytorch_attention = mode.endswith("_pytorch_attention")
+    multinomial = mode.endswith("_multinomial")
     mode = mode.removesuffix("_baseline").removesuffix("_vllm").removesuffix("_topk").removesuffix("_uncached")
-    mode = mode.removesuffix("_pytorch_attention")
+    mode = mode.removesuffix("_pytorch_attention").removesuffix("_multinomial")
     if mode == "four_model":
         sft, pt, policy = load(paths["sft"]), load(paths["pt"]), load(paths["sft"])
         reward, value_model = CoherentRewardModel(sft, pt), None  # the trainer copies the SFT backbone for the critic
@@ -181,6 +186,7 @@ def _build_trainer(mode: str, args, output_dir: str):
         merge_adapters_for_generation=not baseline,
         cache_frozen_weight_casts=not uncached,  # only used under bf16 (on a CPU)
         cpu_attention_fp32_backward=False if pytorch_attention else None,  # the same
+        rollout_sampler="multinomial" if multinomial else "inverse_cdf",
         use_vllm=use_vllm,
     )
     trainer = SRPPOTrainer(
@@ -478,10 +484,13 @@ def _report(results: dict, loads: dict, args) -> None:
         if topk and single:
             ratios[f"single_base_topk{suffix}_update_over_single_base{suffix}"] = topk["update"] / single["update"]
         for mode in ("four_model", "single_base"):
-            for other in ("baseline", "uncached", "pytorch_attention"):
+            for other in ("baseline", "uncached", "pytorch_attention", "multinomial"):
                 if mode + suffix in med and f"{mode}_{other}{suffix}" in med:
                     ratios[f"{mode}{suffix}_update_over_{other}{suffix}"] = (
                         med[mode + suffix]["update"] / med[f"{mode}_{other}{suffix}"]["update"]
+                    )
+                    ratios[f"{mode}{suffix}_generation_over_{other}{suffix}"] = (
+                        med[mode + suffix]["generation"] / med[f"{mode}_{other}{suffix}"]["generation"]
                     )
     if all(m in results for m in ("four_model", "single_base")):
         ratios["single_base_over_four_model_peak_rss"] = (

@@ -196,3 +196,49 @@ def test_trainer_rollouts_use_the_configured_sampler(tokenizer, tmp_path, choice
 def test_an_unknown_rollout_sampler_is_refused_by_the_config(tmp_path):
     with pytest.raises(ValueError, match="rollout_sampler"):
         SRPPOConfig(output_dir=str(tmp_path), rollout_sampler="gumbel")
+
+
+# ---------------------------------------------------------------------------------------------- eval mode, flat
+
+
+def _flags(model):
+    return [m.training for m in model.modules()]
+
+
+def test_the_flat_mode_switch_sets_what_train_sets(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from srppo_trl.trainer.rollout import set_training_mode
+
+    model = get_peft_model(tiny_causal_lm(tokenizer, seed=1), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    modules = list(model.modules())
+    model.train()
+    set_training_mode(model, False, modules)
+    assert not any(_flags(model))
+    set_training_mode(model, True, modules)
+    assert all(_flags(model))
+    model.eval()  # and it agrees with the recursive switch, module by module
+    expected = _flags(model)
+    model.train()
+    set_training_mode(model, False, modules)
+    assert _flags(model) == expected
+
+
+def test_a_class_with_its_own_train_gets_the_recursive_switch(tokenizer):
+    from srppo_trl.trainer.rollout import _plain_train, set_training_mode
+
+    calls = []
+
+    class Counted(torch.nn.Linear):
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model = tiny_causal_lm(tokenizer, seed=1)
+    model.model.layers[0].mlp.up_proj = Counted(32, model.config.intermediate_size)
+    set_training_mode(model, False, list(model.modules()))
+    assert calls == [False] and not any(_flags(model))  # its own train ran, through model.train(False)
+    plain = tiny_causal_lm(tokenizer, seed=1)
+    assert _plain_train(plain)  # transformers' PreTrainedModel.train adds nothing without kernels
+    plain.use_kernels = True  # with them it switches the kernels' mode: the recursive switch runs
+    assert not _plain_train(plain)

@@ -85,12 +85,22 @@ def test_scores_no_token_can_be_drawn_from_fail_with_one_clear_error(bad):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("typical_p", 0.9), ("min_p", 0.1), ("epsilon_cutoff", 0.01), ("num_beams", 2), ("do_sample", False)],
+    [
+        ("typical_p", 0.9),
+        ("min_p", 0.1),
+        ("epsilon_cutoff", 0.01),
+        ("num_beams", 2),
+        ("do_sample", False),
+        ("penalty_alpha", 0.6),  # contrastive search
+        ("num_return_sequences", 2),
+        ("prompt_lookup_num_tokens", 3),  # assisted decoding
+        ("top_k", None),  # transformers' default 50, not "off"
+    ],
 )
 def test_settings_inverse_cdf_sampling_cannot_honour_are_refused(field, value):
     config = rollout_generation_config(max_new_tokens=4, pad_token_id=0)
     setattr(config, field, value)
-    with pytest.raises(ValueError, match="multinomial"):
+    with pytest.raises(ValueError, match="multinomial|top_k set explicitly"):
         inverse_cdf_generation(config)
 
 
@@ -242,3 +252,15 @@ def test_a_class_with_its_own_train_gets_the_recursive_switch(tokenizer):
     assert _plain_train(plain)  # transformers' PreTrainedModel.train adds nothing without kernels
     plain.use_kernels = True  # with them it switches the kernels' mode: the recursive switch runs
     assert not _plain_train(plain)
+
+
+def test_a_callers_dict_output_settings_still_give_token_ids(tokenizer):
+    model = tiny_causal_lm(tokenizer, seed=1)
+    ids = torch.tensor([[5, 17, 33, 8]] * 2)
+    config = rollout_generation_config(max_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
+    config.return_dict_in_generate = config.output_scores = True
+    for sampler in ("inverse_cdf", "multinomial"):
+        response = sample_responses(
+            model, ids, torch.ones_like(ids), config, 2, tokenizer.pad_token_id, sampler=sampler
+        )
+        assert response.shape == (2, 3) and response.dtype == torch.long

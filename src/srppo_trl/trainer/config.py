@@ -190,7 +190,8 @@ class SRPPOConfig(_BaseConfig):
             "'inverse_cdf' draws one uniform number per response and token (a float64 cumulative sum of the "
             "probabilities; faster generation on a CPU), 'multinomial' is transformers' `torch.multinomial`, "
             "which draws one number per vocabulary entry. The same distribution; the same seed gives different "
-            "responses. Only `temperature`, `top_k` and `top_p` with 'inverse_cdf'. Not used with vLLM."
+            "responses. Only `temperature`, `top_k` and `top_p` with 'inverse_cdf'; on Apple MPS (no float64) 'multinomial' "
+            "is used. Not used with vLLM."
         },
     )
     local_rollout_forward_batch_size: int = field(

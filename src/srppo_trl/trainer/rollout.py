@@ -246,11 +246,16 @@ def sample_responses(
 
     Returns `responses` [B, R] (right-padded with `pad_token_id` to the longest chunk), and with `return_logprobs`
     also the behaviour policy's log-probabilities of the sampled tokens [B, R] (log-softmax of the scores
-    `generate` sampled from, after every logits processor; 0 on padding): the check that rollouts come from the
-    distribution the trainer computes.
+    `generate` sampled from, after every logits processor; 0 on the padding between chunks; after a response's stop
+    token the values mean nothing): the check that rollouts come from the distribution the trainer computes.
+
+    Apple's MPS has no float64: there "inverse_cdf" falls back to "multinomial".
     """
     if sampler not in ROLLOUT_SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {ROLLOUT_SAMPLERS}.")
+    if sampler == "inverse_cdf" and queries.device.type == "mps":
+        logger.info("Rollouts on MPS sample with torch.multinomial: MPS has no float64 for the inverse-CDF sampler.")
+        sampler = "multinomial"
     was_training = model.training
     set_training_mode(model, False, modules)
     if return_logprobs and sampler == "multinomial":
@@ -273,7 +278,7 @@ def sample_responses(
                     responses.append(response)
                     continue
                 out = model.generate(input_ids=q, attention_mask=m, generation_config=generation_config)
-                sequences = out.sequences if return_logprobs else out
+                sequences = out.sequences if hasattr(out, "sequences") else out  # a caller's return_dict_in_generate
                 response = sequences[:, q.shape[1] :]
                 responses.append(response)
                 if return_logprobs:
@@ -380,6 +385,8 @@ class RolloutMixin:
         """What generation needs from a walk over the policy's modules, found once per policy object rather than at
         each rollout (thousands of modules in single-base mode): its LoRA layers (`adapter_merge.lora_layers`), its
         parameters and its modules."""
+        # A module added to the policy after its first rollout (a new adapter) is not in these lists: the LoRA merge
+        # leaves it to its own forward, but the eval switch would miss it; the trainer adds none during training.
         memo = getattr(self, "_generation_walks_memo", None)
         if memo is None or memo[0] is not policy:  # the trainer holds its policy for its lifetime anyway
             memo = (policy, lora_layers(policy), list(policy.parameters()), list(policy.modules()))

@@ -1,9 +1,9 @@
 """How a rollout draws each token from the policy's distribution: inverse transform sampling, inside `generate`.
 
 `transformers` samples with `torch.multinomial(probs, 1)`, which draws one exponential variate per vocabulary entry
-and row at every step (it takes `argmax(p / q)`, q ~ Exp(1)): 49,152 draws per row and token for SmolLM2, about 8% of
-a CPU rollout's time. Inverse transform sampling draws one uniform number per row instead: with `c` the cumulative
-sum of the probabilities, the token is the first index `i` with `c[i] > u * c[-1]`. Both draw exactly from
+and row at every step (it takes `argmax(p / q)`, q ~ Exp(1)): 49,152 draws per row and token for SmolLM2, 7% of a
+bf16 rollout on a CPU with AMX (docs/benchmarks.md). Inverse transform sampling draws one uniform number per row
+instead: with `c` the cumulative sum of the probabilities, the token is the first index `i` with `c[i] > u * c[-1]`. Both draw exactly from
 `softmax(scores)`; they consume the random stream differently, so the same seed gives other (equally distributed)
 responses. `SRPPOConfig.rollout_sampler="multinomial"` keeps transformers' own sampler.
 
@@ -31,6 +31,15 @@ ROLLOUT_SAMPLERS = ("inverse_cdf", "multinomial")
 # Sampling warpers transformers applies only with `do_sample=True`, at the value that turns each off. The inverse-CDF
 # path re-creates temperature, top-k and top-p; any other one set is refused rather than silently dropped.
 _UNSUPPORTED_WARPERS = {"top_h": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+# Fields that would change the decoding mode of the greedy copy (contrastive search, assisted decoding, several
+# sequences per prompt) or add a processor after the sampler (watermarking), at their off values.
+_UNSUPPORTED_MODES = {
+    "penalty_alpha": None,
+    "num_return_sequences": 1,
+    "prompt_lookup_num_tokens": None,
+    "assistant_early_exit": None,
+    "watermarking_config": None,
+}
 
 
 def inverse_cdf_sample(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -94,14 +103,19 @@ def inverse_cdf_generation(
             "Inverse-CDF rollout sampling needs a sampling config with one beam (do_sample=True, num_beams=1); "
             "use rollout_sampler='multinomial' for other decoding modes."
         )
-    for name, off in _UNSUPPORTED_WARPERS.items():
-        if getattr(generation_config, name, off) not in (off, None):
+    for name, off in {**_UNSUPPORTED_WARPERS, **_UNSUPPORTED_MODES}.items():
+        if getattr(generation_config, name, off) not in (off, None, 0.0 if name == "penalty_alpha" else off):
             raise ValueError(
                 f"Inverse-CDF rollout sampling supports temperature, top_k and top_p, not {name}="
                 f"{getattr(generation_config, name)}: set rollout_sampler='multinomial' to sample with it."
             )
-    processors = LogitsProcessorList()
     temperature, top_k, top_p = generation_config.temperature, generation_config.top_k, generation_config.top_p
+    if top_k is None:  # transformers would fill in its default, 50
+        raise ValueError(
+            "Inverse-CDF rollout sampling needs top_k set explicitly (0 turns it off): None means transformers' "
+            "default top_k=50. `rollout_generation_config` sets every sampling field."
+        )
+    processors = LogitsProcessorList()
     if temperature is not None and temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))
     if top_k is not None and top_k != 0:
@@ -114,6 +128,8 @@ def inverse_cdf_generation(
     # Greedy decoding; the sampling fields at their neutral values (transformers warns about sampling fields set in
     # a greedy config; the warpers above carry them).
     greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p = False, 1.0, None, 1.0
+    # Token ids only: the scores `generate` would return are the one-hot ones (the sampler records log-probs itself).
+    greedy.return_dict_in_generate = greedy.output_scores = greedy.output_logits = False
     return greedy, processors, sampler
 
 

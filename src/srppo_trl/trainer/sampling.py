@@ -28,17 +28,21 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 ROLLOUT_SAMPLERS = ("inverse_cdf", "multinomial")
 
-# Sampling warpers transformers applies only with `do_sample=True`, at the value that turns each off. The inverse-CDF
-# path re-creates temperature, top-k and top-p; any other one set is refused rather than silently dropped.
-_UNSUPPORTED_WARPERS = {"top_h": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
-# Fields that would change the decoding mode of the greedy copy (contrastive search, assisted decoding, several
-# sequences per prompt) or add a processor after the sampler (watermarking), at their off values.
-_UNSUPPORTED_MODES = {
-    "penalty_alpha": None,
-    "num_return_sequences": 1,
-    "prompt_lookup_num_tokens": None,
-    "assistant_early_exit": None,
-    "watermarking_config": None,
+# Fields the inverse-CDF path cannot honour, with the values that turn each off. Sampling warpers transformers applies
+# only with `do_sample=True` (temperature, top-k and top-p are re-created; any other one set is refused rather than
+# silently dropped), and fields that would change the decoding mode of the greedy copy (contrastive search, assisted
+# decoding, several sequences per prompt) or add a processor after the sampler (watermarking).
+_REFUSED_UNLESS_OFF = {
+    "top_h": (None,),
+    "min_p": (None,),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "penalty_alpha": (None, 0.0),
+    "num_return_sequences": (None, 1),
+    "prompt_lookup_num_tokens": (None,),
+    "assistant_early_exit": (None,),
+    "watermarking_config": (None,),
 }
 
 
@@ -103,8 +107,8 @@ def inverse_cdf_generation(
             "Inverse-CDF rollout sampling needs a sampling config with one beam (do_sample=True, num_beams=1); "
             "use rollout_sampler='multinomial' for other decoding modes."
         )
-    for name, off in {**_UNSUPPORTED_WARPERS, **_UNSUPPORTED_MODES}.items():
-        if getattr(generation_config, name, off) not in (off, None, 0.0 if name == "penalty_alpha" else off):
+    for name, off in _REFUSED_UNLESS_OFF.items():
+        if getattr(generation_config, name, None) not in off:
             raise ValueError(
                 f"Inverse-CDF rollout sampling supports temperature, top_k and top_p, not {name}="
                 f"{getattr(generation_config, name)}: set rollout_sampler='multinomial' to sample with it."

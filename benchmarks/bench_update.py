@@ -10,14 +10,17 @@ Every measurement runs in its own subprocess (so peak RSS is per mode), one afte
 - `four_model`: SRPPOTrainer with four full models (policy and critic fully trained; SFT and PT frozen);
 - `single_base`: SRPPOTrainer on one copy of the base (SFT, policy, critic as LoRA adapters; PT = adapters off);
 - `four_model_baseline`, `single_base_baseline`: the same with `reuse_first_forward=False`,
-  `merge_adapters_for_generation=False` and `cache_frozen_weight_casts=False`, i.e. the trainer without the reused
-  first forward, adapter merging and (bf16 only) the frozen weights' bf16 copies kept for the run;
+  `merge_adapters_for_generation=False`, `cache_frozen_weight_casts=False` and `pack_linears_for_generation=False`,
+  i.e. the trainer without the reused first forward, adapter merging and (bf16 only) the frozen weights' bf16 copies
+  kept for the run and the packed weights of generation;
 - `four_model_uncached`, `single_base_uncached`: only `cache_frozen_weight_casts=False` (bf16: autocast casts the
   frozen weights at every forward);
 - `four_model_pytorch_attention`, `single_base_pytorch_attention`: only `cpu_attention_fp32_backward=False` (bf16 on
   a CPU: PyTorch's bf16 attention backward instead of the trainer's fp32 one on short sequences);
 - `four_model_multinomial`, `single_base_multinomial`: only `rollout_sampler="multinomial"` (transformers'
   `torch.multinomial` draws each token, instead of the trainer's inverse transform sampling);
+- `four_model_unpacked`, `single_base_unpacked`: only `pack_linears_for_generation=False` (bf16 on a CPU: generation
+  multiplies by the weights as they are, instead of by copies packed for oneDNN once per rollout);
 - `single_base_topk`: single-base with the opt-in top-layer critic, `build_single_base(..., critic_top_layers=K)`
   (`--critic-top-layers`, default 8 of SmolLM2's 30): its lower layers are the SFT model's, shared with the SFT
   scoring pass and never backpropagated through (a cheaper critic, not the paper's: see docs/performance.md);
@@ -74,6 +77,8 @@ OUR_MODES = (
     "single_base_pytorch_attention",
     "four_model_multinomial",
     "single_base_multinomial",
+    "four_model_unpacked",
+    "single_base_unpacked",
     *VLLM_MODES,
 )
 ALL_MODES = ("floor", *OUR_MODES, "peer")
@@ -143,9 +148,9 @@ def _build_trainer(mode: str, args, output_dir: str):
     baseline, use_vllm, topk = mode.endswith("_baseline"), mode.endswith("_vllm"), mode.endswith("_topk")
     uncached = baseline or mode.endswith("_uncached")
     pytorch_attention = mode.endswith("_pytorch_attention")
-    multinomial = mode.endswith("_multinomial")
+    multinomial, unpacked = mode.endswith("_multinomial"), mode.endswith("_unpacked")
     mode = mode.removesuffix("_baseline").removesuffix("_vllm").removesuffix("_topk").removesuffix("_uncached")
-    mode = mode.removesuffix("_pytorch_attention").removesuffix("_multinomial")
+    mode = mode.removesuffix("_pytorch_attention").removesuffix("_multinomial").removesuffix("_unpacked")
     if mode == "four_model":
         sft, pt, policy = load(paths["sft"]), load(paths["pt"]), load(paths["sft"])
         reward, value_model = CoherentRewardModel(sft, pt), None  # the trainer copies the SFT backbone for the critic
@@ -187,6 +192,7 @@ def _build_trainer(mode: str, args, output_dir: str):
         cache_frozen_weight_casts=not uncached,  # only used under bf16 (on a CPU)
         cpu_attention_fp32_backward=False if pytorch_attention else None,  # the same
         rollout_sampler="multinomial" if multinomial else "inverse_cdf",
+        pack_linears_for_generation=not (unpacked or baseline),  # only used in bf16 on a CPU
         use_vllm=use_vllm,
     )
     trainer = SRPPOTrainer(
@@ -385,6 +391,9 @@ def main(argv=None) -> None:
             if mode.endswith("_pytorch_attention") and precision == "fp32":
                 print(f"skipping {mode} in fp32: only bf16 runs take the fp32 attention backward", file=sys.stderr)
                 continue
+            if mode.endswith("_unpacked") and precision == "fp32":
+                print(f"skipping {mode} in fp32: only bf16 generation packs its weights", file=sys.stderr)
+                continue
             _run_mode(mode, precision, common, args, env, results, loads, failed)
 
     _report(results, loads, args)
@@ -484,7 +493,7 @@ def _report(results: dict, loads: dict, args) -> None:
         if topk and single:
             ratios[f"single_base_topk{suffix}_update_over_single_base{suffix}"] = topk["update"] / single["update"]
         for mode in ("four_model", "single_base"):
-            for other in ("baseline", "uncached", "pytorch_attention", "multinomial"):
+            for other in ("baseline", "uncached", "pytorch_attention", "multinomial", "unpacked"):
                 if mode + suffix in med and f"{mode}_{other}{suffix}" in med:
                     ratios[f"{mode}{suffix}_update_over_{other}{suffix}"] = (
                         med[mode + suffix]["update"] / med[f"{mode}_{other}{suffix}"]["update"]

@@ -171,7 +171,7 @@ def _peft_only_kwargs() -> tuple[str, ...]:
 _PEFT_ONLY_KWARGS = _peft_only_kwargs()
 
 
-def _runs_as_plain_linear(base: nn.Module) -> bool:
+def runs_as_plain_linear(base: nn.Module) -> bool:
     """True when calling `base` computes `F.linear(x, base.weight, base.bias)` and nothing else: a plain `nn.Linear`
     without hooks of its own or global ones, whose forward is the class's or the trainer's cast of frozen weights
     (`FrozenWeightCasts`, which with the merged weight swapped in calls the class's forward, and under an in-place
@@ -197,14 +197,14 @@ def _skip_branch(layer) -> None:
     would also rewrite `requires_grad` of the adapter weights, see single_base.keep_requires_grad), and its forward is
     the base layer's. We deliberately bypass PEFT's `forward` here: with the adapter off it only checks its arguments
     and calls the base layer, and that bookkeeping runs at every targeted layer and decoding step. Where the base is a
-    plain linear (`_runs_as_plain_linear`), it is not even called as a module: its `F.linear` runs directly (each
+    plain linear (`runs_as_plain_linear`), it is not even called as a module: its `F.linear` runs directly (each
     module call costs microseconds of Python, over 200 of them per decoding step here). Hooks registered on the LoRA
     layer still run (its `__call__` is unchanged)."""
     layer._disable_adapters = True
     if "forward" in layer.__dict__:  # a forward of its own set on the instance: left as it is
         return
     base = layer.get_base_layer()
-    plain = _runs_as_plain_linear(base)
+    plain = runs_as_plain_linear(base)
 
     def forward(x, *args, **kwargs):
         for key in _PEFT_ONLY_KWARGS:  # what PEFT's forward takes for itself and never passes to the base layer

@@ -130,12 +130,15 @@ class FrozenWeightCasts:
     keeps them for CPU runs only (`SRPPOConfig.cache_frozen_weight_casts`) and clears them when training ends.
 
     The cache also keeps the buffers a LoRA policy's merged low-precision weights are written into for each rollout
-    (`buffer`; half the LoRA-targeted fp32 weights' size, memory the merge needed during generation anyway).
+    (`buffer`; half the LoRA-targeted fp32 weights' size, memory the merge needed during generation anyway), and the
+    packed copies of frozen weights that bf16 generation on a CPU multiplies by (`packed`: the policy's frozen linears
+    outside its adapters, e.g. single-base mode's LM head; as large again as their bf16 copies).
     """
 
     def __init__(self):
         self._copies: dict[int, tuple] = {}
         self._buffers: dict[int, tuple] = {}
+        self._packed: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self._copies)
@@ -158,6 +161,20 @@ class FrozenWeightCasts:
             copy = weight.detach().to(dtype)
         self._copies[id(weight)] = (weakref.ref(weight), weight._version, weight.data_ptr(), copy)
         return copy
+
+    def packed(self, weight, dtype, rows=None):
+        """`cast(weight, dtype)` packed for oneDNN's bf16 products (`packed_linear.pack_weight`), made once for as long
+        as that copy is the current one and `rows` is the same: generation multiplies by it at every decoding step
+        (`packed_linear.linears_packed_for_generation`)."""
+        from .packed_linear import pack_weight
+
+        copy = self.cast(weight, dtype)
+        entry = self._packed.get(id(weight))
+        if entry is not None and entry[0] is copy and entry[1] == rows:
+            return entry[2]
+        packed = pack_weight(copy, rows)
+        self._packed[id(weight)] = (copy, rows, packed)
+        return packed
 
     def buffer(self, weight, dtype):
         """An uninitialised tensor of `weight`'s shape in `dtype`, the same one for as long as the cache lives: the
@@ -183,6 +200,7 @@ class FrozenWeightCasts:
     def clear(self) -> None:
         self._copies.clear()
         self._buffers.clear()
+        self._packed.clear()
 
     @contextmanager
     def installed(self, models):
@@ -215,6 +233,8 @@ class FrozenWeightCasts:
                     module.forward = self._forward(module, module.forward)
         for key in [key for key in self._copies if key not in weights]:
             del self._copies[key]
+        for key in [key for key in self._packed if key not in weights]:
+            del self._packed[key]
         for key in [key for key in self._buffers if key not in weights]:  # LoRA base weights are frozen linears
             del self._buffers[key]
         try:

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ..models.adapter_merge import lora_layers, lora_merged_for_generation
+from .packed_linear import linears_packed_for_generation
 from .precision import frozen_weights_cast_once
 from .sampling import ROLLOUT_SAMPLERS, inverse_cdf_generation
 
@@ -329,7 +330,8 @@ class RolloutMixin:
             # in the precision their log-probs are scored and trained in. The unwrapped policy's own forward is not
             # the prepared model's, which accelerate wraps in autocast: without this it would sample in fp32.
             # A LoRA policy generates with its adapter folded into the base weights (restored exactly after), built
-            # directly in the autocast dtype where that is narrower than the weights.
+            # directly in the autocast dtype where that is narrower than the weights. In bf16 on a CPU every linear
+            # then multiplies by its weight packed for oneDNN once for the rollout (`packed_linear`).
             sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
             merge = self.args.merge_adapters_for_generation and not sharded
             found, params, modules = self._generation_walks(unwrapped.policy)
@@ -343,6 +345,12 @@ class RolloutMixin:
                     found=found,
                 ),
                 frozen_weights_cast_once(unwrapped.policy, enabled=not sharded, params=params),
+                linears_packed_for_generation(
+                    modules,
+                    enabled=self.args.pack_linears_for_generation and not sharded and queries.device.type == "cpu",
+                    rows=min(len(queries), self.args.local_rollout_forward_batch_size),
+                    casts=getattr(self, "_frozen_weight_casts", None),
+                ),
             ):
                 response = sample_responses(
                     unwrapped.policy,

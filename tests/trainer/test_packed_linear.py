@@ -44,14 +44,29 @@ def _packed(model) -> list[str]:
     ]
 
 
-def _same_up_to_bf16_rounding(a, b):
-    """At most one bf16 unit in the last place apart, elementwise. The packed product is oneDNN's, as F.linear's is on
-    a CPU: bit for bit where measured; the slack keeps the check meaningful on a CPU whose kernels sum in another
-    order."""
-    a, b = a.float(), b.float()
-    ulp = torch.pow(2.0, torch.floor(torch.log2(b.abs().clamp_min(2.0**-100))) - 7)
-    assert a.shape == b.shape
-    assert bool(((a - b).abs() <= ulp).all()), f"max difference {(a - b).abs().max().item()}"
+def _packing_is_exact_here() -> bool:
+    torch.manual_seed(0)
+    weight, x = torch.randn(64, 32, dtype=torch.bfloat16), torch.randn(8, 1, 32, dtype=torch.bfloat16)
+    return torch.equal(packed_linear(x, pack_weight(weight, 8), None), F.linear(x, weight))
+
+
+def _same_product(out, x, weight, bias=None):
+    """`out` is `F.linear(x, weight, bias)` in bf16 up to the order of the sums: at most one bf16 unit in the last
+    place of the result plus fp32 accumulation error (bit for bit on the CPUs measured; the slack keeps the check
+    meaningful on a CPU whose kernels sum in another order)."""
+    exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    terms = x.double().abs() @ weight.double().abs().T + (0 if bias is None else bias.double().abs())
+    ulp = torch.pow(2.0, torch.floor(torch.log2(exact.abs().clamp_min(2.0**-100))) - 7)
+    assert out.shape == exact.shape and out.dtype == torch.bfloat16
+    assert bool(((out.double() - exact).abs() <= ulp + 2.0**-20 * terms).all())
+
+
+def _same_logits(a, b):
+    """Logits of a whole model: bit for bit where oneDNN's packed product is (several layers deep, a last-bit
+    difference has no simple bound); skipped on a CPU where it is not."""
+    if not _packing_is_exact_here():
+        pytest.skip("oneDNN's packed product sums in another order than F.linear on this CPU")
+    assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------- which layers
@@ -101,18 +116,14 @@ def test_the_packed_product_is_f_linear(shape, with_bias):
     weight = torch.randn(40, 48, dtype=torch.bfloat16)
     bias = torch.randn(40, dtype=torch.bfloat16) if with_bias else None
     x = torch.randn(*shape, dtype=torch.bfloat16)
-    expected = F.linear(x, weight, bias)
-    out = packed_linear(x, pack_weight(weight, rows=shape[0]), bias)
-    assert out.shape == expected.shape and out.dtype == torch.bfloat16
-    _same_up_to_bf16_rounding(out, expected)
+    _same_product(packed_linear(x, pack_weight(weight, rows=shape[0]), bias), x, weight, bias)
     # A non-contiguous slice, as the LM head's input. (With a bias F.linear rounds the product of such an input before
     # adding the bias; the packed product rounds once, as F.linear does for the same input made contiguous.)
     wide = torch.randn(shape[0], 3, 96, dtype=torch.bfloat16)[:, -1:, :48]
-    _same_up_to_bf16_rounding(
-        packed_linear(wide, pack_weight(weight), bias), F.linear(wide.contiguous(), weight, bias)
-    )
-    if bias is None:
-        _same_up_to_bf16_rounding(packed_linear(wide, pack_weight(weight), None), F.linear(wide, weight))
+    _same_product(packed_linear(wide, pack_weight(weight), bias), wide, weight, bias)
+    if _packing_is_exact_here():
+        assert torch.equal(packed_linear(x, pack_weight(weight), bias), F.linear(x, weight, bias))
+        assert torch.equal(packed_linear(wide, pack_weight(weight), bias), F.linear(wide.contiguous(), weight, bias))
 
 
 def _bf16_logits(model, ids):
@@ -130,7 +141,7 @@ def test_under_bf16_autocast_every_linear_is_packed_and_the_logits_are_the_same(
             assert packed
             assert len(_packed(model)) == sum(type(m) is nn.Linear for m in model.modules())
             logits = model(ids).logits
-    _same_up_to_bf16_rounding(logits, expected)
+    _same_logits(logits, expected)
     assert _packed(model) == [] and all("forward" not in m.__dict__ for m in model.modules())
 
 
@@ -149,7 +160,7 @@ def test_a_merged_lora_policy_generates_the_same_logits_packed(tokenizer):
     assert not any("lora_" in name for name in packed)
     assert merged_forwards  # the merge's own forwards were back after packing, then removed by the merge on exit
     assert all("forward" not in m.__dict__ for m in model.modules())
-    _same_up_to_bf16_rounding(logits, expected)
+    _same_logits(logits, expected)
 
 
 @needs_packing
@@ -174,7 +185,7 @@ def test_inputs_the_packed_product_does_not_take_go_to_the_layers_own_forward(to
             assert packed
             with pytest.raises(RuntimeError):  # an fp32 input to a bf16 weight fails as it does unpacked
                 layer(x32)
-            _same_up_to_bf16_rounding(layer(x32.bfloat16()), F.linear(x32.bfloat16(), layer.weight, layer.bias))
+            _same_product(layer(x32.bfloat16()), x32.bfloat16(), layer.weight, layer.bias)
     with pytest.raises(RuntimeError):
         F.linear(x32, layer.weight, layer.bias)
 
@@ -201,33 +212,80 @@ def test_frozen_weights_are_packed_once_per_run_and_again_when_they_change(token
     second = casts.packed(weight, torch.bfloat16, rows=2)
     assert second is not first
     x = torch.randn(3, 8, dtype=torch.bfloat16)
-    _same_up_to_bf16_rounding(packed_linear(x, second, None), F.linear(x, weight.to(torch.bfloat16)))
+    _same_product(packed_linear(x, second, None), x, weight.to(torch.bfloat16))
     casts.clear()
     assert not casts._packed
+
+
+@needs_packing
+def test_fp16_autocast_over_bf16_weights_is_left_alone(tokenizer):
+    layer = nn.Linear(8, 4).to(torch.bfloat16)
+    x = torch.randn(2, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        expected = layer(x)
+        with linears_packed_for_generation([layer]) as packed:
+            assert not packed
+    assert expected.dtype == torch.float16
+    with torch.no_grad(), linears_packed_for_generation([layer]) as packed:  # bf16 weights, no autocast: packed
+        assert packed
+        with torch.autocast("cpu", dtype=torch.float16):  # fp16 autocast entered inside: the layer's own forward
+            assert torch.equal(layer(x), expected)
+
+
+@needs_packing
+def test_a_weight_recomputed_by_a_pre_hook_is_not_packed():
+    from torch.nn.utils import prune
+
+    from srppo_trl.models.contiguous_lm_head import contiguous_lm_head_input
+
+    pruned = nn.Linear(8, 6).to(torch.bfloat16)
+    prune.random_unstructured(pruned, "weight", amount=0.5)  # weight = weight_orig * mask, recomputed by a pre-hook
+    head = nn.Linear(8, 6).to(torch.bfloat16)
+    model = nn.ModuleDict({"pruned": pruned, "head": head})
+    model.get_output_embeddings = lambda: head
+    with contiguous_lm_head_input([model]), torch.no_grad():  # the trainer's pre-hook on the head changes no weight
+        with linears_packed_for_generation(list(model.modules())):
+            assert _packed(model) == ["head"]
+
+
+@needs_packing
+def test_a_lora_layer_whose_base_is_already_packed_is_not_merged(tokenizer):
+    model = _lora(tokenizer).eval()
+    ids = torch.randint(3, len(tokenizer), (2, 6))
+    expected = _bf16_logits(model, ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with linears_packed_for_generation(list(model.modules())):  # packing first: the bases, unmerged
+            with lora_merged_for_generation(model, dtype=torch.bfloat16) as merged:
+                assert not merged  # merging now would leave the adapter out of the packed bases
+                logits = model(ids).logits
+    _same_logits(logits, expected)
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
 
 
 def _rollout(trainer, monkeypatch, pack: bool, seed=0):
-    """The trainer's rollout of 8 prompts, and how many packed products it ran."""
+    """The trainer's rollout of 8 prompts; how many packed products it ran, how many weights it packed, and how many
+    forward passes of the policy generation made."""
     import srppo_trl.trainer.packed_linear as module
 
     trainer.args.pack_linears_for_generation = pack
     batch = trainer._collate([trainer.train_dataset[i] for i in range(8)])
-    calls, original = [], module.packed_linear
-    monkeypatch.setattr(module, "packed_linear", lambda *args: calls.append(1) or original(*args))
+    products, packs, passes = [], [], []
+    original_product, original_pack = module.packed_linear, module.pack_weight
+    monkeypatch.setattr(module, "packed_linear", lambda *args: products.append(1) or original_product(*args))
+    monkeypatch.setattr(module, "pack_weight", lambda *args: packs.append(1) or original_pack(*args))
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    hook = policy.get_output_embeddings().register_forward_hook(lambda *a: passes.append(1))
     torch.manual_seed(seed)
-    with trainer._forward_hooks():
-        response = trainer.generate_rollouts(batch)["response"]
-    monkeypatch.setattr(module, "packed_linear", original)
-    return response, len(calls)
-
-
-def _packing_is_exact_here() -> bool:
-    torch.manual_seed(0)
-    weight, x = torch.randn(64, 32, dtype=torch.bfloat16), torch.randn(8, 1, 32, dtype=torch.bfloat16)
-    return torch.equal(packed_linear(x, pack_weight(weight, 8), None), F.linear(x, weight))
+    try:
+        with trainer._forward_hooks():
+            response = trainer.generate_rollouts(batch)["response"]
+    finally:
+        hook.remove()
+        monkeypatch.setattr(module, "packed_linear", original_product)
+        monkeypatch.setattr(module, "pack_weight", original_pack)
+    return response, len(products), len(packs), len(passes)
 
 
 @needs_packing
@@ -241,18 +299,25 @@ def test_bf16_rollouts_multiply_by_packed_weights_and_sample_the_same_tokens(
         trainer = tiny_srppo_trainer(tokenizer, tmp_path, bf16=True)
     assert trainer.args.pack_linears_for_generation  # the default
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    linears = 2 * 7 + 1  # two decoder layers of q, k, v, o, gate, up, down, and the LM head
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    packed, calls = _rollout(trainer, monkeypatch, pack=True)
-    unpacked, no_calls = _rollout(trainer, monkeypatch, pack=False)
-    assert calls > 0 and no_calls == 0
+    packed, products, packs, passes = _rollout(trainer, monkeypatch, pack=True)
+    assert products == linears * passes  # every linear of every forward pass ran packed
+    assert packs == linears  # all packed once, at the first rollout
+    again, _, packs_again, _ = _rollout(trainer, monkeypatch, pack=True)
+    # Single-base: the frozen linears (k, o, gate, down and the LM head) come packed from the run's cache; the LoRA
+    # layers (q, v, up), merged afresh, are packed again. Four models: the trained policy is packed at every rollout.
+    assert packs_again == (2 * 3 if single_base else linears)
+    unpacked, no_products, no_packs, _ = _rollout(trainer, monkeypatch, pack=False)
+    assert no_products == no_packs == 0
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
     assert _packed(policy) == []
     if not _packing_is_exact_here():
         pytest.skip("oneDNN's packed product rounds differently from F.linear on this CPU: tokens may differ")
-    assert torch.equal(packed, unpacked)
+    assert torch.equal(packed, unpacked) and torch.equal(again, unpacked)
 
 
 def test_fp32_rollouts_are_not_packed(tokenizer, tmp_path, monkeypatch):
     trainer = tiny_srppo_trainer(tokenizer, tmp_path)
-    _, calls = _rollout(trainer, monkeypatch, pack=True)
-    assert calls == 0
+    _, products, packs, passes = _rollout(trainer, monkeypatch, pack=True)
+    assert passes > 0 and products == packs == 0

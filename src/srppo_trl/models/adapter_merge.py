@@ -56,9 +56,9 @@ def lora_layers(model: nn.Module) -> tuple[list, bool] | None:
 
 def mergeable_lora_layers(model: nn.Module, found: tuple[list, bool] | None = None) -> list | None:
     """The LoRA linears of `model` with an active adapter, or None when one of them cannot be merged exactly this way
-    (quantized base, LoRA variant, LoRA bias, adapters disabled, already merged, a base weight tied to another
-    module) or the model has none. `found`: `lora_layers(model)` from an earlier call, to skip the walk over the
-    model (a layer added to the model since is then not merged and runs its own LoRA forward)."""
+    (quantized base, LoRA variant, LoRA bias, adapters disabled, already merged, a base packed for generation, a base
+    weight tied to another module) or the model has none. `found`: `lora_layers(model)` from an earlier call, to skip
+    the walk over the model (a layer added to the model since is then not merged and runs its own LoRA forward)."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # PEFT not installed: no adapters to merge
@@ -83,6 +83,9 @@ def mergeable_lora_layers(model: nn.Module, found: tuple[list, bool] | None = No
             or weight is None
             or not weight.is_floating_point()
             or weight.numel() == 0  # a ZeRO-3 partition
+            # Its base already multiplies by a packed copy of the unmerged weight (trainer.packed_linear entered
+            # first): merging would leave the adapter out. The unmerged forward adds it.
+            or getattr(base.__dict__.get("forward"), "packed_for_generation", False)
             or any(name in getattr(module, "lora_variant", {}) for name in active)
             or any(getattr(module, "lora_bias", {}).get(name, False) for name in active)
         ):

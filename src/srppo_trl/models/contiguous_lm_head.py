@@ -24,6 +24,9 @@ def _contiguous_input(module, args):
     return None
 
 
+_contiguous_input.leaves_weight_alone = True  # trainer.packed_linear: the head's weight may be packed for generation
+
+
 @contextmanager
 def contiguous_lm_head_input(models):
     """Inside the context, the output embeddings (LM head) of every model in `models` (None entries skipped; a head

@@ -344,13 +344,16 @@ class RolloutMixin:
                     buffers=getattr(self, "_frozen_weight_casts", None),  # the merged weights' memory, kept (CPU)
                     found=found,
                 ),
-                frozen_weights_cast_once(unwrapped.policy, enabled=not sharded, params=params),
-                linears_packed_for_generation(
+                linears_packed_for_generation(  # before the cast below hides which weights are frozen
                     modules,
-                    enabled=self.args.pack_linears_for_generation and not sharded and queries.device.type == "cpu",
+                    enabled=self.args.pack_linears_for_generation
+                    and not sharded
+                    and not self.args.torch_compile
+                    and queries.device.type == "cpu",
                     rows=min(len(queries), self.args.local_rollout_forward_batch_size),
                     casts=getattr(self, "_frozen_weight_casts", None),
                 ),
+                frozen_weights_cast_once(unwrapped.policy, enabled=not sharded, params=params),
             ):
                 response = sample_responses(
                     unwrapped.policy,

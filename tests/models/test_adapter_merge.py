@@ -318,3 +318,23 @@ def test_layers_found_once_give_what_a_fresh_walk_gives(tokenizer, tmp_path, mon
     assert len(walks) == 1 and torch.equal(first, second)  # the trainer walks the policy once, not per rollout
     with policy.disable_adapter():  # state changes are still seen with the layers found before
         assert mergeable_lora_layers(policy, found) is None
+
+
+def test_on_a_cpu_the_merged_weights_are_swapped_in_and_the_base_weights_are_never_written(tokenizer):
+    model = _lora(tokenizer)
+    layers = mergeable_lora_layers(model)
+    originals = {id(layer): layer.get_base_layer().weight.data for layer in layers}
+    versions = {id(layer): t._version for layer in layers for t in [originals[id(layer)]]}
+    copies = {key: t.clone() for key, t in originals.items()}
+    with torch.no_grad(), lora_merged_for_generation(model) as merged:
+        assert merged
+        for layer in layers:
+            weight = layer.get_base_layer().weight
+            assert weight.data.data_ptr() != originals[id(layer)].data_ptr()  # a tensor of its own
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            expected = copies[id(layer)].clone().addmm_(b, a, alpha=layer.scaling["default"])  # the in-place merge
+            assert torch.equal(weight.data, expected)
+    for layer in layers:
+        data = layer.get_base_layer().weight.data
+        assert data.data_ptr() == originals[id(layer)].data_ptr() and data._version == versions[id(layer)]
+        assert torch.equal(data, copies[id(layer)])

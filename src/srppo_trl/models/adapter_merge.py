@@ -2,12 +2,13 @@
 
 A LoRA layer computes `W x + s B (A x)`: two extra small matmuls per targeted layer at every decoding step, which make
 LoRA rollouts markedly slower than `generate` of a plain model. For generation we add `s B A` to `W` once, run the
-layers as plain linears, and afterwards copy the saved `W` back, so the weights after a rollout are bit-identical to
+layers as plain linears, and afterwards put the exact `W` back, so the weights after a rollout are bit-identical to
 those before (PEFT's own `merge_adapter` / `unmerge_adapter` subtracts the delta again, which is not exact in floating
 point, and it would leave the shared base of single-base mode drifting).
 
-The saved copy of each targeted weight lives on the CPU (on a GPU this costs host memory and two copies, not GPU
-memory). In fp32 the merged layer `(W + s B A) x` equals `W x + s B (A x)` up to rounding (~1e-7 relative), so the
+On a CPU the merged weight `W + s B A` is a tensor of its own, swapped in for the region (`weight.data`) and swapped
+out after: one pass over `W`, nothing written to it. On a GPU `W` is merged in place and restored from a copy saved in
+host memory, so that the merge costs no GPU memory. In fp32 the merged layer `(W + s B A) x` equals `W x + s B (A x)` up to rounding (~1e-7 relative), so the
 sampled tokens are those of the unmerged policy (tested); in bf16 the merged weight is rounded to bf16 once, a
 difference of the order of bf16's own rounding of the LoRA branch.
 
@@ -236,7 +237,8 @@ def lora_merged_for_generation(
 
     `dtype`: the autocast dtype the model will run in, if any. Where it is narrower than the base weights (bf16
     autocast over fp32 weights), the merged weights are swapped in already cast to it (see the module docstring);
-    otherwise they are merged in place and restored from a saved copy.
+    otherwise, on a CPU, they are swapped in in the weights' dtype, and elsewhere merged in place and restored from a
+    copy saved in host memory.
 
     `buffers`: where to write the swapped-in merged weights, an object whose `buffer(weight, dtype)` returns the same
     tensor of `weight`'s shape for every rollout (the trainer's `FrozenWeightCasts`); without it they are allocated
@@ -253,6 +255,10 @@ def lora_merged_for_generation(
         with _swapped_in(layers, weights, dtype, buffers):
             yield True
         return
+    if all(w.device.type == "cpu" for w in weights):
+        with _merged_swapped_in(layers, weights, buffers):
+            yield True
+        return
     saved = []
     try:
         with torch.no_grad(), torch.autocast(weights[0].device.type, enabled=False):
@@ -267,6 +273,33 @@ def lora_merged_for_generation(
             for layer, weight, original in saved:
                 weight.copy_(original)
                 _restore_branch(layer)
+
+
+@contextmanager
+def _merged_swapped_in(layers: list, weights: list, buffers=None):
+    """On a CPU, in the weights' own dtype: each layer's weight data replaced by `W + s B A` (the very `addmm` of the
+    in-place merge, written into `buffers.buffer(weight, dtype)` when given, else a new tensor), the original tensors
+    put back on exit. The in-place path's saved copies would be CPU memory of the same size; this reads each weight once
+    and writes the merged one, where the in-place path copies it out, merges it in place and copies it back."""
+    originals = []
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            for layer, weight in zip(layers, weights):
+                out = buffers.buffer(weight, weight.dtype) if buffers is not None else None
+                if out is not None and _fused_merge_possible(layer, weight) and len(_active_adapters(layer)) == 1:
+                    (name,) = _active_adapters(layer)
+                    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                    merged = torch.addmm(weight.detach(), b, a, alpha=layer.scaling[name], out=out)
+                else:
+                    merged = _merged_weight(layer, weight)
+                originals.append((layer, weight, weight.data))
+                weight.data = merged
+                _skip_branch(layer)
+        yield
+    finally:
+        for layer, weight, original in originals:
+            weight.data = original
+            _restore_branch(layer)
 
 
 @contextmanager

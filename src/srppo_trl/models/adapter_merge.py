@@ -8,9 +8,10 @@ point, and it would leave the shared base of single-base mode drifting).
 
 On a CPU the merged weight `W + s B A` is a tensor of its own, swapped in for the region (`weight.data`) and swapped
 out after: one pass over `W`, nothing written to it. On a GPU `W` is merged in place and restored from a copy saved in
-host memory, so that the merge costs no GPU memory. In fp32 the merged layer `(W + s B A) x` equals `W x + s B (A x)` up to rounding (~1e-7 relative), so the
-sampled tokens are those of the unmerged policy (tested); in bf16 the merged weight is rounded to bf16 once, a
-difference of the order of bf16's own rounding of the LoRA branch.
+host memory, so that the merge costs no GPU memory. In fp32 the merged layer `(W + s B A) x` equals
+`W x + s B (A x)` up to rounding (~1e-7 relative), so the sampled tokens are those of the unmerged policy (tested);
+in bf16 the merged weight is rounded to bf16 once, a difference of the order of bf16's own rounding of the LoRA
+branch.
 
 Under autocast over fp32 weights (`bf16=True` with fp32 weights, the CPU default) the caller passes the autocast dtype:
 each merged weight is then built once, as a bf16 tensor `(W + s B A).to(bf16)` (through one fp32 scratch shared by
@@ -251,12 +252,20 @@ def lora_merged_for_generation(
         return
     weights = [layer.get_base_layer().weight for layer in layers]
     narrower = dtype is not None and all(w.dtype.itemsize > dtype.itemsize for w in weights)
-    if narrower:
-        with _swapped_in(layers, weights, dtype, buffers):
+    if narrower:  # cast to `dtype` through one fp32 scratch shared by all layers
+        scratch = torch.empty(max(w.numel() for w in weights), dtype=torch.float32, device=weights[0].device)
+
+        def merged_weight(layer, weight):
+            out = buffers.buffer(weight, dtype) if buffers is not None else None
+            return _merged_in_dtype(layer, weight, dtype, out=out, scratch=scratch)
+
+        with _swapped_in(layers, weights, merged_weight):
             yield True
         return
     if all(w.device.type == "cpu" for w in weights):
-        with _merged_swapped_in(layers, weights, buffers):
+        # On a CPU the in-place path's saved copies would be CPU memory of the same size: swapped in, the merged weights
+        # cost one pass over the weights, where the in-place path copies each out, merges it and copies it back.
+        with _swapped_in(layers, weights, lambda layer, weight: _merged_in_own_dtype(layer, weight, buffers)):
             yield True
         return
     saved = []
@@ -275,45 +284,28 @@ def lora_merged_for_generation(
                 _restore_branch(layer)
 
 
-@contextmanager
-def _merged_swapped_in(layers: list, weights: list, buffers=None):
-    """On a CPU, in the weights' own dtype: each layer's weight data replaced by `W + s B A` (the very `addmm` of the
-    in-place merge, written into `buffers.buffer(weight, dtype)` when given, else a new tensor), the original tensors
-    put back on exit. The in-place path's saved copies would be CPU memory of the same size; this reads each weight once
-    and writes the merged one, where the in-place path copies it out, merges it in place and copies it back."""
-    originals = []
-    try:
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            for layer, weight in zip(layers, weights):
-                out = buffers.buffer(weight, weight.dtype) if buffers is not None else None
-                if out is not None and _fused_merge_possible(layer, weight) and len(_active_adapters(layer)) == 1:
-                    (name,) = _active_adapters(layer)
-                    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                    merged = torch.addmm(weight.detach(), b, a, alpha=layer.scaling[name], out=out)
-                else:
-                    merged = _merged_weight(layer, weight)
-                originals.append((layer, weight, weight.data))
-                weight.data = merged
-                _skip_branch(layer)
-        yield
-    finally:
-        for layer, weight, original in originals:
-            weight.data = original
-            _restore_branch(layer)
+def _merged_in_own_dtype(layer, weight: torch.Tensor, buffers=None) -> torch.Tensor:
+    """`W + s B A` in `W`'s dtype as a tensor of its own: the very `addmm` of the in-place merge, written into
+    `buffers.buffer(weight, dtype)` when given and the merge is one fused `addmm`, else `_merged_weight`'s."""
+    if buffers is not None and _fused_merge_possible(layer, weight) and len(_active_adapters(layer)) == 1:
+        (name,) = _active_adapters(layer)
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        with torch.autocast(weight.device.type, enabled=False):
+            out = buffers.buffer(weight, weight.dtype)
+            return torch.addmm(weight.detach(), b, a, alpha=layer.scaling[name], out=out)
+    return _merged_weight(layer, weight)
 
 
 @contextmanager
-def _swapped_in(layers: list, weights: list, dtype: torch.dtype, buffers=None):
-    """Each layer's weight data replaced by its merged weight cast to `dtype` (written into `buffers.buffer(weight,
-    dtype)` when given), and the original tensors put back on exit (the parameters themselves, their names and
-    `requires_grad` are untouched)."""
+def _swapped_in(layers: list, weights: list, merged_weight):
+    """Each layer's weight data replaced by `merged_weight(layer, weight)` and its LoRA branch skipped; the original
+    tensors and the branches put back on exit (the parameters themselves, their names and `requires_grad` are
+    untouched)."""
     originals = []
-    scratch = torch.empty(max(w.numel() for w in weights), dtype=torch.float32, device=weights[0].device)
     try:
         with torch.no_grad():
             for layer, weight in zip(layers, weights):
-                out = buffers.buffer(weight, dtype) if buffers is not None else None
-                merged = _merged_in_dtype(layer, weight, dtype, out=out, scratch=scratch)
+                merged = merged_weight(layer, weight)
                 originals.append((layer, weight, weight.data))
                 weight.data = merged
                 _skip_branch(layer)

@@ -209,8 +209,8 @@ class SRPPOConfig(_BaseConfig):
         default=True,
         metadata={
             "help": "In bf16 on a CPU, generate with each linear weight of the policy packed for oneDNN once per "
-            "rollout instead of handed over at every decoding step: faster rollouts, the same products (bit for bit "
-            "where measured), for memory holding the packed copies while generating. No effect on a GPU, in fp32 or "
+            "rollout instead of handed over at every decoding step: faster rollouts, the same products up to the last "
+            "bit (bit for bit on one thread where measured), for memory holding the packed copies while generating. No effect on a GPU, in fp32 or "
             "fp16, under DeepSpeed/FSDP or with vLLM."
         },
     )

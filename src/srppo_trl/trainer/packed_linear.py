@@ -4,8 +4,10 @@ At each decoding step a linear layer multiplies one row per response by its whol
 `F.linear` hands oneDNN the weight in PyTorch's row-major layout at every call; oneDNN's own blocked layout, made once
 with `torch.ops.mkldnn._reorder_linear_weight` and multiplied with `torch.ops.mkldnn._linear_pointwise` (the pair
 PyTorch's own Inductor uses for frozen CPU linears), makes those small products faster: the linears of a SmolLM2-135M
-decoding step took 0.67x the time for 8 responses (0.72x for one, 0.73x for a prefill of 312 tokens), with the same
-outputs bit for bit, on an AMX CPU (`python benchmarks/bench_packed_linear.py`). A rollout packs each weight once
+decoding step took 0.67x the time for 8 responses (0.72x for one, 0.73x for a prefill of 312 tokens) on an AMX CPU
+(`python benchmarks/bench_packed_linear.py`), with the same outputs bit for bit on one thread; on two threads the
+decoding steps' outputs were the same bits and the prefill's were not (oneDNN splits that product differently), so
+multi-threaded runs then sample other tokens than unpacked ones, from the same distribution up to the last bit. A rollout packs each weight once
 (about 1.2 ns per weight there) and every decoding step reuses it. (With a bias and a non-contiguous input,
 `F.linear` rounds the product before adding the bias; the packed product rounds once, as `F.linear` does for a
 contiguous input.)
